@@ -1,0 +1,97 @@
+"""Single-sparsity one-shot pruning, block by block with the pruned model's own activations
+propagated (as the Wanda and SparseGPT papers do): each block's statistics come from the outputs
+of the already-pruned blocks before it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import decoder_blocks, prunable_linears
+from ..blocks import capture_block_calls, run_block
+from ..config import PruneConfig
+from ..data import calibration_windows, tokenize
+from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
+from ..models import LoadedModel
+from .magnitude import MagnitudePruner
+from .sparsegpt import SparseGPTPruner
+from .wanda import WandaPruner
+
+log = logging.getLogger(__name__)
+
+METHODS = {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    seconds: float
+    peak_rss_mb: float
+    total_sparsity: float
+    layer_sparsity: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def prune(
+    loaded: LoadedModel,
+    calib: str | os.PathLike | torch.Tensor,
+    config: PruneConfig | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune `loaded.model` in place with one single-sparsity method; `calib` is a text source
+    or a (nsamples, seqlen) tensor of calibration windows."""
+    config = config or PruneConfig()
+    if config.method not in METHODS:
+        raise ValueError(f"unknown pruning method {config.method!r}: choose one of {', '.join(METHODS)}")
+    pruner_cls = METHODS[config.method]
+    cc = config.calib
+    start = time.perf_counter()
+    model = loaded.model
+    blocks = decoder_blocks(model)
+    if pruner_cls.needs_inputs:
+        if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+            windows = calib
+        else:
+            windows = calibration_windows(tokenize(loaded.tokenizer, calib, role="calib"), cc.nsamples, cc.seqlen, cc.seed)
+        calls = capture_block_calls(model, windows, cc.batch_size)
+        stream = calls.hidden
+    for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
+        pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
+        if pruner_cls.needs_inputs:
+            handles = [
+                p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()
+            ]
+            try:
+                run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
+            finally:
+                for h in handles:
+                    h.remove()
+        for p in pruners.values():
+            p.layer.weight.data = p.pruned_weight(config.pattern)
+        if pruner_cls.needs_inputs:
+            stream = run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
+    seconds = time.perf_counter() - start
+    log.info("%s %s pruned in %.1f s", config.method, config.pattern, seconds)
+    return PruneReport(
+        method=config.method,
+        pattern=str(config.pattern),
+        nsamples=cc.nsamples,
+        seqlen=cc.seqlen,
+        seed=cc.seed,
+        seconds=seconds,
+        peak_rss_mb=peak_rss_mb(),
+        total_sparsity=total_sparsity(model),
+        layer_sparsity=layer_sparsity(model),
+    )

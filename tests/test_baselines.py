@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import random_windows, tiny_model
+from epts import Pattern, PruneConfig, prune
+from epts.arch import decoder_blocks, prunable_linears
+from epts.baselines import METHODS
+from epts.config import CalibConfig
+from epts.importance import kept_per_row
+
+CALIB = CalibConfig(nsamples=4, seqlen=32, batch_size=2)
+
+
+def layers(model):
+    for block in decoder_blocks(model):
+        yield from prunable_linears(model, block).values()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_unstructured_sparsity_is_exact_per_row(method, family):
+    loaded = tiny_model(family)
+    report = prune(loaded, random_windows(4, 32), PruneConfig(method, Pattern(sparsity=0.6), CALIB), progress=False)
+    for layer in layers(loaded.model):
+        zeros = (layer.weight == 0).sum(1)
+        assert torch.all(zeros == layer.in_features - kept_per_row(layer.in_features, 0.6))
+    assert report.total_sparsity == pytest.approx(0.6, abs=0.01)
+    assert set(report.layer_sparsity) and all(v == pytest.approx(0.6, abs=0.01) for v in report.layer_sparsity.values())
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_nm_pattern_is_exact(method, nm):
+    n, m = nm
+    loaded = tiny_model("llama")
+    prune(loaded, random_windows(4, 32), PruneConfig(method, Pattern(n=n, m=m), CALIB), progress=False)
+    for layer in layers(loaded.model):
+        groups = (layer.weight == 0).reshape(layer.out_features, -1, m)
+        assert torch.all(groups.sum(-1) == n)
+
+
+def _layer_inputs(d_in=96, tokens=2048, seed=0):
+    """Inputs with uneven channel scales and correlated channels, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g) / d_in**0.5 + torch.eye(d_in)
+    scales = torch.exp(torch.randn(d_in, generator=g))
+    return (torch.randn(tokens, d_in, generator=g) @ mix) * scales
+
+
+@pytest.mark.parametrize("pattern", [Pattern(sparsity=0.5), Pattern(sparsity=0.7), Pattern(n=2, m=4)])
+def test_sparsegpt_has_the_lowest_layer_output_error(pattern):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 48, bias=False)
+    x = _layer_inputs()
+    errors = {}
+    for name, cls in METHODS.items():
+        layer = copy.deepcopy(base)
+        pruner = cls(layer)
+        for chunk in x.split(256):
+            pruner.add_batch(chunk.unsqueeze(0))
+        w = pruner.pruned_weight(pattern)
+        errors[name] = ((x @ base.weight.T - x @ w.T) ** 2).mean().item()
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
+        prune(tiny_model("llama"), random_windows(2, 16), PruneConfig("obs"), progress=False)

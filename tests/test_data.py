@@ -1,0 +1,67 @@
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import ByteTokenizer, tiny_model
+from epts import evaluate_ppl
+from epts.data import DataError, calibration_windows, eval_windows, read_text
+
+
+def test_calibration_windows_follow_the_reference_sampler():
+    tokens = torch.arange(1000)
+    windows = calibration_windows(tokens, nsamples=5, seqlen=50, seed=0)
+    random.seed(0)
+    starts = [random.randint(0, 1000 - 50 - 1) for _ in range(5)]
+    assert torch.equal(windows, torch.stack([torch.arange(s, s + 50) for s in starts]))
+    assert not torch.equal(windows, calibration_windows(tokens, 5, 50, seed=1))
+
+
+def test_eval_windows_are_non_overlapping_from_the_start():
+    w = eval_windows(torch.arange(1050), seqlen=100, max_windows=None)
+    assert w.shape == (10, 100) and torch.equal(w.reshape(-1), torch.arange(1000))
+    assert eval_windows(torch.arange(1050), 100, max_windows=3).shape == (3, 100)
+
+
+def test_too_short_text_is_a_clear_error():
+    with pytest.raises(DataError, match="too short for windows of 64 tokens"):
+        calibration_windows(torch.arange(50), 2, 64)
+    with pytest.raises(DataError, match="fewer than one window of 64"):
+        eval_windows(torch.arange(50), 64)
+
+
+def test_jsonl_folder_and_plain_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]) + "\n")
+    (tmp_path / "b.txt").write_text("three")
+    assert read_text(tmp_path / "a.jsonl") == "one\n\ntwo"
+    assert read_text(tmp_path) == "one\n\ntwo\n\nthree"
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(DataError, match="row 1 has no 'text' field"):
+        read_text(tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="neither a file, a folder nor one of"):
+        read_text(tmp_path / "missing.txt")
+
+
+def test_hub_dataset_without_network_says_what_to_do(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="pass a local text or JSON-lines file instead"):
+        read_text("wikitext2")
+
+
+def test_perplexity_is_exp_of_mean_token_nll():
+    loaded = tiny_model("llama")
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(300))
+    ids = ByteTokenizer()(text).input_ids.reshape(-1)
+    windows = eval_windows(ids, 64)
+    with torch.no_grad():
+        logits = loaded.model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    ppl = evaluate_ppl(loaded, ids, seqlen=64, batch_size=3, progress=False)
+    assert ppl == pytest.approx(torch.exp(nll).item(), rel=1e-5)
+    assert evaluate_ppl(loaded, ids, seqlen=64, max_windows=1, progress=False) != pytest.approx(ppl)
