@@ -63,7 +63,7 @@ def main() -> None:
         for pattern in args.patterns.split(","):
             target = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
             cmd = ["prune", "--model", args.model, "--method", method, *target, *calib,
-                   "--eval-data", str(DATA / "wiki.test.raw"), *eval_args]
+                   "--eval-data", str(DATA / "wiki.test.raw"), "--no-dense-eval", *eval_args]
             rep = prune_report(*cmd)
             rows.append({"method": method, "sparsity": pattern, "ppl": rep["ppl"], "seconds": rep["seconds"],
                          "peak_rss_mb": rep["peak_rss_mb"], "commit": rev, "command": "epts " + " ".join(cmd)})

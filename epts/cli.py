@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
-from .config import CalibConfig, PruneConfig
+from .artifact import ArtifactError, ElasticModel
+from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
-from .evaluate import evaluate_ppl
+from .evaluate import evaluate_ppl, total_sparsity
 from .importance import Pattern
 from .io import write_json_atomic
 from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model
-from .arch import UnsupportedArchitectureError
+from .reconstruct import compress
 
 log = logging.getLogger("epts")
 
@@ -64,12 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the pruned model here (a plain transformers folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help="also write the JSON report to this file")
+    p.add_argument("--no-dense-eval", action="store_true", help="with --eval-data, skip the dense perplexity")
     _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a text")
+    p = sub.add_parser("compress", help="one EPTS optimisation: write an elastic artifact")
+    _add_model_args(p)
+    p.add_argument("--calib", required=True, help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    p.add_argument("--config", help="YAML or JSON file of EPTSConfig fields (flags below override it)")
+    for flag, kind in (("--nsamples", _positive_int), ("--seqlen", _positive_int), ("--seed", int),
+                       ("--epochs", _positive_int), ("--lr", float), ("--batch-size", _positive_int)):
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None)
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("export", help="materialise an artifact at one sparsity into a plain transformers folder")
+    p.add_argument("artifact")
+    p.add_argument("--sparsity", required=True, type=float)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--base", help="base model, if not the artifact's recorded spec")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("eval", help="perplexity of a model, or of an artifact at several sparsities")
+    p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model is evaluated)")
+    p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
     _add_eval_args(p, "--data", "--seqlen", required=True)
     return parser
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
 
 
 def _cmd_prune(args) -> dict:
@@ -83,11 +113,11 @@ def _cmd_prune(args) -> dict:
     if METHODS[config.method].needs_inputs and not args.calib:
         raise ValueError(f"--calib is required for {config.method} (e.g. ../shared/data/wikitext2/wiki.valid.tokens)")
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if out is not None:
+        _check_out(out, args.overwrite)
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     result: dict = {"model": args.model}
-    if args.eval_data:
+    if args.eval_data and not args.no_dense_eval:
         result["ppl_dense"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
         print(f"dense perplexity: {result['ppl_dense']:.3f}")
     report = prune(loaded, args.calib, config)
@@ -107,14 +137,65 @@ def _cmd_prune(args) -> dict:
     return result
 
 
-def _cmd_eval(args) -> dict:
+def _cmd_compress(args) -> None:
+    fields = load_config_file(args.config) if args.config else {}
+    calib = dict(fields.pop("calib", {}) or {})
+    for name in ("nsamples", "seqlen", "seed"):
+        if getattr(args, name) is not None:
+            calib[name] = getattr(args, name)
+    for name in ("epochs", "lr", "batch_size", "criterion"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    config = EPTSConfig.from_dict({**fields, "calib": CalibConfig(**calib)})
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
-    print(f"perplexity: {ppl:.3f}")
-    return {"model": args.model, "ppl": ppl}
+    elastic = compress(loaded, args.calib, config)
+    elastic.stats["command"] = " ".join(["epts", *sys.argv[1:]])
+    elastic.save(out)
+    print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s; artifact: {out}")
 
 
-_USER_ERRORS = (ValueError, ModelLoadError, DataError, UnsupportedArchitectureError, FileNotFoundError, PermissionError)
+def _cmd_export(args) -> None:
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device)
+    start = time.perf_counter()
+    model = elastic.materialize(args.sparsity)
+    seconds = time.perf_counter() - start
+    meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "materialize_seconds": seconds,
+            "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec}
+    save_model(model, out, extra_json={"epts_export.json": meta})
+    print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out}")
+
+
+def _cmd_eval(args) -> None:
+    if args.artifact is None:
+        if args.sparsity:
+            raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+        print(f"perplexity: {evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows):.3f}")
+        return
+    try:
+        sparsities = [float(s) for s in (args.sparsity or "").split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--sparsity {args.sparsity!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+    if not sparsities:
+        raise ValueError("--sparsity is required with an artifact, e.g. --sparsity 0.3,0.5,0.7")
+    elastic = ElasticModel.load(args.artifact, device=args.device)
+    for s in sparsities:
+        elastic.config.group_of(s)  # every sparsity checked before the first long evaluation
+    print("| sparsity | perplexity | materialise s |\n|---|---|---|")
+    for s in sparsities:
+        start = time.perf_counter()
+        model = elastic.materialize(s)
+        seconds = time.perf_counter() - start
+        ppl = evaluate_ppl(model, args.eval_data, args.eval_seqlen, args.max_windows)
+        print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
+
+
+COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval}
+_USER_ERRORS = (ArtifactError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        {"prune": _cmd_prune, "eval": _cmd_eval}[args.command](args)
+        COMMANDS[args.command](args)
     except _USER_ERRORS as err:
         print(f"epts {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -47,3 +47,85 @@ def load_config_file(path: str | Path) -> dict:
         raise ValueError(f"config file {path} must hold a mapping of field names to values")
     return data
 
+
+
+DEFAULT_BOUNDARIES = (0.0, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70)
+DEFAULT_MIX_WEIGHTS = (0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2)
+
+
+@dataclass
+class EPTSConfig:
+    """One elastic optimisation (METHOD.md); every default is the authors' release default.
+
+    Groups are the half-open intervals (boundaries[k], boundaries[k+1]]; the first group also
+    serves sparsity boundaries[0] itself (a dense model at 0).
+    """
+
+    boundaries: tuple[float, ...] = DEFAULT_BOUNDARIES
+    ranks: tuple[int, ...] = (8,) * 7  # adapter rank per group (an int in a config file means every group)
+    epochs: int = 10
+    batch_size: int = 1  # calibration windows per optimiser step
+    lr: float = 1e-3
+    guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
+    mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
+    group1_check: bool = True
+    group1_check_sparsity: float = 0.3
+    criterion: str = "wanda"  # importance: wanda or magnitude
+    calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+
+    def __post_init__(self):
+        self.boundaries = tuple(float(b) for b in self.boundaries)
+        if isinstance(self.ranks, int):
+            self.ranks = (self.ranks,) * self.num_groups
+        self.ranks = tuple(int(r) for r in self.ranks)
+        self.mix_weights = tuple(float(w) for w in self.mix_weights)
+        if isinstance(self.calib, dict):
+            self.calib = CalibConfig(**self.calib)
+        b = self.boundaries
+        if len(b) < 2:
+            raise ValueError(f"boundaries {list(b)} must hold at least two values (one group)")
+        if any(hi <= lo for lo, hi in zip(b, b[1:])):
+            raise ValueError(f"group boundaries {list(b)} must be strictly increasing (no empty or overlapping group)")
+        if b[0] < 0 or b[-1] >= 1:
+            raise ValueError(f"group boundaries {list(b)} must lie in [0, 1)")
+        if len(self.ranks) != self.num_groups or min(self.ranks) < 1:
+            raise ValueError(f"ranks {list(self.ranks)} must be {self.num_groups} positive integers, one per group")
+        if len(self.mix_weights) != self.num_groups:
+            raise ValueError(f"mix_weights {list(self.mix_weights)} must have {self.num_groups} entries, one per group")
+        if min(self.mix_weights) < 0 or abs(sum(self.mix_weights) - 1.0) > 1e-6:
+            raise ValueError(f"mix_weights {list(self.mix_weights)} must be non-negative and sum to 1")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.guide_weight <= 1:
+            raise ValueError(f"guide_weight must be in [0, 1], got {self.guide_weight}")
+        if self.criterion not in ("wanda", "magnitude"):
+            raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.boundaries) - 1
+
+    @property
+    def groups(self) -> list[tuple[float, float]]:
+        return list(zip(self.boundaries, self.boundaries[1:]))
+
+    def group_of(self, sparsity: float) -> int:
+        """0-based group serving `sparsity`; outside the trained range is an error."""
+        lo, hi = self.boundaries[0], self.boundaries[-1]
+        if not lo <= sparsity <= hi:
+            raise ValueError(f"sparsity {sparsity} is outside the trained range [{lo:g}, {hi:g}]")
+        return next(k for k, (_, top) in enumerate(self.groups) if sparsity <= top)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EPTSConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**data)

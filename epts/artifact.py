@@ -1,0 +1,214 @@
+"""The elastic artifact (METHOD.md, ingredient 5): save, load, verify, materialise.
+
+A folder holding
+- `manifest.json`: format version, config, groups, base model spec and fingerprint, per-block
+  group-1 marks, losses and timings, and the sha256 of each tensor file; written last;
+- `adapters.safetensors`: every group's A and B for every prunable linear;
+- `importance.safetensors`: the Wanda input-channel norms (scores are |W| times them, so they are
+  recomputed from the base weights instead of being stored as full matrices).
+The base weights are not copied: they are reloaded from the spec and checked by fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .arch import decoder_blocks, prunable_linears
+from .config import EPTSConfig
+from .hilora import effective_weight
+from .importance import magnitude_scores, row_ranks, wanda_scores
+from .io import write_json_atomic
+from .models import LoadedModel, fingerprint, load_model
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ADAPTERS = "adapters.safetensors"
+IMPORTANCE = "importance.safetensors"
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+@dataclass
+class BlockState:
+    """What the optimisation learnt for one block."""
+
+    adapters: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # layer -> ([A_k], [B_k])
+    input_norms: dict[str, torch.Tensor]  # layer -> ||X_j||_2 (Wanda); empty for magnitude
+    group1_adapter: bool  # False: the group-1 check dropped the group-1 adapter in this block
+    losses: list[float] = field(default_factory=list)  # per group, mean over the last epoch
+    group1_check: tuple[float, float] = (0.0, 0.0)  # loss with, without the group-1 adapter
+    seconds: float = 0.0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ElasticModel:
+    """A base model plus everything needed to materialise it at any sparsity of the trained range."""
+
+    def __init__(self, base: LoadedModel, config: EPTSConfig, blocks: list[BlockState], base_fingerprint: str,
+                 stats: dict | None = None):
+        self.base = base
+        self.config = config
+        self.blocks = blocks
+        self.base_fingerprint = base_fingerprint
+        self.stats = dict(stats or {})
+        self._ranks: dict[tuple[int, str], torch.Tensor] = {}
+
+    # ---- deployment -------------------------------------------------------------------------
+
+    def ranks(self, block: int, name: str) -> torch.Tensor:
+        """Per-row importance ranks of one layer, computed from the base weights once and cached."""
+        key = (block, name)
+        if key not in self._ranks:
+            layer = prunable_linears(self.base.model, decoder_blocks(self.base.model)[block])[name]
+            norms = self.blocks[block].input_norms
+            scores = wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)
+            self._ranks[key] = row_ranks(scores)
+        return self._ranks[key]
+
+    def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
+        """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model."""
+        state = self.blocks[block]
+        group = self.config.group_of(sparsity)
+        a, b = state.adapters[name]
+        active = range(group + 1) if group > 0 or state.group1_adapter else range(0)
+        device = layer.weight.device
+        return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,
+                                [a[j].to(device) for j in active], [b[j].to(device) for j in active])
+
+    def _per_block(self, sparsity: float | dict[int, float]) -> dict[int, float]:
+        n = len(self.blocks)
+        if isinstance(sparsity, dict):
+            bad = [b for b in sparsity if not 0 <= int(b) < n]
+            if bad:
+                raise ValueError(f"block indices {bad} do not exist: the model has blocks 0..{n - 1}")
+            plan = {int(b): float(s) for b, s in sparsity.items()}
+        else:
+            plan = {b: float(sparsity) for b in range(n)}
+        for s in plan.values():
+            self.config.group_of(s)  # raises, naming the range, when outside it
+        return plan
+
+    @torch.no_grad()
+    def materialize(self, sparsity: float | dict[int, float]) -> LoadedModel:
+        """A plain sparse transformers model (adapters merged, no wrappers) at one sparsity, or at a
+        per-block sparsity {block: s}; blocks left out of the mapping keep their dense weights."""
+        plan = self._per_block(sparsity)
+        model = copy.deepcopy(self.base.model)
+        blocks = decoder_blocks(model)
+        for b, s in plan.items():
+            for name, layer in prunable_linears(model, blocks[b]).items():
+                layer.weight.copy_(self.merged_weight(b, name, layer, s))
+        return LoadedModel(model, self.base.tokenizer, self.base.spec)
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact folder; tensor files first, the manifest (with their sha256) last."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        adapters, norms = {}, {}
+        for b, state in enumerate(self.blocks):
+            for name, (a_list, b_list) in state.adapters.items():
+                for k, (a, bb) in enumerate(zip(a_list, b_list)):
+                    adapters[f"{b}.{name}.A.{k}"] = a
+                    adapters[f"{b}.{name}.B.{k}"] = bb
+            for name, norm in state.input_norms.items():
+                norms[f"{b}.{name}.input_norm"] = norm
+        files = {ADAPTERS: adapters}
+        if norms:
+            files[IMPORTANCE] = norms
+        for filename, tensors in files.items():
+            _save_tensors_atomic(tensors, out / filename)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "epts_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "base_model": {"spec": self.base.spec, "fingerprint": self.base_fingerprint},
+            "config": self.config.to_dict(),
+            "groups": self.config.groups,
+            "num_blocks": len(self.blocks),
+            "layers": list(self.blocks[0].adapters),
+            "blocks": [
+                {"group1_adapter": s.group1_adapter, "losses": s.losses, "group1_check": list(s.group1_check),
+                 "seconds": s.seconds}
+                for s in self.blocks
+            ],
+            "stats": self.stats,
+            "files": {name: _sha256(out / name) for name in files},
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu") -> "ElasticModel":
+        """Load an artifact; the base model is reloaded from the manifest's spec unless given."""
+        folder = Path(path)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{folder} is not an EPTS artifact (no {MANIFEST}); it may be an unfinished run")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ArtifactError(f"{folder} has artifact format {version}; this epts reads up to {FORMAT_VERSION}: "
+                                f"upgrade epts")
+        for name, digest in manifest["files"].items():
+            file = folder / name
+            if not file.is_file() or _sha256(file) != digest:
+                raise ArtifactError(f"{file} is missing or damaged (sha256 differs from the manifest)")
+        config = EPTSConfig.from_dict(manifest["config"])
+        if not isinstance(base, LoadedModel):
+            base = load_model(base or manifest["base_model"]["spec"], device=device)
+        expected = manifest["base_model"]["fingerprint"]
+        actual = fingerprint(base.model)
+        if actual != expected:
+            raise ArtifactError(f"base model {base.spec!r} has fingerprint {actual[:16]}…, but the artifact was made "
+                                f"from {expected[:16]}…: load the base model it was compressed from")
+        adapters = load_file(str(folder / ADAPTERS))
+        norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
+        blocks = []
+        for b, info in enumerate(manifest["blocks"]):
+            blocks.append(BlockState(
+                adapters={n: ([adapters[f"{b}.{n}.A.{k}"] for k in range(config.num_groups)],
+                              [adapters[f"{b}.{n}.B.{k}"] for k in range(config.num_groups)])
+                          for n in manifest["layers"]},
+                input_norms={n: norms[f"{b}.{n}.input_norm"] for n in manifest["layers"]} if norms else {},
+                group1_adapter=info["group1_adapter"],
+                losses=info["losses"],
+                group1_check=tuple(info["group1_check"]),
+                seconds=info["seconds"],
+            ))
+        return cls(base, config, blocks, expected, manifest.get("stats"))

@@ -1,0 +1,98 @@
+"""MS-HiLoRA: the elastic linear layer (METHOD.md, ingredient 3).
+
+A frozen linear with K low-rank adapter pairs. At sparsity s in group k it computes with
+
+    W_eff = M(s) * (W + sum_{j <= k} B_j A_j)
+
+so group k inherits the adapters of every lower group, and the mask multiplies the update too, so
+the merged weight has exactly the sparsity of M(s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .importance import float_mask
+
+
+def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
+                     b: list[torch.Tensor]) -> torch.Tensor:
+    """M(s) * (W + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights per row."""
+    if a:
+        # One fused matmul-add for all the groups: W + [B_0 .. B_k] @ [A_0; ..; A_k].
+        weight = torch.addmm(weight, torch.cat(b, dim=1), torch.cat(a, dim=0))
+    return weight * float_mask(ranks, sparsity, weight.dtype)
+
+
+class ElasticLinear(nn.Module):
+    def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...]):
+        """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
+        pair per entry of `adapter_ranks`."""
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # Frozen and shared with the base layer, not copied.
+        self.register_buffer("weight", base.weight.detach(), persistent=False)
+        self.register_buffer("bias", None if base.bias is None else base.bias.detach(), persistent=False)
+        # Float ranks: float_mask then builds the mask in one fused op (see importance.float_mask).
+        self.register_buffer("ranks", ranks.to(base.weight.device, base.weight.dtype), persistent=False)
+        dev, dtype = base.weight.device, base.weight.dtype
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for r in adapter_ranks:
+            a = torch.empty(r, self.in_features, device=dev, dtype=dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft's LoRA initialise A
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
+        self.sparsity = 0.0
+        self.adapters: range = range(0)  # indices of the adapters in use
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.A)
+
+    def set_state(self, sparsity: float, group: int, use_adapters: bool = True) -> None:
+        """Compute at `sparsity` with the adapters of groups 0..`group` (0-based), or none."""
+        if not 0 <= group < self.num_groups:
+            raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
+        self.sparsity = sparsity
+        self.adapters = range(group + 1) if use_adapters else range(0)
+
+    def effective_weight(self) -> torch.Tensor:
+        return effective_weight(self.weight, self.ranks, self.sparsity,
+                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear holding the effective weight of the current state."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        layer.weight.copy_(self.effective_weight())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
+
+def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
+           adapter_ranks: tuple[int, ...]) -> dict[str, ElasticLinear]:
+    """Replace the named linears of `block` by elastic layers (the originals are returned by `detach`)."""
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks) for name, layer in layers.items()}
+    for name, layer in elastic.items():
+        block.set_submodule(name, layer)
+    return elastic
+
+
+def detach(block: nn.Module, originals: dict[str, nn.Linear]) -> None:
+    for name, layer in originals.items():
+        block.set_submodule(name, layer)
+
+
+def set_state(layers: dict[str, ElasticLinear], sparsity: float, group: int, use_adapters: bool = True) -> None:
+    for layer in layers.values():
+        layer.set_state(sparsity, group, use_adapters)

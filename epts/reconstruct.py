@@ -1,0 +1,196 @@
+"""Block-wise one-shot reconstruction (METHOD.md, ingredient 4): the heart of EPTS.
+
+Two streams of hidden states flow block by block: the dense stream H (untouched model) and the
+elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
+and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
+stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
+Only the current block's adapters live on the compute device; both streams stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import hilora
+from .arch import decoder_blocks, prunable_linears
+from .artifact import BlockState, ElasticModel
+from .blocks import BlockCalls, call_block, capture_block_calls, run_block
+from .config import EPTSConfig
+from .data import calibration_windows, tokenize
+from .importance import InputNormStats, magnitude_scores, row_ranks, wanda_scores
+from .mixer import draw_mix_sparsities, mix_features
+from .models import LoadedModel, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def stratified_sparsities(lo: float, hi: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` draws in (lo, hi]: the interval cut into `count` equal slices, one uniform draw per
+    slice, in shuffled order, so every part of the group's range is visited evenly."""
+    width = (hi - lo) / count
+    u = 1.0 - torch.rand(count, generator=generator, dtype=torch.float64)  # (0, 1]
+    draws = lo + (torch.arange(count, dtype=torch.float64) + u) * width
+    return draws[torch.randperm(count, generator=generator)]
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    # One generator per block, so a block's draws do not depend on how earlier blocks ran.
+    return torch.Generator().manual_seed(seed * 100_003 + block)
+
+
+def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tensor], criterion: str) -> dict[str, torch.Tensor]:
+    if criterion == "wanda":
+        return {n: row_ranks(wanda_scores(l.weight, input_norms[n])) for n, l in layers.items()}
+    return {n: row_ranks(magnitude_scores(l.weight)) for n, l in layers.items()}
+
+
+@torch.no_grad()
+def dense_pass(block: nn.Module, layers: dict[str, nn.Linear], stream: torch.Tensor, calls: BlockCalls, index: int,
+               batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The dense block on the dense stream: its outputs (targets, next dense stream) and the
+    input-channel norms of its prunable linears (Wanda importance)."""
+    stats = {name: InputNormStats(layer.in_features) for name, layer in layers.items()}
+    handles = [layer.register_forward_hook(lambda m, inp, out, s=stats[n]: s.add_batch(inp[0]))
+               for n, layer in layers.items()]
+    try:
+        out = run_block(block, stream, calls.kwargs[index], calls.hidden_as_kwarg, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, {name: s.norm() for name, s in stats.items()}
+
+
+def guided_loss(out: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor, guide_weight: float) -> torch.Tensor:
+    """Loss of a group above the first: (1 - w) ||out - Y||^2 + w ||out - stopgrad(out_1)||^2."""
+    return (1 - guide_weight) * F.mse_loss(out, target) + guide_weight * F.mse_loss(out, anchor.detach())
+
+
+def train_block(
+    block: nn.Module,
+    layers: dict[str, hilora.ElasticLinear],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict,
+    hidden_as_kwarg: bool,
+    config: EPTSConfig,
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """E epochs of multi-sparsity training of one block's adapters; returns each group's mean loss
+    over the last epoch."""
+    device = next(iter(layers.values())).weight.device
+    n, bs, K = inputs.shape[0], config.batch_size, config.num_groups
+    steps_per_epoch = math.ceil(n / bs)
+    total = config.epochs * steps_per_epoch
+    draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
+    params = [p for layer in layers.values() for p in layer.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
+    epoch_losses = torch.zeros(K, dtype=torch.float64)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            epoch_losses.zero_()
+        start = (step % steps_per_epoch) * bs
+        x = inputs[start : start + bs].to(device)
+        y = targets[start : start + bs].to(device)
+        anchor = None
+        for k in range(K):
+            hilora.set_state(layers, draws[k][step].item(), k)
+            out = call_block(block, x, kwargs, hidden_as_kwarg)
+            loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
+            if k == 0:
+                anchor = out.detach()
+            loss.backward()
+            epoch_losses[k] += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if progress and (step % steps_per_epoch == steps_per_epoch - 1 or step == total - 1):
+            done = step % steps_per_epoch + 1
+            bar.set_postfix_str(" ".join(f"{v / done:.2e}" for v in epoch_losses.tolist()))
+        bar.update()
+    bar.close()
+    return (epoch_losses / steps_per_epoch).tolist()
+
+
+@torch.no_grad()
+def group1_check(block, layers, stream, targets, kwargs, hidden_as_kwarg, sparsity, batch_size) -> tuple[float, float]:
+    """Loss against the dense targets at `sparsity`, with and without the group-1 adapter."""
+    losses = []
+    for use in (True, False):
+        hilora.set_state(layers, sparsity, 0, use_adapters=use)
+        out = run_block(block, stream, kwargs, hidden_as_kwarg, batch_size)
+        losses.append(F.mse_loss(out, targets).item())
+    return losses[0], losses[1]
+
+
+def compress(
+    loaded: LoadedModel,
+    calib: str | os.PathLike | torch.Tensor,
+    config: EPTSConfig | None = None,
+    progress: bool = True,
+) -> ElasticModel:
+    """One EPTS optimisation: returns the elastic model (base weights untouched)."""
+    config = config or EPTSConfig()
+    cc = config.calib
+    model = loaded.model
+    start = time.perf_counter()
+    if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+        windows = calib
+    else:
+        windows = calibration_windows(tokenize(loaded.tokenizer, calib, role="calib"), cc.nsamples, cc.seqlen, cc.seed)
+    base_fingerprint = fingerprint(model)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    blocks = decoder_blocks(model)
+    states: list[BlockState] = []
+    try:
+        with torch.no_grad():
+            calls = capture_block_calls(model, windows, cc.batch_size)
+        dense, elastic = calls.hidden, calls.hidden.clone()
+        for b, block in enumerate(blocks):
+            block_start = time.perf_counter()
+            originals = prunable_linears(model, block)
+            targets, norms = dense_pass(block, originals, dense, calls, b, cc.batch_size)
+            layers = hilora.attach(block, originals, layer_ranks(originals, norms, config.criterion), config.ranks)
+            try:
+                gen = _block_generator(cc.seed, b)
+                losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
+                                     gen, f"block {b + 1}/{len(blocks)}", progress)
+                with_adapter, without = (
+                    group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
+                                 config.group1_check_sparsity, cc.batch_size)
+                    if config.group1_check else (0.0, 0.0)
+                )
+                group1_adapter = with_adapter < without if config.group1_check else True
+                uses = [group1_adapter] + [True] * (config.num_groups - 1)
+                elastic = mix_features(block, layers, elastic, calls.kwargs[b], draw_mix_sparsities(config.groups, gen),
+                                       config.mix_weights, uses, calls.hidden_as_kwarg, cc.batch_size)
+            finally:
+                hilora.detach(block, originals)
+            dense = targets
+            states.append(BlockState(
+                adapters={n: ([a.detach().cpu().clone() for a in l.A], [bb.detach().cpu().clone() for bb in l.B])
+                          for n, l in layers.items()},
+                input_norms=norms if config.criterion == "wanda" else {},
+                group1_adapter=group1_adapter,
+                losses=losses,
+                group1_check=(with_adapter, without),
+                seconds=time.perf_counter() - block_start,
+            ))
+            log.info("block %d/%d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, len(blocks),
+                     states[-1].seconds, ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+    return ElasticModel(loaded, config, states, base_fingerprint, {"compress_seconds": time.perf_counter() - start})

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from conftest import random_windows, tiny_model
+from epts.arch import decoder_blocks, prunable_linears
+from epts.artifact import ArtifactError, ElasticModel
+from epts.config import CalibConfig, EPTSConfig
+from epts.importance import kept_per_row
+from epts.reconstruct import compress
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    elastic = compress(tiny_model("llama"), random_windows(4, 32),
+                       EPTSConfig(epochs=1, calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2)), progress=False)
+    # Force one group-1 mark, to check it survives the round trip and disables the adapter.
+    elastic.blocks[1].group1_adapter = False
+    return elastic, elastic.save(tmp_path_factory.mktemp("art") / "artifact")
+
+
+def weights(loaded):
+    return {f"{b}.{n}": l.weight.clone() for b, blk in enumerate(decoder_blocks(loaded.model))
+            for n, l in prunable_linears(loaded.model, blk).items()}
+
+
+def test_reload_materialises_identical_weights(saved):
+    elastic, path = saved
+    reloaded = ElasticModel.load(path, base=tiny_model("llama"))
+    for s in (0.0, 0.35, 0.5, 0.7):
+        a, b = weights(elastic.materialize(s)), weights(reloaded.materialize(s))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert reloaded.blocks[1].group1_adapter is False
+
+
+def test_materialised_model_is_plain_and_exactly_sparse(saved):
+    elastic, _ = saved
+    model = elastic.materialize(0.6).model
+    for blk in decoder_blocks(model):
+        for layer in prunable_linears(model, blk).values():
+            assert type(layer) is torch.nn.Linear
+            assert torch.all((layer.weight == 0).sum(1) == layer.in_features - kept_per_row(layer.in_features, 0.6))
+    assert not any("lora" in n or ".A." in n for n, _ in model.named_parameters())
+
+
+def test_group1_mark_disables_the_adapter(saved):
+    elastic, _ = saved
+    base = elastic.base.model
+    s = 0.3
+    for b in (0, 1):
+        layer = prunable_linears(base, decoder_blocks(base)[b])["mlp.up_proj"]
+        masked_base = layer.weight * (elastic.ranks(b, "mlp.up_proj") < kept_per_row(layer.in_features, s))
+        merged = elastic.merged_weight(b, "mlp.up_proj", layer, s)
+        if elastic.blocks[b].group1_adapter:
+            assert not torch.equal(merged, masked_base)
+        else:
+            assert torch.equal(merged, masked_base)
+
+
+def test_non_uniform_materialisation(saved):
+    elastic, _ = saved
+    w = weights(elastic.materialize({0: 0.7, 2: 0.4}))
+    assert (w["0.mlp.up_proj"] == 0).float().mean().item() == pytest.approx(0.7, abs=0.02)
+    assert torch.count_nonzero(w["1.mlp.up_proj"] == 0) == 0  # left out: dense
+    assert (w["2.mlp.up_proj"] == 0).float().mean().item() == pytest.approx(0.4, abs=0.02)
+
+
+def test_out_of_range_sparsity_is_refused(saved):
+    elastic, _ = saved
+    with pytest.raises(ValueError, match=r"sparsity 0.8 is outside the trained range \[0, 0.7\]"):
+        elastic.materialize(0.8)
+    with pytest.raises(ValueError, match="block indices \\[9\\] do not exist"):
+        elastic.materialize({9: 0.5})
+
+
+def test_artifact_is_small_and_refuses_another_base(saved):
+    elastic, path = saved
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and len(manifest["blocks"]) == 3
+    assert not (path / "model.safetensors").exists()
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        ElasticModel.load(path, base=tiny_model("llama", seed=1))
+
+
+def test_damaged_tensor_file_is_named(saved, tmp_path):
+    import shutil
+
+    _, path = saved
+    copy = shutil.copytree(path, tmp_path / "copy")
+    data = (copy / "adapters.safetensors").read_bytes()
+    (copy / "adapters.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="adapters.safetensors is missing or damaged"):
+        ElasticModel.load(copy, base=tiny_model("llama"))

@@ -1,0 +1,84 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_windows, tiny_model
+from epts.arch import decoder_blocks, prunable_linears
+from epts.artifact import ElasticModel
+from epts.config import CalibConfig, EPTSConfig
+from epts.reconstruct import compress, guided_loss, stratified_sparsities
+
+
+def test_stratified_sampler_covers_each_interval_evenly():
+    gen = torch.Generator().manual_seed(0)
+    for lo, hi in EPTSConfig().groups:
+        draws = stratified_sparsities(lo, hi, 40, gen)
+        assert torch.all((draws > lo) & (draws <= hi))
+        slices = torch.floor((draws - lo) / ((hi - lo) / 40)).clamp(max=39).long()
+        assert torch.equal(torch.sort(slices).values, torch.arange(40)), "one draw per slice"
+        assert not torch.equal(draws, torch.sort(draws).values), "slices are visited in shuffled order"
+
+
+def test_guided_loss_stops_gradients_through_group_one_output():
+    p1 = torch.tensor([1.0, 2.0], requires_grad=True)
+    pk = torch.tensor([0.5, 0.5], requires_grad=True)
+    out1, outk, target = p1 * 2, pk * 3, torch.zeros(2)
+    guided_loss(outk, target, out1, 0.5).backward()
+    assert p1.grad is None
+    # d/dpk of 0.5*mean((3pk)^2) + 0.5*mean((3pk - 2p1)^2)
+    expected = 0.5 * 3 * (3 * pk.detach()) + 0.5 * 3 * (3 * pk.detach() - 2 * p1.detach())
+    torch.testing.assert_close(pk.grad, expected)
+
+
+def small_config(**kw):
+    return EPTSConfig(epochs=2, calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2), **kw)
+
+
+@pytest.fixture(scope="module")
+def elastic_llama():
+    loaded = tiny_model("llama")
+    return compress(loaded, random_windows(4, 32), small_config(), progress=False)
+
+
+def test_compress_leaves_the_base_model_untouched(elastic_llama):
+    base = tiny_model("llama").model
+    for (n, p), (_, q) in zip(base.named_parameters(), elastic_llama.base.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert all(type(l) is nn.Linear for b in decoder_blocks(elastic_llama.base.model)
+               for l in prunable_linears(elastic_llama.base.model, b).values())
+
+
+def test_adapters_learnt_and_losses_recorded(elastic_llama):
+    for state in elastic_llama.blocks:
+        assert len(state.losses) == 7 and all(torch.isfinite(torch.tensor(state.losses)))
+        a, b = state.adapters["mlp.down_proj"]
+        assert len(a) == 7 and all(t.shape[0] == 8 for t in a)
+        assert all(torch.count_nonzero(t) > 0 for t in b), "every group's B moved from zero"
+        with_adapter, without = state.group1_check
+        assert state.group1_adapter == (with_adapter < without)
+
+
+def test_same_seed_gives_the_same_adapters(elastic_llama):
+    again = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
+    for s1, s2 in zip(elastic_llama.blocks, again.blocks):
+        for name in s1.adapters:
+            for t1, t2 in zip(sum(s1.adapters[name], []), sum(s2.adapters[name], [])):
+                assert torch.equal(t1, t2)
+
+
+def test_materialised_model_reconstructs_better_than_plain_masking(elastic_llama):
+    """The learnt adapters must beat the bare importance mask at a high sparsity, on the
+    calibration windows (what the optimisation saw)."""
+    zeroed = [
+        dataclasses.replace(s, adapters={n: ([t * 0 for t in a], [t * 0 for t in b]) for n, (a, b) in s.adapters.items()})
+        for s in elastic_llama.blocks
+    ]
+    bare_model = ElasticModel(elastic_llama.base, elastic_llama.config, zeroed, elastic_llama.base_fingerprint)
+    ids = random_windows(4, 32)
+    with torch.no_grad():
+        dense = elastic_llama.base.model(ids).logits
+        tuned = elastic_llama.materialize(0.7).model(ids).logits
+        bare = bare_model.materialize(0.7).model(ids).logits
+    assert (tuned - dense).pow(2).mean() < 0.9 * (bare - dense).pow(2).mean()
