@@ -102,7 +102,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
 
 
-def _cmd_prune(args) -> dict:
+def _cmd_prune(args) -> None:
     config = PruneConfig(
         method=args.method,
         pattern=Pattern.parse(args.pattern or args.sparsity or "0.5"),
@@ -134,7 +134,6 @@ def _cmd_prune(args) -> dict:
         print(f"saved {out} (report: {out / 'epts_report.json'})")
     if args.report:
         write_json_atomic(args.report, result)
-    return result
 
 
 def _cmd_compress(args) -> None:

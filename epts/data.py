@@ -124,3 +124,11 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if count == 0:
         raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: count * seqlen].reshape(count, seqlen)
+
+
+def calibration_set(tokenizer, source: str | os.PathLike | torch.Tensor, nsamples: int, seqlen: int,
+                    seed: int = 0) -> torch.Tensor:
+    """Calibration windows from a text source; a 2-D tensor is taken as ready-made windows."""
+    if isinstance(source, torch.Tensor) and source.dim() == 2:
+        return source
+    return calibration_windows(tokenize(tokenizer, source, role="calib"), nsamples, seqlen, seed)

@@ -43,10 +43,6 @@ class Pattern:
     def is_nm(self) -> bool:
         return self.n is not None
 
-    @property
-    def fraction(self) -> float:
-        return self.n / self.m if self.is_nm else self.sparsity
-
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
 

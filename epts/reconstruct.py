@@ -24,7 +24,8 @@ from .arch import decoder_blocks, prunable_linears
 from .artifact import BlockState, ElasticModel
 from .blocks import BlockCalls, call_block, capture_block_calls, run_block
 from .config import EPTSConfig
-from .data import calibration_windows, tokenize
+from .data import calibration_set
+from .evaluate import peak_rss_mb
 from .importance import InputNormStats, magnitude_scores, row_ranks, wanda_scores
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, fingerprint
@@ -145,10 +146,7 @@ def compress(
     cc = config.calib
     model = loaded.model
     start = time.perf_counter()
-    if isinstance(calib, torch.Tensor) and calib.dim() == 2:
-        windows = calib
-    else:
-        windows = calibration_windows(tokenize(loaded.tokenizer, calib, role="calib"), cc.nsamples, cc.seqlen, cc.seed)
+    windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     base_fingerprint = fingerprint(model)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -167,12 +165,11 @@ def compress(
                 gen = _block_generator(cc.seed, b)
                 losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
                                      gen, f"block {b + 1}/{len(blocks)}", progress)
-                with_adapter, without = (
-                    group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
-                                 config.group1_check_sparsity, cc.batch_size)
-                    if config.group1_check else (0.0, 0.0)
-                )
-                group1_adapter = with_adapter < without if config.group1_check else True
+                group1_adapter, check = True, (0.0, 0.0)
+                if config.group1_check:
+                    check = group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
+                                         config.group1_check_sparsity, cc.batch_size)
+                    group1_adapter = check[0] < check[1]
                 uses = [group1_adapter] + [True] * (config.num_groups - 1)
                 elastic = mix_features(block, layers, elastic, calls.kwargs[b], draw_mix_sparsities(config.groups, gen),
                                        config.mix_weights, uses, calls.hidden_as_kwarg, cc.batch_size)
@@ -185,7 +182,7 @@ def compress(
                 input_norms=norms if config.criterion == "wanda" else {},
                 group1_adapter=group1_adapter,
                 losses=losses,
-                group1_check=(with_adapter, without),
+                group1_check=check,
                 seconds=time.perf_counter() - block_start,
             ))
             log.info("block %d/%d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, len(blocks),
@@ -193,4 +190,5 @@ def compress(
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
-    return ElasticModel(loaded, config, states, base_fingerprint, {"compress_seconds": time.perf_counter() - start})
+    stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows)}
+    return ElasticModel(loaded, config, states, base_fingerprint, stats)

@@ -67,3 +67,50 @@ def test_calibration_text_too_short(model_dir, tmp_path):
     short.write_text("too short")
     r = epts("prune", "--model", str(model_dir), "--calib", str(short), "--seqlen", "64", "--nsamples", "2")
     assert r.returncode == 2 and "too short for windows of 64 tokens" in r.stderr, r.stderr
+
+
+def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
+    art, out = tmp_path / "art", tmp_path / "export"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("epochs: 3\nranks: 4\nlr: 0.002\ncalib:\n  nsamples: 2\n")
+    r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--config", str(cfg),
+             "--seqlen", "64", "--epochs", "1", "--out", str(art))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((art / "manifest.json").read_text())
+    # The flag beats the file, the file beats the defaults.
+    assert manifest["config"]["epochs"] == 1 and manifest["config"]["lr"] == 0.002
+    assert manifest["config"]["ranks"] == [4] * 7 and manifest["config"]["calib"]["nsamples"] == 2
+    r = epts("export", str(art), "--sparsity", "0.6", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.model.layers[1].self_attn.q_proj.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.02)
+    assert json.loads((out / "epts_export.json").read_text())["sparsity"] == 0.6
+    r = epts("eval", str(art), "--sparsity", "0.3,0.7", "--data", str(text_file), "--seqlen", "64")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 1 for row in rows)
+    r = epts("export", str(art), "--sparsity", "0.8", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "outside the trained range [0, 0.7]" in r.stderr
+    r = epts("eval", str(tmp_path), "--sparsity", "0.5", "--data", str(text_file))
+    assert r.returncode == 2 and "is not an EPTS artifact" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("boundaries: [0, 0.5, 0.4]", "must be strictly increasing"),
+        ("boundaries: [0, 0.5, 1.2]\nranks: 8\nmix_weights: [0.5, 0.5]", "must lie in [0, 1)"),
+        ("mix_weights: [0.5, 0.5]", "must have 7 entries"),
+        ("mix_weights: [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]", "sum to 1"),
+        ("ranks: 0", "positive integers"),
+        ("epochs: 0", "epochs must be a positive integer"),
+        ("colour: blue", "unknown config fields ['colour']"),
+    ],
+)
+def test_bad_compress_config_is_refused_before_any_work(content, message, text_file, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(content)
+    r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--config", str(cfg),
+             "--out", str(tmp_path / "art"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "art").exists()

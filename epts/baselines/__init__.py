@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..arch import decoder_blocks, prunable_linears
 from ..blocks import capture_block_calls, run_block
 from ..config import PruneConfig
-from ..data import calibration_windows, tokenize
+from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
 from ..models import LoadedModel
 from .magnitude import MagnitudePruner
@@ -46,12 +46,12 @@ class PruneReport:
 @torch.no_grad()
 def prune(
     loaded: LoadedModel,
-    calib: str | os.PathLike | torch.Tensor,
+    calib: str | os.PathLike | torch.Tensor | None,
     config: PruneConfig | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune `loaded.model` in place with one single-sparsity method; `calib` is a text source
-    or a (nsamples, seqlen) tensor of calibration windows."""
+    or a (nsamples, seqlen) tensor of calibration windows (None for magnitude, which needs none)."""
     config = config or PruneConfig()
     if config.method not in METHODS:
         raise ValueError(f"unknown pruning method {config.method!r}: choose one of {', '.join(METHODS)}")
@@ -61,10 +61,9 @@ def prune(
     model = loaded.model
     blocks = decoder_blocks(model)
     if pruner_cls.needs_inputs:
-        if isinstance(calib, torch.Tensor) and calib.dim() == 2:
-            windows = calib
-        else:
-            windows = calibration_windows(tokenize(loaded.tokenizer, calib, role="calib"), cc.nsamples, cc.seqlen, cc.seed)
+        if calib is None:
+            raise ValueError(f"{config.method} needs calibration text")
+        windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
