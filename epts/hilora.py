@@ -29,9 +29,10 @@ def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float,
 
 
 class ElasticLinear(nn.Module):
-    def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...]):
+    def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
+                 generator: torch.Generator | None = None):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
-        pair per entry of `adapter_ranks`."""
+        pair per entry of `adapter_ranks`; `generator` draws the A initialisation."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -43,9 +44,10 @@ class ElasticLinear(nn.Module):
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         for r in adapter_ranks:
-            a = torch.empty(r, self.in_features, device=dev, dtype=dtype)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft's LoRA initialise A
-            self.A.append(nn.Parameter(a))
+            a = torch.empty(r, self.in_features, dtype=dtype)
+            # As nn.Linear and peft's LoRA initialise A; drawn on the CPU so a generator gives the same values anywhere.
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.A.append(nn.Parameter(a.to(dev)))
             self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
@@ -80,9 +82,9 @@ class ElasticLinear(nn.Module):
 
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
-           adapter_ranks: tuple[int, ...]) -> dict[str, ElasticLinear]:
-    """Replace the named linears of `block` by elastic layers (the originals are returned by `detach`)."""
-    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks) for name, layer in layers.items()}
+           adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None) -> dict[str, ElasticLinear]:
+    """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator) for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)
     return elastic

@@ -43,7 +43,6 @@ def stratified_sparsities(lo: float, hi: float, count: int, generator: torch.Gen
 
 
 def _block_generator(seed: int, block: int) -> torch.Generator:
-    # One generator per block, so a block's draws do not depend on how earlier blocks ran.
     return torch.Generator().manual_seed(seed * 100_003 + block)
 
 
@@ -160,9 +159,11 @@ def compress(
             block_start = time.perf_counter()
             originals = prunable_linears(model, block)
             targets, norms = dense_pass(block, originals, dense, calls, b, cc.batch_size)
-            layers = hilora.attach(block, originals, layer_ranks(originals, norms, config.criterion), config.ranks)
+            # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
+            # draws), so a block's result does not depend on how the blocks before it were run.
+            gen = _block_generator(cc.seed, b)
+            layers = hilora.attach(block, originals, layer_ranks(originals, norms, config.criterion), config.ranks, gen)
             try:
-                gen = _block_generator(cc.seed, b)
                 losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
                                      gen, f"block {b + 1}/{len(blocks)}", progress)
                 group1_adapter, check = True, (0.0, 0.0)
