@@ -54,6 +54,41 @@ class BlockState:
     losses: list[float] = field(default_factory=list)  # per group, mean over the last epoch
     group1_check: tuple[float, float] = (0.0, 0.0)  # loss with, without the group-1 adapter
     seconds: float = 0.0
+    retries: list[dict] = field(default_factory=list)  # numerical-guard events: attempt, lr, reason
+
+    def info(self) -> dict:
+        return {"group1_adapter": self.group1_adapter, "losses": self.losses, "group1_check": list(self.group1_check),
+                "seconds": self.seconds, "retries": self.retries}
+
+
+def blocks_to_tensors(blocks: list[BlockState]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Adapters and input norms of every block, as flat safetensors dicts."""
+    adapters, norms = {}, {}
+    for b, state in enumerate(blocks):
+        for name, (a_list, b_list) in state.adapters.items():
+            for k, (a, bb) in enumerate(zip(a_list, b_list)):
+                adapters[f"{b}.{name}.A.{k}"] = a
+                adapters[f"{b}.{name}.B.{k}"] = bb
+        for name, norm in state.input_norms.items():
+            norms[f"{b}.{name}.input_norm"] = norm
+    return adapters, norms
+
+
+def blocks_from_tensors(infos: list[dict], layers: list[str], num_groups: int, adapters: dict[str, torch.Tensor],
+                        norms: dict[str, torch.Tensor]) -> list[BlockState]:
+    return [
+        BlockState(
+            adapters={n: ([adapters[f"{b}.{n}.A.{k}"] for k in range(num_groups)],
+                          [adapters[f"{b}.{n}.B.{k}"] for k in range(num_groups)]) for n in layers},
+            input_norms={n: norms[f"{b}.{n}.input_norm"] for n in layers} if norms else {},
+            group1_adapter=info["group1_adapter"],
+            losses=info["losses"],
+            group1_check=tuple(info["group1_check"]),
+            seconds=info["seconds"],
+            retries=info.get("retries", []),
+        )
+        for b, info in enumerate(infos)
+    ]
 
 
 def _sha256(path: Path) -> str:
@@ -140,14 +175,9 @@ class ElasticModel:
         """Write the artifact folder; tensor files first, the manifest (with their sha256) last."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        adapters, norms = {}, {}
-        for b, state in enumerate(self.blocks):
-            for name, (a_list, b_list) in state.adapters.items():
-                for k, (a, bb) in enumerate(zip(a_list, b_list)):
-                    adapters[f"{b}.{name}.A.{k}"] = a
-                    adapters[f"{b}.{name}.B.{k}"] = bb
-            for name, norm in state.input_norms.items():
-                norms[f"{b}.{name}.input_norm"] = norm
+        adapters, norms = blocks_to_tensors(self.blocks)
+        if not all(torch.isfinite(t).all() for t in adapters.values()):
+            raise ArtifactError("refusing to save non-finite adapter weights")
         files = {ADAPTERS: adapters}
         if norms:
             files[IMPORTANCE] = norms
@@ -162,11 +192,7 @@ class ElasticModel:
             "groups": self.config.groups,
             "num_blocks": len(self.blocks),
             "layers": list(self.blocks[0].adapters),
-            "blocks": [
-                {"group1_adapter": s.group1_adapter, "losses": s.losses, "group1_check": list(s.group1_check),
-                 "seconds": s.seconds}
-                for s in self.blocks
-            ],
+            "blocks": [s.info() for s in self.blocks],
             "stats": self.stats,
             "files": {name: _sha256(out / name) for name in files},
         }
@@ -199,16 +225,66 @@ class ElasticModel:
                                 f"from {expected[:16]}…: load the base model it was compressed from")
         adapters = load_file(str(folder / ADAPTERS))
         norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
-        blocks = []
-        for b, info in enumerate(manifest["blocks"]):
-            blocks.append(BlockState(
-                adapters={n: ([adapters[f"{b}.{n}.A.{k}"] for k in range(config.num_groups)],
-                              [adapters[f"{b}.{n}.B.{k}"] for k in range(config.num_groups)])
-                          for n in manifest["layers"]},
-                input_norms={n: norms[f"{b}.{n}.input_norm"] for n in manifest["layers"]} if norms else {},
-                group1_adapter=info["group1_adapter"],
-                losses=info["losses"],
-                group1_check=tuple(info["group1_check"]),
-                seconds=info["seconds"],
-            ))
+        blocks = blocks_from_tensors(manifest["blocks"], manifest["layers"], config.num_groups, adapters, norms)
         return cls(base, config, blocks, expected, manifest.get("stats"))
+
+
+# ---- checkpoints of an unfinished compress run ------------------------------------------------
+# After every finished block: the blocks so far and both calibration streams. Nothing else is
+# needed to continue: each block draws from its own seeded generator and starts a fresh optimiser.
+
+CHECKPOINT = "checkpoint.json"
+
+
+def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense: torch.Tensor,
+                    elastic: torch.Tensor) -> None:
+    """Write the checkpoint after `len(blocks)` finished blocks; only the latest one is kept."""
+    name = f"checkpoint-{len(blocks):05d}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters, norms = blocks_to_tensors(blocks)
+    tensors = {"stream.dense": dense, "stream.elastic": elastic}
+    tensors.update({f"adapter.{k}": v for k, v in adapters.items()})
+    tensors.update({f"norm.{k}": v for k, v in norms.items()})
+    _save_tensors_atomic(tensors, folder / name)
+    write_json_atomic(folder / CHECKPOINT, {
+        "format_version": FORMAT_VERSION,
+        "run_key": run_key,
+        "next_block": len(blocks),
+        "tensors": name,
+        "layers": list(blocks[0].adapters),
+        "blocks": [s.info() for s in blocks],
+    })
+    for old in folder.glob("checkpoint-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(folder: Path, run_key: str, num_groups: int
+                    ) -> tuple[list[BlockState], torch.Tensor, torch.Tensor] | None:
+    """The finished blocks and both streams of an unfinished run of the same command, or None."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("run_key") != run_key:
+        raise ArtifactError(f"{folder} holds an unfinished run of another compress command (model, config or "
+                            f"calibration differ): rerun that command, or pass --overwrite to start over")
+    try:
+        tensors = load_file(str(folder / meta["tensors"]))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ArtifactError(f"checkpoint {folder / meta['tensors']} is damaged ({err}): pass --overwrite to "
+                            f"start over") from err
+    adapters = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+    norms = {k.removeprefix("norm."): v for k, v in tensors.items() if k.startswith("norm.")}
+    blocks = blocks_from_tensors(meta["blocks"], meta["layers"], num_groups, adapters, norms)
+    return blocks, tensors["stream.dense"], tensors["stream.elastic"]
+
+
+def clear_checkpoint(folder: Path) -> None:
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    for old in folder.glob("checkpoint-*.safetensors"):
+        old.unlink()
+
+
+def is_unfinished_run(folder: Path) -> bool:
+    return (folder / CHECKPOINT).is_file() and not (folder / MANIFEST).is_file()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,14 +15,14 @@ import torch
 from . import __version__
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
-from .artifact import ArtifactError, ElasticModel
+from .artifact import ArtifactError, ElasticModel, is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, total_sparsity
 from .importance import Pattern
 from .io import write_json_atomic
 from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model
-from .reconstruct import compress
+from .reconstruct import NonFiniteError, compress
 
 log = logging.getLogger("epts")
 
@@ -78,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--epochs", _positive_int), ("--lr", float), ("--batch-size", _positive_int)):
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None)
-    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (rerunning the same command does this too)")
 
     p = sub.add_parser("export", help="materialise an artifact at one sparsity into a plain transformers folder")
     p.add_argument("artifact")
@@ -100,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    _check_writable(out.parent)
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before hours of work, not after, when the output cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write to {folder}: {err.strerror or err}; choose another --out") from None
 
 
 def _cmd_prune(args) -> None:
@@ -147,12 +162,20 @@ def _cmd_compress(args) -> None:
             fields[name] = getattr(args, name)
     config = EPTSConfig.from_dict({**fields, "calib": CalibConfig(**calib)})
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    unfinished = out.is_dir() and is_unfinished_run(out)
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+        unfinished = False
+    elif args.resume and not unfinished:
+        raise ValueError(f"--resume: {out} holds no unfinished compress run to continue")
+    elif out.exists() and not unfinished and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
+                         f"choose another --out or pass --overwrite")
+    _check_writable(out.parent)
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    elastic = compress(loaded, args.calib, config)
-    elastic.stats["command"] = " ".join(["epts", *sys.argv[1:]])
-    elastic.save(out)
-    print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s; artifact: {out}")
+    elastic = compress(loaded, args.calib, config, out=out, metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
+          f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")
 
 
 def _cmd_export(args) -> None:
@@ -194,7 +217,7 @@ def _cmd_eval(args) -> None:
 
 
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval}
-_USER_ERRORS = (ArtifactError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError, FileNotFoundError, PermissionError)
+_USER_ERRORS = (ArtifactError, NonFiniteError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,8 @@ class EPTSConfig:
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
     criterion: str = "wanda"  # importance: wanda or magnitude
+    max_retries: int = 3  # a block whose loss or gradient turns non-finite restarts, this many times at most,
+    retry_lr_factor: float = 0.1  # each time with its learning rate multiplied by this
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
 
     def __post_init__(self):
@@ -101,6 +103,9 @@ class EPTSConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.guide_weight <= 1:
             raise ValueError(f"guide_weight must be in [0, 1], got {self.guide_weight}")
+        if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:
+            raise ValueError(f"need max_retries >= 0 and 0 < retry_lr_factor < 1, got {self.max_retries}, "
+                             f"{self.retry_lr_factor}")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .arch import decoder_blocks, prunable_linears
 from .data import eval_windows, tokenize
-from .models import LoadedModel
+from .models import LoadedModel, check_context
 
 
 @torch.no_grad()
@@ -27,9 +27,7 @@ def evaluate_ppl(
 ) -> float:
     """Perplexity of `loaded` on `text` (a file, folder, dataset name or 1-D token tensor)."""
     tokens = tokenize(loaded.tokenizer, text, role="eval")
-    max_ctx = getattr(loaded.model.config, "max_position_embeddings", None)
-    if max_ctx is not None and seqlen > max_ctx:
-        raise ValueError(f"seqlen {seqlen} is longer than the model's context of {max_ctx} tokens")
+    check_context(loaded.model, seqlen)
     windows = eval_windows(tokens, seqlen, max_windows)
     model, device = loaded.model, loaded.device
     total_nll, count = 0.0, 0

@@ -162,6 +162,14 @@ def _gguf_cache_folder(gguf: Path) -> Path | None:
     return Path(root) / "gguf" / f"{gguf.stem}-{key}"
 
 
+def check_context(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows longer than the model's context (position embeddings would run out)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} is longer than the model's context of {limit} tokens: use --seqlen {limit} "
+                         f"or less")
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 over every parameter and buffer's name, dtype, shape and bytes, in a fixed order."""
     digest = hashlib.sha256()

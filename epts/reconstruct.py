@@ -9,10 +9,13 @@ Only the current block's adapters live on the compute device; both streams stay 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +24,14 @@ from tqdm.auto import tqdm
 
 from . import hilora
 from .arch import decoder_blocks, prunable_linears
-from .artifact import BlockState, ElasticModel
+from .artifact import BlockState, ElasticModel, clear_checkpoint, load_checkpoint, save_checkpoint
 from .blocks import BlockCalls, call_block, capture_block_calls, run_block
 from .config import EPTSConfig
 from .data import calibration_set
 from .evaluate import peak_rss_mb
 from .importance import InputNormStats, magnitude_scores, row_ranks, wanda_scores
 from .mixer import draw_mix_sparsities, mix_features
-from .models import LoadedModel, fingerprint
+from .models import LoadedModel, check_context, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ def guided_loss(out: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor, g
     return (1 - guide_weight) * F.mse_loss(out, target) + guide_weight * F.mse_loss(out, anchor.detach())
 
 
+class NonFiniteError(ArithmeticError):
+    pass
+
+
 def train_block(
     block: nn.Module,
     layers: dict[str, hilora.ElasticLinear],
@@ -84,42 +91,47 @@ def train_block(
     generator: torch.Generator,
     desc: str,
     progress: bool,
+    lr: float,
 ) -> list[float]:
     """E epochs of multi-sparsity training of one block's adapters; returns each group's mean loss
-    over the last epoch."""
+    over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
     device = next(iter(layers.values())).weight.device
     n, bs, K = inputs.shape[0], config.batch_size, config.num_groups
     steps_per_epoch = math.ceil(n / bs)
     total = config.epochs * steps_per_epoch
     draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
     params = [p for layer in layers.values() for p in layer.parameters()]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     epoch_losses = torch.zeros(K, dtype=torch.float64)
-    bar = tqdm(total=total, desc=desc, disable=not progress)
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            epoch_losses.zero_()
-        start = (step % steps_per_epoch) * bs
-        x = inputs[start : start + bs].to(device)
-        y = targets[start : start + bs].to(device)
-        anchor = None
-        for k in range(K):
-            hilora.set_state(layers, draws[k][step].item(), k)
-            out = call_block(block, x, kwargs, hidden_as_kwarg)
-            loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
-            if k == 0:
-                anchor = out.detach()
-            loss.backward()
-            epoch_losses[k] += loss.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if progress and (step % steps_per_epoch == steps_per_epoch - 1 or step == total - 1):
-            done = step % steps_per_epoch + 1
-            bar.set_postfix_str(" ".join(f"{v / done:.2e}" for v in epoch_losses.tolist()))
-        bar.update()
-    bar.close()
+    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+        for step in range(total):
+            if step % steps_per_epoch == 0:
+                epoch_losses.zero_()
+            start = (step % steps_per_epoch) * bs
+            x = inputs[start : start + bs].to(device)
+            y = targets[start : start + bs].to(device)
+            anchor = None
+            for k in range(K):
+                hilora.set_state(layers, draws[k][step].item(), k)
+                out = call_block(block, x, kwargs, hidden_as_kwarg)
+                loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
+                if k == 0:
+                    anchor = out.detach()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteError(f"non-finite loss of group {k + 1} at step {step + 1}")
+                loss.backward()
+                epoch_losses[k] += value
+            if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all():
+                raise NonFiniteError(f"non-finite gradient at step {step + 1}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if progress and (step % steps_per_epoch == steps_per_epoch - 1 or step == total - 1):
+                done = step % steps_per_epoch + 1
+                bar.set_postfix_str(" ".join(f"{v / done:.2e}" for v in epoch_losses.tolist()))
+            bar.update()
     return (epoch_losses / steps_per_epoch).tolist()
 
 
@@ -134,62 +146,112 @@ def group1_check(block, layers, stream, targets, kwargs, hidden_as_kwarg, sparsi
     return losses[0], losses[1]
 
 
+def run_key(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) -> str:
+    """What makes two compress runs the same run: config, base weights and calibration windows."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(base_fingerprint.encode())
+    digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, progress: bool
+                   ) -> tuple[BlockState, torch.Tensor, torch.Tensor]:
+    """Everything METHOD.md does for one block; returns its state and the next dense and elastic
+    streams. A non-finite loss or gradient restarts the block with a lower learning rate."""
+    cc = config.calib
+    block_start = time.perf_counter()
+    originals = prunable_linears(model, block)
+    targets, norms = dense_pass(block, originals, dense, calls, b, cc.batch_size)
+    ranks = layer_ranks(originals, norms, config.criterion)
+    retries = []
+    for attempt in range(config.max_retries + 1):
+        lr = config.lr * config.retry_lr_factor**attempt
+        # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
+        # draws), so a block's result does not depend on how the blocks before it were run.
+        gen = _block_generator(cc.seed, b)
+        layers = hilora.attach(block, originals, ranks, config.ranks, gen)
+        try:
+            losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
+                                 gen, f"block {b + 1}/{len(calls.kwargs)}", progress, lr)
+            group1_adapter, check = True, (0.0, 0.0)
+            if config.group1_check:
+                check = group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
+                                     config.group1_check_sparsity, cc.batch_size)
+                group1_adapter = check[0] < check[1]
+            uses = [group1_adapter] + [True] * (config.num_groups - 1)
+            mixed = mix_features(block, layers, elastic, calls.kwargs[b], draw_mix_sparsities(config.groups, gen),
+                                 config.mix_weights, uses, calls.hidden_as_kwarg, cc.batch_size)
+            break
+        except NonFiniteError as err:
+            retries.append({"attempt": attempt, "lr": lr, "reason": str(err)})
+            log.warning("block %d: %s at lr %g; retrying from the block's start", b + 1, err, lr)
+        finally:
+            hilora.detach(block, originals)
+    else:
+        raise NonFiniteError(f"block {b + 1} kept diverging ({len(retries)} tries, last lr "
+                             f"{retries[-1]['lr']:g}): lower --lr or check the model's weights for NaN")
+    state = BlockState(
+        adapters={n: ([a.detach().cpu().clone() for a in l.A], [bb.detach().cpu().clone() for bb in l.B])
+                  for n, l in layers.items()},
+        input_norms=norms if config.criterion == "wanda" else {},
+        group1_adapter=group1_adapter,
+        losses=losses,
+        group1_check=check,
+        seconds=time.perf_counter() - block_start,
+        retries=retries,
+    )
+    log.info("block %d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, state.seconds,
+             ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
+    return state, targets, mixed
+
+
 def compress(
     loaded: LoadedModel,
     calib: str | os.PathLike | torch.Tensor,
     config: EPTSConfig | None = None,
+    out: str | os.PathLike | None = None,
     progress: bool = True,
+    metadata: dict | None = None,
 ) -> ElasticModel:
-    """One EPTS optimisation: returns the elastic model (base weights untouched)."""
+    """One EPTS optimisation; returns the elastic model (the base weights are left untouched).
+
+    With `out`, a checkpoint is written there after every block, an unfinished run of the same
+    model, config and calibration there is continued from its last finished block, and the
+    artifact is saved there at the end. `metadata` is recorded with the run's statistics.
+    """
     config = config or EPTSConfig()
     cc = config.calib
     model = loaded.model
     start = time.perf_counter()
+    check_context(model, cc.seqlen)
     windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     base_fingerprint = fingerprint(model)
+    key = run_key(config, base_fingerprint, windows)
+    folder = Path(out) if out is not None else None
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     blocks = decoder_blocks(model)
-    states: list[BlockState] = []
     try:
         with torch.no_grad():
             calls = capture_block_calls(model, windows, cc.batch_size)
-        dense, elastic = calls.hidden, calls.hidden.clone()
-        for b, block in enumerate(blocks):
-            block_start = time.perf_counter()
-            originals = prunable_linears(model, block)
-            targets, norms = dense_pass(block, originals, dense, calls, b, cc.batch_size)
-            # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
-            # draws), so a block's result does not depend on how the blocks before it were run.
-            gen = _block_generator(cc.seed, b)
-            layers = hilora.attach(block, originals, layer_ranks(originals, norms, config.criterion), config.ranks, gen)
-            try:
-                losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
-                                     gen, f"block {b + 1}/{len(blocks)}", progress)
-                group1_adapter, check = True, (0.0, 0.0)
-                if config.group1_check:
-                    check = group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
-                                         config.group1_check_sparsity, cc.batch_size)
-                    group1_adapter = check[0] < check[1]
-                uses = [group1_adapter] + [True] * (config.num_groups - 1)
-                elastic = mix_features(block, layers, elastic, calls.kwargs[b], draw_mix_sparsities(config.groups, gen),
-                                       config.mix_weights, uses, calls.hidden_as_kwarg, cc.batch_size)
-            finally:
-                hilora.detach(block, originals)
-            dense = targets
-            states.append(BlockState(
-                adapters={n: ([a.detach().cpu().clone() for a in l.A], [bb.detach().cpu().clone() for bb in l.B])
-                          for n, l in layers.items()},
-                input_norms=norms if config.criterion == "wanda" else {},
-                group1_adapter=group1_adapter,
-                losses=losses,
-                group1_check=check,
-                seconds=time.perf_counter() - block_start,
-            ))
-            log.info("block %d/%d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, len(blocks),
-                     states[-1].seconds, ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
+        resumed = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
+        if resumed is None:
+            states, dense, elastic = [], calls.hidden, calls.hidden.clone()
+        else:
+            states, dense, elastic = resumed
+            log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
+        for b in range(len(states), len(blocks)):
+            state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
+            states.append(state)
+            if folder is not None and b + 1 < len(blocks):
+                save_checkpoint(folder, key, states, dense, elastic)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
-    stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows)}
-    return ElasticModel(loaded, config, states, base_fingerprint, stats)
+    stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
+             "resumed": resumed is not None, **(metadata or {})}
+    elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats)
+    if folder is not None:
+        elastic_model.save(folder)
+        clear_checkpoint(folder)
+    return elastic_model

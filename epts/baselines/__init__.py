@@ -17,7 +17,7 @@ from ..blocks import capture_block_calls, run_block
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
-from ..models import LoadedModel
+from ..models import LoadedModel, check_context
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
 from .wanda import WandaPruner
@@ -63,6 +63,7 @@ def prune(
     if pruner_cls.needs_inputs:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration text")
+        check_context(model, cc.seqlen)
         windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
