@@ -157,17 +157,17 @@ class ElasticModel:
             self.config.group_of(s)  # raises, naming the range, when outside it
         return plan
 
-    @torch.no_grad()
     def materialize(self, sparsity: float | dict[int, float]) -> LoadedModel:
         """A plain sparse transformers model (adapters merged, no wrappers) at one sparsity, or at a
         per-block sparsity {block: s}; blocks left out of the mapping keep their dense weights."""
-        plan = self._per_block(sparsity)
-        model = copy.deepcopy(self.base.model)
-        blocks = decoder_blocks(model)
-        for b, s in plan.items():
-            for name, layer in prunable_linears(model, blocks[b]).items():
-                layer.weight.copy_(self.merged_weight(b, name, layer, s))
-        return LoadedModel(model, self.base.tokenizer, self.base.spec)
+        return self.to_runtime(sparsity).loaded
+
+    def to_runtime(self, sparsity: float | dict[int, float] | None = None) -> "RuntimeModel":
+        """One in-memory model whose sparsity changes in place (`RuntimeModel.set_sparsity`)."""
+        runtime = RuntimeModel(self)
+        if sparsity is not None:
+            runtime.set_sparsity(sparsity)
+        return runtime
 
     # ---- persistence ------------------------------------------------------------------------
 
@@ -227,6 +227,32 @@ class ElasticModel:
         norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
         blocks = blocks_from_tensors(manifest["blocks"], manifest["layers"], config.num_groups, adapters, norms)
         return cls(base, config, blocks, expected, manifest.get("stats"))
+
+
+class RuntimeModel:
+    """A served model whose sparsity is switched in place: each switch re-merges the affected
+    layers from the base weights, scores and adapters that the elastic model holds once, so memory
+    is the base model plus this one working copy, whatever the number of sparsities served."""
+
+    def __init__(self, elastic: ElasticModel):
+        self.elastic = elastic
+        self.loaded = LoadedModel(copy.deepcopy(elastic.base.model), elastic.base.tokenizer, elastic.base.spec)
+        self.sparsity: dict[int, float] = {b: 0.0 for b in range(len(elastic.blocks))}  # starts as the dense base
+        self._base_layers = [prunable_linears(elastic.base.model, blk) for blk in decoder_blocks(elastic.base.model)]
+        self._layers = [prunable_linears(self.loaded.model, blk) for blk in decoder_blocks(self.loaded.model)]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @torch.no_grad()
+    def set_sparsity(self, sparsity: float | dict[int, float]) -> None:
+        """Switch every block to `sparsity`, or the blocks of a {block: s} mapping (others keep theirs)."""
+        plan = self.elastic._per_block(sparsity)
+        for b, s in plan.items():
+            for name, layer in self._layers[b].items():
+                layer.weight.copy_(self.elastic.merged_weight(b, name, self._base_layers[b][name], s))
+            self.sparsity[b] = s
 
 
 # ---- checkpoints of an unfinished compress run ------------------------------------------------

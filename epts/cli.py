@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("generate", help="switch an artifact between sparsities in memory and generate at each")
+    p.add_argument("artifact")
+    p.add_argument("--sparsity", required=True, help="comma-separated sparsities, e.g. 0.3,0.5,0.7")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("eval", help="perplexity of a model, or of an artifact at several sparsities")
     p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model is evaluated)")
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
@@ -191,6 +198,38 @@ def _cmd_export(args) -> None:
     print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out}")
 
 
+def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:
+    """Parse `0.3,0.5,0.7`, checking every value against the trained range before any long work."""
+    try:
+        sparsities = [float(s) for s in (text or "").split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--sparsity {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+    if not sparsities:
+        raise ValueError("--sparsity is required with an artifact, e.g. --sparsity 0.3,0.5,0.7")
+    for s in sparsities:
+        elastic.config.group_of(s)
+    return sparsities
+
+
+@torch.no_grad()
+def _cmd_generate(args) -> None:
+    elastic = ElasticModel.load(args.artifact, device=args.device)
+    sparsities = _sparsity_list(args.sparsity, elastic)
+    runtime = elastic.to_runtime()
+    tokenizer = elastic.base.tokenizer
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(runtime.loaded.device)
+    for s in sparsities:
+        start = time.perf_counter()
+        runtime.set_sparsity(s)
+        switch = time.perf_counter() - start
+        start = time.perf_counter()
+        out = runtime.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+        new = out[0, inputs["input_ids"].shape[1]:]
+        print(f"--- sparsity {s:g} (switched in {switch:.2f} s, {len(new) / seconds:.1f} tokens/s)")
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True), flush=True)
+
+
 def _cmd_eval(args) -> None:
     if args.artifact is None:
         if args.sparsity:
@@ -198,26 +237,22 @@ def _cmd_eval(args) -> None:
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
         print(f"perplexity: {evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows):.3f}")
         return
-    try:
-        sparsities = [float(s) for s in (args.sparsity or "").split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--sparsity {args.sparsity!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
-    if not sparsities:
-        raise ValueError("--sparsity is required with an artifact, e.g. --sparsity 0.3,0.5,0.7")
     elastic = ElasticModel.load(args.artifact, device=args.device)
-    for s in sparsities:
-        elastic.config.group_of(s)  # every sparsity checked before the first long evaluation
-    print("| sparsity | perplexity | materialise s |\n|---|---|---|")
+    sparsities = _sparsity_list(args.sparsity, elastic)
+    runtime = elastic.to_runtime()
+    print("| sparsity | perplexity | switch s |\n|---|---|---|")
     for s in sparsities:
         start = time.perf_counter()
-        model = elastic.materialize(s)
+        runtime.set_sparsity(s)
         seconds = time.perf_counter() - start
-        ppl = evaluate_ppl(model, args.eval_data, args.eval_seqlen, args.max_windows)
+        ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
         print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
 
 
-COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval}
-_USER_ERRORS = (ArtifactError, NonFiniteError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError, FileNotFoundError, PermissionError)
+COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
+            "generate": _cmd_generate}
+_USER_ERRORS = (ArtifactError, NonFiniteError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError,
+                FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,3 +92,31 @@ def test_damaged_tensor_file_is_named(saved, tmp_path):
     (copy / "adapters.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="adapters.safetensors is missing or damaged"):
         ElasticModel.load(copy, base=tiny_model("llama"))
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    import shutil
+
+    _, path = saved
+    copy = shutil.copytree(path, tmp_path / "newer")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="has artifact format 99; this epts reads up to 1: upgrade epts"):
+        ElasticModel.load(copy, base=tiny_model("llama"))
+
+
+def test_runtime_switching_equals_a_fresh_materialisation(saved):
+    elastic, _ = saved
+    runtime = elastic.to_runtime(0.7)
+    ids = random_windows(2, 16, seed=3)
+    for target in (0.3, {0: 0.6, 2: 0.45}, 0.55, 0.7):
+        runtime.set_sparsity(target)
+        # Blocks a mapping leaves out keep their sparsity (block 1 stays at 0.3 here).
+        fresh = elastic.materialize(target if not isinstance(target, dict) else {1: 0.3, **target})
+        with torch.no_grad():
+            torch.testing.assert_close(runtime.model(ids).logits, fresh.model(ids).logits, rtol=0, atol=0)
+    assert runtime.sparsity == {0: 0.7, 1: 0.7, 2: 0.7}
+    # The base model is never touched by a switch.
+    base_w = prunable_linears(elastic.base.model, decoder_blocks(elastic.base.model)[0])["mlp.up_proj"].weight
+    assert torch.count_nonzero(base_w == 0) == 0
