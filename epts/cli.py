@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except _USER_ERRORS as err:
-        print(f"epts {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the library underneath wrote
+        print(f"epts {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -134,8 +134,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
     except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"could not load model {spec!r}: {err}. Check the hub id or path (the hub needs a network), "
+            f"could not load model {spec!r}: {reason} Check the hub id or path (the hub needs a network), "
             f"or use a local folder, a .gguf file or one of the aliases {', '.join(ALIASES)}"
         ) from err
     _drop_gguf_quantizer(model)

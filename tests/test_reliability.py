@@ -112,7 +112,24 @@ def test_seqlen_beyond_the_model_context_is_refused():
         reconstruct.compress(tiny_model("llama"), random_windows(2, 32), config, progress=False)
 
 
-def test_output_rules_of_the_compress_command(tmp_path, text_file):
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder nobody may write to, root included (root ignores permission bits, not the immutable flag)."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("cannot make a folder unwritable for root here (chattr +i failed)")
+    else:
+        path.chmod(0o500)
+    yield path
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o700)
+
+
+def test_output_rules_of_the_compress_command(tmp_path, text_file, unwritable_dir):
     model_dir = tiny_model_folder(tmp_path / "model")
     other = tmp_path / "other"
     other.mkdir()
@@ -120,7 +137,7 @@ def test_output_rules_of_the_compress_command(tmp_path, text_file):
     for args, message in [
         ((*compress_args(model_dir, text_file, other),), "is not an unfinished run of epts compress"),
         ((*compress_args(model_dir, text_file, tmp_path / "fresh"), "--resume"), "holds no unfinished compress run"),
-        ((*compress_args(model_dir, text_file, "/proc/epts-no-write/art"),), "cannot write to /proc/epts-no-write"),
+        ((*compress_args(model_dir, text_file, unwritable_dir / "art"),), f"cannot write to {unwritable_dir}"),
     ]:
         cmd, env = epts_cmd(*args)
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
