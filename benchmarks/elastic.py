@@ -3,7 +3,7 @@ single-sparsity baselines of `benchmarks.baselines` (read from --out if present)
 
     python -m benchmarks.elastic [--epochs 2] [--max-windows 64] [--out benchmarks/results]
 
-Prints a Markdown table and writes elastic.json under --out.
+Prints a Markdown table and writes elastic-e{epochs}.json under --out.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
         print(f"epts {s}: ppl {ppl:.3f} (materialised in {seconds:.2f} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "elastic.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"elastic-e{args.epochs}.json").write_text(json.dumps(rows, indent=2) + "\n")
 
     baselines = out / "baselines.json"
     ref = {}
