@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .allocation import allocate
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel, is_unfinished_run
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", required=True, type=float)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+                   help="per-block sparsities for the global --sparsity budget (default uniform)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     p.add_argument("--device", default="cpu")
 
@@ -167,7 +172,7 @@ def _cmd_compress(args) -> None:
     for name in ("epochs", "lr", "batch_size", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    config = EPTSConfig.from_dict({**fields, "calib": CalibConfig(**calib)})
+    config = EPTSConfig.from_dict({**fields, "calib": calib})
     out = Path(args.out)
     unfinished = out.is_dir() and is_unfinished_run(out)
     if args.overwrite and out.exists():
@@ -189,10 +194,12 @@ def _cmd_export(args) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device)
+    plan = allocate(elastic, args.sparsity, args.allocation, args.owl_m, args.owl_lambda)
     start = time.perf_counter()
-    model = elastic.materialize(args.sparsity)
+    model = elastic.materialize(plan)
     seconds = time.perf_counter() - start
-    meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "materialize_seconds": seconds,
+    meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "allocation": args.allocation,
+            "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
             "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec}
     save_model(model, out, extra_json={"epts_export.json": meta})
     print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out}")

@@ -82,6 +82,9 @@ class EPTSConfig:
         self.ranks = tuple(int(r) for r in self.ranks)
         self.mix_weights = tuple(float(w) for w in self.mix_weights)
         if isinstance(self.calib, dict):
+            known = {f.name for f in dataclasses.fields(CalibConfig)}
+            if set(self.calib) - known:
+                raise ValueError(f"unknown calib fields {sorted(set(self.calib) - known)}; known: {sorted(known)}")
             self.calib = CalibConfig(**self.calib)
         b = self.boundaries
         if len(b) < 2:

@@ -89,6 +89,11 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 0.")]
     assert len(rows) == 2 and all(float(row.split("|")[2]) > 1 for row in rows)
+    r = epts("export", str(art), "--sparsity", "0.5", "--allocation", "owl", "--out", str(tmp_path / "owl"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "owl" / "epts_export.json").read_text())
+    assert meta["allocation"] == "owl" and len(meta["block_sparsity"]) == 3
+    assert meta["total_sparsity"] == pytest.approx(0.5, abs=0.01)
     r = epts("generate", str(art), "--sparsity", "0.3,0.7", "--prompt", "The model", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     heads = [line for line in r.stdout.splitlines() if line.startswith("--- sparsity")]
@@ -109,6 +114,7 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
         ("ranks: 0", "positive integers"),
         ("epochs: 0", "epochs must be a positive integer"),
         ("colour: blue", "unknown config fields ['colour']"),
+        ("calib:\n  samples: 4", "unknown calib fields ['samples']"),
     ],
 )
 def test_bad_compress_config_is_refused_before_any_work(content, message, text_file, tmp_path):

@@ -1,0 +1,81 @@
+"""Per-block sparsity for a global budget: uniform, or OWL (outlier-weighted layer-wise sparsity,
+Yin et al. 2024: blocks with more activation outliers keep more weights).
+
+A plan is {block: sparsity}; its budget is the fraction of all prunable weights that are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch import decoder_blocks, prunable_linears
+from .artifact import ElasticModel
+from .importance import kept_per_row, magnitude_scores, wanda_scores
+
+
+def _layer_shapes(elastic: ElasticModel) -> list[list[tuple[int, int]]]:
+    model = elastic.base.model
+    return [[(l.out_features, l.in_features) for l in prunable_linears(model, blk).values()]
+            for blk in decoder_blocks(model)]
+
+
+def pruned_fraction(elastic: ElasticModel, plan: dict[int, float]) -> float:
+    """Zeros over all prunable weights once `plan` is materialised (blocks left out stay dense)."""
+    zeros = total = 0
+    for b, shapes in enumerate(_layer_shapes(elastic)):
+        for rows, cols in shapes:
+            total += rows * cols
+            if b in plan:
+                zeros += rows * (cols - kept_per_row(cols, plan[b]))
+    return zeros / total
+
+
+def fit_budget(raw: list[float], target: float, lo: float, hi: float, sizes: list[int]) -> list[float]:
+    """Shift every block's sparsity by one constant, clamped to [lo, hi], so that the size-weighted
+    mean is `target` (bisection: the clamped mean only grows with the shift)."""
+    if not lo <= target <= hi:
+        raise ValueError(f"global sparsity {target} is outside the trained range [{lo:g}, {hi:g}]")
+    weights = torch.tensor(sizes, dtype=torch.float64)
+    values = torch.tensor(raw, dtype=torch.float64)
+
+    def mean_at(shift: float) -> float:
+        return float((values.add(shift).clamp(lo, hi) * weights).sum() / weights.sum())
+
+    low, high = lo - float(values.max()), hi - float(values.min())
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_at(mid) < target else (low, mid)
+    return values.add((low + high) / 2).clamp(lo, hi).tolist()
+
+
+def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
+    """Per block: the share of its weights whose importance exceeds `m` times the block's mean."""
+    model = elastic.base.model
+    ratios = []
+    for b, blk in enumerate(decoder_blocks(model)):
+        norms = elastic.blocks[b].input_norms
+        scores = torch.cat([
+            (wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)).flatten()
+            for name, layer in prunable_linears(model, blk).items()
+        ])
+        ratios.append(float((scores > m * scores.mean()).float().mean()))
+    return ratios
+
+
+def allocate(elastic: ElasticModel, target: float, method: str = "uniform", owl_m: float = 5.0,
+             owl_lambda: float = 0.08) -> dict[int, float]:
+    """{block: sparsity} inside the artifact's trained range whose global budget is `target`."""
+    lo, hi = elastic.config.boundaries[0], elastic.config.boundaries[-1]
+    shapes = _layer_shapes(elastic)
+    sizes = [sum(r * c for r, c in s) for s in shapes]
+    if method == "uniform":
+        raw = [target] * len(shapes)
+    elif method == "owl":
+        d = torch.tensor(outlier_ratios(elastic, owl_m), dtype=torch.float64)
+        spread = float(d.max() - d.min())
+        # OWL's rule: keep ratios spread over [0, 2 lambda] by outlier ratio, centred on 1 - target.
+        keep = (d - d.min()) / spread * 2 * owl_lambda if spread > 0 else torch.zeros_like(d)
+        raw = (1.0 - (keep - keep.mean() + (1.0 - target))).tolist()
+    else:
+        raise ValueError(f"unknown allocation {method!r}: choose uniform or owl")
+    return dict(enumerate(fit_budget(raw, target, lo, hi, sizes)))
