@@ -1,16 +1,25 @@
-"""Per-block sparsity for a global budget: uniform, or OWL (outlier-weighted layer-wise sparsity,
-Yin et al. 2024: blocks with more activation outliers keep more weights).
+"""Per-block sparsity for a global budget: uniform; OWL (outlier-weighted layer-wise sparsity,
+Yin et al. 2024: blocks with more activation outliers keep more weights); or a search that scores
+allocations by the calibration loss of the elastic model itself (any allocation is one in-place
+re-merge away, see `artifact.RuntimeModel`).
 
 A plan is {block: sparsity}; its budget is the fraction of all prunable weights that are zero.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass, field
+
 import torch
 
 from .arch import decoder_blocks, prunable_linears
 from .artifact import ElasticModel
+from .evaluate import mean_nll
 from .importance import kept_per_row, magnitude_scores, wanda_scores
+
+log = logging.getLogger(__name__)
 
 
 def _layer_shapes(elastic: ElasticModel) -> list[list[tuple[int, int]]]:
@@ -62,9 +71,55 @@ def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
     return ratios
 
 
+@dataclass
+class SearchResult:
+    plan: dict[int, float]
+    start_loss: float
+    loss: float
+    evaluations: int
+    accepted: int
+    seconds: float
+    history: list[float] = field(default_factory=list)  # calibration loss after each accepted move
+
+
+def search(elastic: ElasticModel, target: float, windows: torch.Tensor, start: dict[int, float] | None = None,
+           seconds: float = 60.0, max_evaluations: int | None = None, step: float = 0.03, seed: int = 0,
+           batch_size: int = 4) -> SearchResult:
+    """Greedy pairwise search: move sparsity from one block to another (the budget stays exact up
+    to the per-row rounding), keep the move when the calibration loss drops, until the time or
+    evaluation budget is spent. Starts from `start` (default: uniform)."""
+    lo, hi = elastic.config.boundaries[0], elastic.config.boundaries[-1]
+    sizes = [sum(r * c for r, c in s) for s in _layer_shapes(elastic)]
+    plan = dict(start) if start is not None else allocate(elastic, target, "uniform")
+    runtime = elastic.to_runtime(plan)
+    began = time.perf_counter()
+    best = first = mean_nll(runtime.model, windows, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    evaluations, history = 0, []
+    n = len(plan)
+    while time.perf_counter() - began < seconds and (max_evaluations is None or evaluations < max_evaluations):
+        i, j = torch.randperm(n, generator=gen)[:2].tolist()
+        delta = step * (0.5 + 0.5 * torch.rand((), generator=gen).item())
+        new_i, new_j = plan[i] + delta, plan[j] - delta * sizes[i] / sizes[j]
+        if not (lo <= new_i <= hi and lo <= new_j <= hi):
+            continue
+        runtime.set_sparsity({i: new_i, j: new_j})
+        loss = mean_nll(runtime.model, windows, batch_size)
+        evaluations += 1
+        if loss < best:
+            best, plan[i], plan[j] = loss, new_i, new_j
+            history.append(loss)
+        else:
+            runtime.set_sparsity({i: plan[i], j: plan[j]})
+    log.info("search: %d evaluations, %d moves kept, calibration loss %.4f -> %.4f", evaluations, len(history),
+             first, best)
+    return SearchResult(plan, first, best, evaluations, len(history), time.perf_counter() - began, history)
+
+
 def allocate(elastic: ElasticModel, target: float, method: str = "uniform", owl_m: float = 5.0,
              owl_lambda: float = 0.08) -> dict[int, float]:
-    """{block: sparsity} inside the artifact's trained range whose global budget is `target`."""
+    """{block: sparsity} inside the artifact's trained range whose global budget is `target`
+    (uniform or OWL; see `search` for the calibration-driven allocation)."""
     lo, hi = elastic.config.boundaries[0], elastic.config.boundaries[-1]
     shapes = _layer_shapes(elastic)
     sizes = [sum(r * c for r, c in s) for s in shapes]

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .allocation import allocate
+from .allocation import allocate, search
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel, is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
-from .data import DataError
+from .data import DataError, calibration_set
 from .evaluate import evaluate_ppl, total_sparsity
 from .importance import Pattern
 from .io import write_json_atomic
@@ -91,10 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", required=True, type=float)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+    p.add_argument("--allocation", choices=["uniform", "owl", "search"], default="uniform",
                    help="per-block sparsities for the global --sparsity budget (default uniform)")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
+    p.add_argument("--calib", help="search: calibration text whose loss scores allocations")
+    p.add_argument("--search-seconds", type=float, default=120.0, help="search: time budget")
+    p.add_argument("--search-samples", type=_positive_int, default=8, help="search: calibration windows")
+    p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
+    p.add_argument("--search-start", choices=["uniform", "owl"], default="owl", help="search: starting allocation")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     p.add_argument("--device", default="cpu")
 
@@ -193,14 +198,27 @@ def _cmd_compress(args) -> None:
 def _cmd_export(args) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    if args.allocation == "search" and not args.calib:
+        raise ValueError("--allocation search needs --calib (text whose loss scores the allocations)")
     elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device)
-    plan = allocate(elastic, args.sparsity, args.allocation, args.owl_m, args.owl_lambda)
+    extra = {}
+    if args.allocation == "search":
+        windows = calibration_set(elastic.base.tokenizer, args.calib, args.search_samples, args.search_seqlen)
+        start_plan = allocate(elastic, args.sparsity, args.search_start, args.owl_m, args.owl_lambda)
+        found = search(elastic, args.sparsity, windows, start_plan, seconds=args.search_seconds)
+        plan = found.plan
+        extra["search"] = {"start": args.search_start, "start_loss": found.start_loss, "loss": found.loss,
+                           "evaluations": found.evaluations, "accepted": found.accepted, "seconds": found.seconds}
+        print(f"search: calibration loss {found.start_loss:.4f} -> {found.loss:.4f} "
+              f"({found.evaluations} allocations tried, {found.accepted} kept, {found.seconds:.0f} s)")
+    else:
+        plan = allocate(elastic, args.sparsity, args.allocation, args.owl_m, args.owl_lambda)
     start = time.perf_counter()
     model = elastic.materialize(plan)
     seconds = time.perf_counter() - start
     meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "allocation": args.allocation,
             "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
-            "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec}
+            "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, **extra}
     save_model(model, out, extra_json={"epts_export.json": meta})
     print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out}")
 

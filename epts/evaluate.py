@@ -17,6 +17,19 @@ from .models import LoadedModel, check_context
 
 
 @torch.no_grad()
+def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """Mean next-token negative log-likelihood over every predicted token of `windows`."""
+    device = next(model.parameters()).device
+    total_nll, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        count += batch[:, 1:].numel()
+    return total_nll / count
+
+
 def evaluate_ppl(
     loaded: LoadedModel,
     text: str | os.PathLike | torch.Tensor,
@@ -28,16 +41,7 @@ def evaluate_ppl(
     """Perplexity of `loaded` on `text` (a file, folder, dataset name or 1-D token tensor)."""
     tokens = tokenize(loaded.tokenizer, text, role="eval")
     check_context(loaded.model, seqlen)
-    windows = eval_windows(tokens, seqlen, max_windows)
-    model, device = loaded.model, loaded.device
-    total_nll, count = 0.0, 0
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        count += batch[:, 1:].numel()
-    return math.exp(total_nll / count)
+    return math.exp(mean_nll(loaded.model, eval_windows(tokens, seqlen, max_windows), batch_size, progress))
 
 
 def peak_rss_mb() -> float:

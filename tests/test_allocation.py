@@ -66,3 +66,22 @@ def test_budget_fit_clamps_to_the_trained_range():
     assert fit_budget([0.6, 0.8], 0.7, 0.0, 0.7, [1, 1]) == pytest.approx([0.7, 0.7])
     with pytest.raises(ValueError, match="outside the trained range"):
         fit_budget([0.5], 0.75, 0.0, 0.7, [1])
+
+
+def test_search_never_raises_the_calibration_loss_and_keeps_the_budget():
+    from conftest import random_windows
+    from epts.allocation import search
+    from epts.evaluate import mean_nll
+
+    elastic = elastic_with_outliers()
+    windows = random_windows(3, 24, seed=7)
+    result = search(elastic, 0.5, windows, seconds=60, max_evaluations=25, step=0.1, seed=0)
+    assert result.evaluations == 25
+    assert result.loss <= result.start_loss
+    assert result.loss == pytest.approx(mean_nll(elastic.materialize(result.plan).model, windows), rel=1e-6)
+    if result.accepted:
+        assert result.loss < result.start_loss and result.history == sorted(result.history, reverse=True)
+    assert sum(result.plan.values()) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert all(0 <= s <= 0.7 for s in result.plan.values())
+    again = search(elastic, 0.5, windows, seconds=60, max_evaluations=25, step=0.1, seed=0)
+    assert again.plan == result.plan

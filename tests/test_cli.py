@@ -94,6 +94,12 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
     meta = json.loads((tmp_path / "owl" / "epts_export.json").read_text())
     assert meta["allocation"] == "owl" and len(meta["block_sparsity"]) == 3
     assert meta["total_sparsity"] == pytest.approx(0.5, abs=0.01)
+    r = epts("export", str(art), "--sparsity", "0.5", "--allocation", "search", "--calib", str(text_file),
+             "--search-seconds", "3", "--search-samples", "2", "--search-seqlen", "32", "--out", str(tmp_path / "srch"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "srch" / "epts_export.json").read_text())
+    assert meta["search"]["loss"] <= meta["search"]["start_loss"] and meta["search"]["evaluations"] >= 1
+    assert meta["total_sparsity"] == pytest.approx(0.5, abs=0.01)
     r = epts("generate", str(art), "--sparsity", "0.3,0.7", "--prompt", "The model", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     heads = [line for line in r.stdout.splitlines() if line.startswith("--- sparsity")]
