@@ -17,7 +17,7 @@ import torch
 from .arch import decoder_blocks, prunable_linears
 from .artifact import ElasticModel
 from .evaluate import mean_nll
-from .importance import kept_per_row, magnitude_scores, wanda_scores
+from .importance import kept_per_row
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,9 @@ def fit_budget(raw: list[float], target: float, lo: float, hi: float, sizes: lis
 
 def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
     """Per block: the share of its weights whose importance exceeds `m` times the block's mean."""
-    model = elastic.base.model
     ratios = []
-    for b, blk in enumerate(decoder_blocks(model)):
-        norms = elastic.blocks[b].input_norms
-        scores = torch.cat([
-            (wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)).flatten()
-            for name, layer in prunable_linears(model, blk).items()
-        ])
+    for b, state in enumerate(elastic.blocks):
+        scores = torch.cat([elastic.scores(b, name).flatten() for name in state.adapters])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios
 

@@ -16,20 +16,19 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .arch import decoder_blocks, prunable_linears
 from .config import EPTSConfig
 from .hilora import effective_weight
 from .importance import magnitude_scores, row_ranks, wanda_scores
-from .io import write_json_atomic
+from .io import save_tensors_atomic, write_json_atomic
 from .models import LoadedModel, fingerprint, load_model
 
 log = logging.getLogger(__name__)
@@ -99,17 +98,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ElasticModel:
     """A base model plus everything needed to materialise it at any sparsity of the trained range."""
 
@@ -128,11 +116,14 @@ class ElasticModel:
         """Per-row importance ranks of one layer, computed from the base weights once and cached."""
         key = (block, name)
         if key not in self._ranks:
-            layer = prunable_linears(self.base.model, decoder_blocks(self.base.model)[block])[name]
-            norms = self.blocks[block].input_norms
-            scores = wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)
-            self._ranks[key] = row_ranks(scores)
+            self._ranks[key] = row_ranks(self.scores(block, name))
         return self._ranks[key]
+
+    def scores(self, block: int, name: str) -> torch.Tensor:
+        """Importance of every weight of one layer: Wanda's |W| * ||X_j|| (magnitude if no norms)."""
+        layer = prunable_linears(self.base.model, decoder_blocks(self.base.model)[block])[name]
+        norms = self.blocks[block].input_norms
+        return wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
         """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model."""
@@ -182,7 +173,7 @@ class ElasticModel:
         if norms:
             files[IMPORTANCE] = norms
         for filename, tensors in files.items():
-            _save_tensors_atomic(tensors, out / filename)
+            save_tensors_atomic(tensors, out / filename)
         manifest = {
             "format_version": FORMAT_VERSION,
             "epts_version": __version__,
@@ -271,7 +262,7 @@ def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense:
     tensors = {"stream.dense": dense, "stream.elastic": elastic}
     tensors.update({f"adapter.{k}": v for k, v in adapters.items()})
     tensors.update({f"norm.{k}": v for k, v in norms.items()})
-    _save_tensors_atomic(tensors, folder / name)
+    save_tensors_atomic(tensors, folder / name)
     write_json_atomic(folder / CHECKPOINT, {
         "format_version": FORMAT_VERSION,
         "run_key": run_key,
