@@ -21,7 +21,9 @@ def test_initialisation_follows_lora():
     layer = ElasticLinear(base, row_ranks(base.weight.abs()), [8, 8])
     assert all(torch.count_nonzero(b) == 0 for b in layer.B)
     assert all(a.abs().max() > 0 and a.shape == (8, 40) for a in layer.A)
-    assert not any(p.requires_grad for p in base.parameters()) or layer.weight.requires_grad is False
+    # Only the adapters train: the base weight is a buffer shared with the wrapped layer, not copied.
+    assert set(dict(layer.named_parameters())) == {f"{ab}.{k}" for ab in "AB" for k in range(2)}
+    assert layer.weight.data_ptr() == base.weight.data_ptr()
 
 
 @pytest.mark.parametrize("group", [0, 1, 2, 3])
