@@ -39,8 +39,8 @@ def evaluate_ppl(
     progress: bool = True,
 ) -> float:
     """Perplexity of `loaded` on `text` (a file, folder, dataset name or 1-D token tensor)."""
+    check_context(loaded.model, seqlen)  # before tokenising a whole corpus, not after
     tokens = tokenize(loaded.tokenizer, text, role="eval")
-    check_context(loaded.model, seqlen)
     return math.exp(mean_nll(loaded.model, eval_windows(tokens, seqlen, max_windows), batch_size, progress))
 
 
