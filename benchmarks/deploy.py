@@ -2,8 +2,11 @@
 uniform, OWL and search allocation (PROTOCOL.md quick protocol).
 
     python -m benchmarks.deploy --artifact runs/bench-epts [--budgets 0.6,0.65] [--search-seconds 120]
+        [--sizes 0.5,0.7] [--out-name deploy.json]
 
-Prints a Markdown table and writes deploy.json under --out.
+Also exports the artifact at each --sizes sparsity, dense and compressed (sparse-bitmask), checks
+that the compressed folder loads back to the same weights, and reports both sizes on disk.
+Prints Markdown tables and writes --out-name under --out.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.baselines import DATA, commit
+import torch
+
+from benchmarks.run import DATA, commit
 from epts import ElasticModel, evaluate_ppl
 from epts.allocation import allocate, pruned_fraction, search
 from epts.data import calibration_set
+from epts.models import load_model, save_model
 
 
 def main() -> None:
@@ -26,7 +33,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.6,0.65")
     parser.add_argument("--search-seconds", type=float, default=120.0)
     parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--sizes", default="0.5,0.7", help="sparsities whose dense and compressed exports are sized")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out-name", default="deploy.json")
     args = parser.parse_args()
     elastic = ElasticModel.load(args.artifact)
     runtime = elastic.to_runtime(0.3)
@@ -57,11 +66,39 @@ def main() -> None:
                   flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"commit": commit(), "artifact": args.artifact, "switch_seconds": switches, "rows": rows}
-    (out / "deploy.json").write_text(json.dumps(result, indent=2) + "\n")
+    sizes = [export_sizes(elastic, float(s)) for s in args.sizes.split(",") if s]
+    result = {"commit": commit(), "artifact": args.artifact, "switch_seconds": switches, "rows": rows, "sizes": sizes}
+    (out / args.out_name).write_text(json.dumps(result, indent=2) + "\n")
     print("\n| global sparsity | allocation | ppl | block range |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['budget']} | {r['allocation']} | {r['ppl']:.2f} | {r['min_block']:.3f}-{r['max_block']:.3f} |")
+    print("\n| sparsity | dense MiB | compressed MiB | ratio | save s (dense / compressed) | load s (compressed) |")
+    print("|---|---|---|---|---|---|")
+    for r in sizes:
+        print(f"| {r['sparsity']} | {r['dense_mb']:.1f} | {r['compressed_mb']:.1f} | "
+              f"{r['compressed_mb'] / r['dense_mb']:.3f} | {r['dense_save_s']:.1f} / {r['compressed_save_s']:.1f} | "
+              f"{r['compressed_load_s']:.1f} |")
+
+
+def export_sizes(elastic: ElasticModel, sparsity: float) -> dict:
+    """Weights on disk of the dense and the compressed export at `sparsity`, after checking that
+    the compressed one loads back to the same tensors."""
+    model = elastic.materialize(sparsity)
+    row = {"sparsity": sparsity}
+    with tempfile.TemporaryDirectory(dir="runs") as tmp:
+        for kind in ("dense", "compressed"):
+            start = time.perf_counter()
+            folder = save_model(model, Path(tmp) / kind, compressed=kind == "compressed")
+            row[f"{kind}_save_s"] = time.perf_counter() - start
+            row[f"{kind}_mb"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+        start = time.perf_counter()
+        back = load_model(Path(tmp) / "compressed").model.state_dict()
+        row["compressed_load_s"] = time.perf_counter() - start
+    ref = model.model.state_dict()
+    if back.keys() != ref.keys() or not all(torch.equal(back[k], ref[k]) for k in ref):
+        raise SystemExit(f"compressed export at {sparsity} did not load back to the same weights")
+    print(f"export {sparsity}: dense {row['dense_mb']:.1f} MiB, compressed {row['compressed_mb']:.1f} MiB", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -85,3 +85,9 @@ def prunable_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Linear]
             raise UnsupportedArchitectureError(f"{name} in {type(block).__name__} is {type(layer).__name__}, not nn.Linear")
         out[name] = layer
     return out
+
+
+def prunable_weight_names(model: nn.Module) -> list[str]:
+    """Full parameter names (`model.layers.0.self_attn.q_proj.weight`, ...) of every prunable linear."""
+    spec = arch_spec(model)
+    return [f"{spec.blocks}.{b}.{name}.weight" for b in range(len(decoder_blocks(model))) for name in spec.prunable]

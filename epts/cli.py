@@ -19,7 +19,7 @@ from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel, is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError, calibration_set
-from .evaluate import evaluate_ppl, total_sparsity
+from .evaluate import evaluate_ppl, peak_rss_mb, total_sparsity
 from .importance import Pattern
 from .io import write_json_atomic
 from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model
@@ -42,6 +42,16 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str, seqlen_flag: str,
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate on the first N windows only")
 
 
+def _add_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["dense", "compressed"], default="dense",
+                   help="dense: weights with zeros, for any transformers; compressed: compressed-tensors "
+                        "sparse-bitmask (values + bitmask), smaller on disk, loaded back by epts")
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="single-sparsity one-shot pruning (magnitude, Wanda, SparseGPT)")
     _add_model_args(p)
-    p.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="wanda", choices=sorted(METHODS))
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", help="unstructured sparsity per output row, in [0, 1) (default 0.5)")
     target.add_argument("--pattern", help="N:M pattern, e.g. 2:4 or 4:8")
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=CalibConfig.batch_size)
     p.add_argument("--out", help="write the pruned model here (a plain transformers folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_format_arg(p)
     p.add_argument("--report", help="also write the JSON report to this file")
     p.add_argument("--no-dense-eval", action="store_true", help="with --eval-data, skip the dense perplexity")
     _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
@@ -91,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", required=True, type=float)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_format_arg(p)
     p.add_argument("--allocation", choices=["uniform", "owl", "search"], default="uniform",
                    help="per-block sparsities for the global --sparsity budget (default uniform)")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
     _add_eval_args(p, "--data", "--seqlen", required=True)
+    p.add_argument("--report", help="also write the results as JSON to this file")
     return parser
 
 
@@ -140,8 +153,6 @@ def _cmd_prune(args) -> None:
         pattern=Pattern.parse(args.pattern or args.sparsity or "0.5"),
         calib=CalibConfig(args.nsamples, args.seqlen, args.seed, args.batch_size),
     )
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(METHODS)}")
     if METHODS[config.method].needs_inputs and not args.calib:
         raise ValueError(f"--calib is required for {config.method} (e.g. ../shared/data/wikitext2/wiki.valid.tokens)")
     out = Path(args.out) if args.out else None
@@ -162,8 +173,10 @@ def _cmd_prune(args) -> None:
         print(f"{config.method} {config.pattern} perplexity: {result['ppl']:.3f}")
     result["command"] = " ".join(["epts", *sys.argv[1:]])
     if out is not None:
-        save_model(loaded, out, extra_json={"epts_report.json": result})
-        print(f"saved {out} (report: {out / 'epts_report.json'})")
+        structure = "unstructured" if config.pattern.n is None else f"{config.pattern.m - config.pattern.n}:{config.pattern.m}"
+        save_model(loaded, out, extra_json={"epts_report.json": result}, compressed=args.format == "compressed",
+                   structure=structure)
+        print(f"saved {out} ({args.format}, {_folder_mb(out):.1f} MiB of weights; report: {out / 'epts_report.json'})")
     if args.report:
         write_json_atomic(args.report, result)
 
@@ -219,8 +232,9 @@ def _cmd_export(args) -> None:
     meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "allocation": args.allocation,
             "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
             "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, **extra}
-    save_model(model, out, extra_json={"epts_export.json": meta})
-    print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out}")
+    save_model(model, out, extra_json={"epts_export.json": meta}, compressed=args.format == "compressed")
+    print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out} ({args.format}, "
+          f"{_folder_mb(out):.1f} MiB of weights)")
 
 
 def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:
@@ -260,18 +274,25 @@ def _cmd_eval(args) -> None:
         if args.sparsity:
             raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-        print(f"perplexity: {evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows):.3f}")
-        return
-    elastic = ElasticModel.load(args.artifact, device=args.device)
-    sparsities = _sparsity_list(args.sparsity, elastic)
-    runtime = elastic.to_runtime()
-    print("| sparsity | perplexity | switch s |\n|---|---|---|")
-    for s in sparsities:
-        start = time.perf_counter()
-        runtime.set_sparsity(s)
-        seconds = time.perf_counter() - start
-        ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
-        print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
+        ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+        print(f"perplexity: {ppl:.3f}")
+        rows = [{"model": args.model, "ppl": ppl}]
+    else:
+        elastic = ElasticModel.load(args.artifact, device=args.device)
+        sparsities = _sparsity_list(args.sparsity, elastic)
+        runtime = elastic.to_runtime()
+        print("| sparsity | perplexity | switch s |\n|---|---|---|")
+        rows = []
+        for s in sparsities:
+            start = time.perf_counter()
+            runtime.set_sparsity(s)
+            seconds = time.perf_counter() - start
+            ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+            print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
+            rows.append({"artifact": args.artifact, "sparsity": s, "ppl": ppl, "switch_seconds": seconds})
+    if args.report:
+        eval_spec = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.max_windows}
+        write_json_atomic(args.report, {"rows": rows, "eval": eval_spec, "peak_rss_mb": peak_rss_mb()})
 
 
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,

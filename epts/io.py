@@ -20,6 +20,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -34,7 +37,8 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return Path(path)
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                        metadata: dict[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     return Path(path)

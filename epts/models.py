@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import decoder_blocks
+from .arch import decoder_blocks, prunable_weight_names
 from .io import write_json_atomic
+from .sparse_format import compress_folder, is_compressed, load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,10 @@ def load_model(
         source = spec
     log.info("loading model %s", spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if is_compressed(source):
+            model = _load_compressed(source, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
     except OSError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -150,6 +154,17 @@ def load_model(
             log.warning("could not cache the de-quantised model in %s: %s", cached, err)
     model.to(resolve_device(device))
     return loaded
+
+
+def _load_compressed(folder: str, kwargs: dict) -> nn.Module:
+    """A sparse-bitmask folder, decompressed to a plain dense-with-zeros model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config  # the weights are plain floats once decompressed
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=load_state_dict(folder), dtype=kwargs["dtype"])
 
 
 def _gguf_cache_folder(gguf: Path) -> Path | None:
@@ -181,9 +196,11 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, object] | None = None) -> Path:
-    """Save a plain float folder (safetensors) that stock transformers loads, atomically, with
-    `extra_json` (file name -> data) written beside the weights (reports, metadata)."""
+def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, object] | None = None,
+               compressed: bool = False, structure: str = "unstructured") -> Path:
+    """Save a float folder (safetensors), atomically, with `extra_json` (file name -> data) written
+    beside the weights (reports, metadata). Dense with zeros by default, which stock transformers
+    loads; `compressed` stores the prunable weights as compressed-tensors sparse bitmasks."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -193,6 +210,8 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        if compressed:
+            compress_folder(tmp, prunable_weight_names(loaded.model), structure)
         for name, data in (extra_json or {}).items():
             write_json_atomic(tmp / name, data)
         if out.exists():

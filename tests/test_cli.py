@@ -49,7 +49,7 @@ def test_eval_prints_perplexity(model_dir, text_file):
     [
         (["prune", "--sparsity", "1.5"], "sparsity 1.5 is outside [0, 1)"),
         (["prune", "--pattern", "4:2"], "N:M pattern 4:2 is invalid"),
-        (["prune", "--method", "obs", "--calib", "x"], "unknown method 'obs'"),
+        (["prune", "--method", "obs", "--calib", "x"], "invalid choice: 'obs'"),
         (["prune", "--method", "wanda"], "--calib is required"),
         (["prune", "--nsamples", "0"], "must be a positive integer"),
         (["eval", "--model", "/no/such/dir", "--data", "x"], "model path '/no/such/dir' does not exist"),

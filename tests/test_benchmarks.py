@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark runner: tiny model, two sparsities, every kind of job."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_suite(*args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "smoke", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    from conftest import SAMPLE_TEXT
+
+    text = tmp / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    model = tiny_model_folder(tmp / "model")
+    args = ["--model", str(model), "--calib", str(text), "--eval", str(text), "--out", str(tmp / "out"),
+            "--work", str(tmp / "work")]
+    r = run_suite(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "out", args
+
+
+def test_smoke_suite_writes_every_row_table_and_plot(smoke):
+    out, _ = smoke
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    kinds = {(r["method"], r["sparsity"]) for r in rows}
+    expected = {("dense", "0")} | {(m, s) for m in ("magnitude", "wanda", "sparsegpt", "epts") for s in ("0.3", "0.6")}
+    assert kinds == expected | {("lora-single", "0.6")}
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rows)
+    dense = next(r["ppl"] for r in rows if r["method"] == "dense")
+    assert all(r["ppl"] != dense for r in rows if r["method"] != "dense")  # pruning changed the model
+    for r in rows:
+        if r["method"] != "dense":
+            assert r["compress_seconds"] > 0 and r["peak_rss_mb"] > 0 and r["command"].startswith("epts ")
+    assert all(r["materialize_seconds"] >= 0 for r in rows if r["method"] in ("epts", "lora-single"))
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    table = (out / "results.md").read_text()
+    assert table.count("\n| epts | ") == 2 and "EPTS against each method" in table
+    for png in ("ppl_vs_sparsity.png", "cumulative_time.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cumulative_time_counts_one_epts_run_then_merges():
+    from benchmarks.run import cumulative_seconds
+
+    rows = [{"method": "epts", "sparsity": "0.3", "compress_seconds": 100.0, "materialize_seconds": 0.5},
+            {"method": "epts", "sparsity": "0.5", "compress_seconds": 100.0, "materialize_seconds": 0.25},
+            {"method": "wanda", "sparsity": "0.3", "compress_seconds": 30.0, "materialize_seconds": None},
+            {"method": "wanda", "sparsity": "0.5", "compress_seconds": 40.0, "materialize_seconds": None},
+            {"method": "wanda", "sparsity": "2:4", "compress_seconds": 40.0, "materialize_seconds": None}]
+    assert cumulative_seconds(rows, "epts") == [100.5, 100.75]
+    assert cumulative_seconds(rows, "wanda") == [30.0, 70.0]
+
+
+def test_resume_skips_finished_jobs(smoke):
+    out, args = smoke
+    before = json.loads((out / "results.json").read_text())["rows"]
+    r = run_suite(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done earlier, skipped") == 9  # dense, 3 methods x 2, epts, lora
+    assert json.loads((out / "results.json").read_text())["rows"] == before
