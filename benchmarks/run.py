@@ -78,14 +78,12 @@ class Runner:
                 entry = json.loads(line)
                 self.done[entry["job"]] = entry["rows"]
 
-    def process(self, job: str, argv: list[str]) -> float:
-        """Run argv with its output in OUT/logs/JOB.log; returns wall seconds."""
-        start = time.perf_counter()
+    def process(self, job: str, argv: list[str]) -> None:
+        """Run argv with its output in OUT/logs/JOB.log."""
         with (self.out / "logs" / f"{job}.log").open("w") as logf:
             r = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
         if r.returncode:
             raise RuntimeError(f"job {job} failed (exit {r.returncode}): see {self.out / 'logs' / f'{job}.log'}")
-        return time.perf_counter() - start
 
     def job(self, name: str, make_rows) -> list[dict]:
         if name in self.done:
@@ -108,7 +106,7 @@ def epts_argv(*args: str) -> list[str]:
 
 
 def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path, work: Path, resume: bool,
-              peer: bool) -> list[dict]:
+              peer: list[float]) -> list[dict]:
     runner = Runner(out, resume)
     rev = commit()
     calib_args = ["--calib", str(calib), "--nsamples", str(suite.nsamples), "--seqlen", str(suite.seqlen), "--seed", "0"]
@@ -167,11 +165,12 @@ def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path,
     if peer:
         if not PEER_PYTHON.is_file():
             raise SystemExit(f"--peer needs {PEER_PYTHON}: run bash benchmarks/peer/setup.sh first")
-        rows += runner.job("llmcompressor", lambda: peer_rows(runner, suite, model, calib, eval_data, work, rev))
+        rows += runner.job("llmcompressor", lambda: peer_rows(runner, suite, peer, model, calib, eval_data, work, rev))
     return rows
 
 
-def peer_rows(runner: Runner, suite: Suite, model: str, calib: Path, eval_data: Path, work: Path, rev: str) -> list[dict]:
+def peer_rows(runner: Runner, suite: Suite, sparsities: list[float], model: str, calib: Path, eval_data: Path,
+              work: Path, rev: str) -> list[dict]:
     """llm-compressor's Wanda and SparseGPT on the same windows, in the peer venv."""
     inputs = work / "peer-inputs"
     runner.process("peer-inputs", [
@@ -180,7 +179,7 @@ def peer_rows(runner: Runner, suite: Suite, model: str, calib: Path, eval_data: 
         "--max-windows", str(suite.max_windows or 0), "--out", str(inputs)])
     result = work / "peer.json"
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--inputs", str(inputs), "--methods", "wanda,sparsegpt",
-           "--sparsities", ",".join(str(s) for s in suite.sparsities), "--skip-dense", "--out", str(result)]
+           "--sparsities", ",".join(str(s) for s in sparsities), "--skip-dense", "--out", str(result)]
     runner.process("llmcompressor", cmd)
     command = " ".join(["python", str(PEER_SCRIPT.relative_to(ROOT)), *cmd[2:]])
     return [{"method": f"llmcompressor-{r['method']}", "sparsity": str(r["sparsity"]), "ppl": r["ppl"],
@@ -309,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="artifacts and temporary files (default runs/bench-SUITE)")
     parser.add_argument("--resume", action="store_true", help="keep the jobs already finished in OUT/rows.jsonl")
     parser.add_argument("--peer", action="store_true", help="also run the llm-compressor peer check")
+    parser.add_argument("--peer-sparsities", help="comma-separated sparsities for the peer check (default: the suite's)")
     args = parser.parse_args(argv)
     for path in (args.calib, args.eval):
         if not path.exists():
@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     log.info("suite %s: %s", args.suite, dataclasses.asdict(suite))
     start = time.perf_counter()
+    peer = [float(x) for x in args.peer_sparsities.split(",")] if args.peer_sparsities else list(suite.sparsities)
     rows = run_suite(suite, args.model, args.calib.resolve(), args.eval.resolve(), out, work.resolve(), args.resume,
-                     args.peer)
+                     peer if args.peer else [])
     write_results(rows, out, args.suite)
     log.info("suite %s finished in %.1f min; results in %s", args.suite, (time.perf_counter() - start) / 60, out)
     print(markdown_table(rows))

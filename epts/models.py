@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -163,6 +164,8 @@ def _load_compressed(folder: str, kwargs: dict) -> nn.Module:
 
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config  # the weights are plain floats once decompressed
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(f"{folder}: model type {config.model_type!r} has no causal-LM class in transformers")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     return model_class.from_pretrained(None, config=config, state_dict=load_state_dict(folder), dtype=kwargs["dtype"])
 
@@ -196,6 +199,16 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _add_transformers4_fields(config_file: Path) -> None:
+    """transformers 4 (still what compressed-tensors' sparse readers need) knows neither `dtype`
+    nor `rope_parameters`, and would silently load in float16 with rope_theta 10000."""
+    config = json.loads(config_file.read_text())
+    config.setdefault("torch_dtype", config.get("dtype"))
+    if "rope_theta" in (config.get("rope_parameters") or {}):
+        config.setdefault("rope_theta", config["rope_parameters"]["rope_theta"])
+    write_json_atomic(config_file, config)
+
+
 def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, object] | None = None,
                compressed: bool = False, structure: str = "unstructured") -> Path:
     """Save a float folder (safetensors), atomically, with `extra_json` (file name -> data) written
@@ -210,6 +223,7 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        _add_transformers4_fields(tmp / "config.json")
         if compressed:
             compress_folder(tmp, prunable_weight_names(loaded.model), structure)
         for name, data in (extra_json or {}).items():

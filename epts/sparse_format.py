@@ -102,11 +102,6 @@ def compress_folder(folder: str | os.PathLike, targets: list[str], structure: st
         "sparsity_structure": structure,
     }
     config = json.loads((folder / "config.json").read_text())
-    # The readers of this format are transformers 4, which knows neither `dtype` nor `rope_parameters`
-    # and would silently fall back to float16 and rope_theta 10000.
-    config.setdefault("torch_dtype", config.get("dtype"))
-    if "rope_theta" in (config.get("rope_parameters") or {}):
-        config.setdefault("rope_theta", config["rope_parameters"]["rope_theta"])
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "version": "0.13.0",  # the last compressed-tensors release with this compressor
