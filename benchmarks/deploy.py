@@ -24,7 +24,7 @@ from benchmarks.run import DATA, commit
 from epts import ElasticModel, evaluate_ppl
 from epts.allocation import allocate, pruned_fraction, search
 from epts.data import calibration_set
-from epts.models import load_model, save_model
+from epts.models import load_model, save_model, weights_mib
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def export_sizes(elastic: ElasticModel, sparsity: float) -> dict:
             start = time.perf_counter()
             folder = save_model(model, Path(tmp) / kind, compressed=kind == "compressed")
             row[f"{kind}_save_s"] = time.perf_counter() - start
-            row[f"{kind}_mb"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+            row[f"{kind}_mb"] = weights_mib(folder)
         start = time.perf_counter()
         back = load_model(Path(tmp) / "compressed").model.state_dict()
         row["compressed_load_s"] = time.perf_counter() - start

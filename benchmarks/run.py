@@ -1,13 +1,13 @@
 """The benchmark suite: EPTS against single-sparsity methods on PROTOCOL.md's protocol.
 
-    python -m benchmarks.run --suite quick       # < 45 min here; results in benchmarks/results/
+    python -m benchmarks.run --suite quick       # ~53 min here; results in benchmarks/results/
     python -m benchmarks.run --suite standard    # every eval window, 10 epochs; run it in the background
     python -m benchmarks.run --suite smoke --model DIR --calib FILE --eval FILE --out DIR   # CI
 
 Runs dense; magnitude, Wanda and SparseGPT once per sparsity (and 2:4); one EPTS compress run
 evaluated at every sparsity; single-sparsity block-wise LoRA reconstruction (the EPTS machinery
 with one group) at 0.5 and 0.7; and with --peer, llm-compressor's Wanda and SparseGPT in the venv
-of benchmarks/peer/setup.sh (minutes per run here, so not part of the 45-minute quick suite).
+of benchmarks/peer/setup.sh (minutes per run here, so not part of the quick suite by default).
 Every job is a fresh process (its peak RSS is its own) whose log goes to OUT/logs/. Rows are appended to OUT/rows.jsonl as jobs finish, so `--resume` skips
 finished jobs after an interruption; at the end results.json, results.csv, results.md and the
 two plots are written to OUT.

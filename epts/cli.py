@@ -22,7 +22,7 @@ from .data import DataError, calibration_set
 from .evaluate import evaluate_ppl, peak_rss_mb, total_sparsity
 from .importance import Pattern
 from .io import write_json_atomic
-from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model
+from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model, weights_mib
 from .reconstruct import NonFiniteError, compress
 
 log = logging.getLogger("epts")
@@ -46,10 +46,6 @@ def _add_format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["dense", "compressed"], default="dense",
                    help="dense: weights with zeros, for any transformers; compressed: compressed-tensors "
                         "sparse-bitmask (values + bitmask), smaller on disk, loaded back by epts")
-
-
-def _folder_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
 def _positive_int(text: str) -> int:
@@ -176,7 +172,7 @@ def _cmd_prune(args) -> None:
         structure = "unstructured" if config.pattern.n is None else f"{config.pattern.m - config.pattern.n}:{config.pattern.m}"
         save_model(loaded, out, extra_json={"epts_report.json": result}, compressed=args.format == "compressed",
                    structure=structure)
-        print(f"saved {out} ({args.format}, {_folder_mb(out):.1f} MiB of weights; report: {out / 'epts_report.json'})")
+        print(f"saved {out} ({args.format}, {weights_mib(out):.1f} MiB of weights; report: {out / 'epts_report.json'})")
     if args.report:
         write_json_atomic(args.report, result)
 
@@ -234,7 +230,7 @@ def _cmd_export(args) -> None:
             "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, **extra}
     save_model(model, out, extra_json={"epts_export.json": meta}, compressed=args.format == "compressed")
     print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out} ({args.format}, "
-          f"{_folder_mb(out):.1f} MiB of weights)")
+          f"{weights_mib(out):.1f} MiB of weights)")
 
 
 def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:

@@ -199,6 +199,11 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def weights_mib(folder: str | os.PathLike) -> float:
+    """Size on disk of a saved model's weight files, in MiB."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
+
+
 def _add_transformers4_fields(config_file: Path) -> None:
     """transformers 4 (still what compressed-tensors' sparse readers need) knows neither `dtype`
     nor `rope_parameters`, and would silently load in float16 with rope_theta 10000."""
