@@ -13,6 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 
+def unprivate(path: str | os.PathLike, mode: int) -> None:
+    """Give a mkstemp/mkdtemp result (created 0600/0700) the `mode` an ordinary file or folder gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path`, renamed onto it when the block ends without error."""
@@ -20,9 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+    unprivate(tmp, 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .arch import decoder_blocks, prunable_weight_names
-from .io import write_json_atomic
+from .io import unprivate, write_json_atomic
 from .sparse_format import compress_folder, is_compressed, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,7 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    unprivate(tmp, 0o777)
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)

@@ -113,6 +113,8 @@ def zero_fraction(model) -> tuple[float, int]:
     return zeros / total, total
 
 
+# This and write_json_atomic mirror epts.evaluate.mean_nll and epts.io on purpose: the peer venv holds
+# only llmcompressor's pinned stack, without epts or its dependencies.
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch: int = EVAL_BATCH) -> float:
     nll, tokens = 0.0, 0
