@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext2"
 PEER_PYTHON = ROOT / "benchmarks" / "peer" / ".venv" / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peer" / "llmcompressor_check.py"
-COLUMNS = ["method", "sparsity", "ppl", "compress_seconds", "materialize_seconds", "peak_rss_mb", "commit", "command"]
+COLUMNS = ["method", "sparsity", "ppl", "zeroshot_acc", "zeroshot_acc_norm", "compress_seconds", "materialize_seconds",
+           "peak_rss_mb", "commit", "command"]
 
 log = logging.getLogger("benchmarks.run")
 
@@ -106,7 +108,11 @@ def epts_argv(*args: str) -> list[str]:
 
 
 def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path, work: Path, resume: bool,
-              peer: list[float]) -> list[dict]:
+              peer: list[float], zeroshot: list[str] | None = None) -> list[dict]:
+    """`zeroshot`: `epts eval` arguments (--tasks LOCAL_TASK [--limit N]) that add the zero-shot
+    accuracy of every model to its row; the single-sparsity baselines are then saved and evaluated
+    in a second process each."""
+    zeroshot = zeroshot or []
     runner = Runner(out, resume)
     rev = commit()
     calib_args = ["--calib", str(calib), "--nsamples", str(suite.nsamples), "--seqlen", str(suite.seqlen), "--seed", "0"]
@@ -116,15 +122,18 @@ def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path,
     report = work / "report.json"
     work.mkdir(parents=True, exist_ok=True)
 
-    def row(method, sparsity, ppl, command, compress=None, materialize=None, rss=None) -> dict:
-        return {"method": method, "sparsity": str(sparsity), "ppl": ppl, "compress_seconds": compress,
-                "materialize_seconds": materialize, "peak_rss_mb": rss, "commit": rev, "command": " ".join(command)}
+    def row(method, sparsity, ppl, command, compress=None, materialize=None, rss=None, accuracy=None) -> dict:
+        return {"method": method, "sparsity": str(sparsity), "ppl": ppl,
+                "zeroshot_acc": (accuracy or {}).get("acc"), "zeroshot_acc_norm": (accuracy or {}).get("acc_norm"),
+                "compress_seconds": compress, "materialize_seconds": materialize, "peak_rss_mb": rss, "commit": rev,
+                "command": " ".join(command)}
 
     def dense():
-        cmd = ["eval", "--model", model, *eval_model_args, "--report", str(report)]
+        cmd = ["eval", "--model", model, *eval_model_args, *zeroshot, "--report", str(report)]
         runner.process("dense", epts_argv(*cmd))
         rep = json.loads(report.read_text())
-        return [row("dense", 0, rep["rows"][0]["ppl"], ["epts", *cmd[:-2]], rss=rep["peak_rss_mb"])]
+        return [row("dense", 0, rep["rows"][0]["ppl"], ["epts", *cmd[:-2]], rss=rep["peak_rss_mb"],
+                    accuracy=next(iter(rep["zeroshot"]), None))]
 
     rows = runner.job("dense", dense)
 
@@ -134,10 +143,19 @@ def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path,
                 flag = "--pattern" if ":" in target else "--sparsity"
                 cmd = ["prune", "--model", model, "--method", method, flag, target, *calib_args,
                        "--eval-data", str(eval_data), "--no-dense-eval", *eval_args, "--report", str(report)]
-                runner.process(f"{method}-{target}", epts_argv(*cmd))
+                pruned = work / f"{method}-{target.replace(':', 'of')}"
+                saved = ["--out", str(pruned), "--overwrite"] if zeroshot else []
+                runner.process(f"{method}-{target}", epts_argv(*cmd, *saved))
                 rep = json.loads(report.read_text())
+                accuracy = None
+                if zeroshot:
+                    zeroshot_report = work / "zeroshot.json"
+                    runner.process(f"{method}-{target}-zeroshot", epts_argv(
+                        "eval", "--model", str(pruned), *zeroshot, "--report", str(zeroshot_report)))
+                    accuracy = json.loads(zeroshot_report.read_text())["zeroshot"][0]
+                    shutil.rmtree(pruned)
                 return [row(method, target, rep["ppl"], ["epts", *cmd[:-2]], compress=rep["seconds"],
-                            rss=rep["peak_rss_mb"])]
+                            rss=rep["peak_rss_mb"], accuracy=accuracy)]
 
             rows += runner.job(f"{method}-{target.replace(':', 'of')}", baseline)
 
@@ -148,11 +166,13 @@ def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path,
         runner.process(f"{name}-compress", epts_argv(*cmd))
         stats = json.loads((artifact / "manifest.json").read_text())["stats"]
         ev = ["eval", str(artifact), "--sparsity", ",".join(str(s) for s in sparsities), *eval_model_args,
-              "--report", str(report)]
+              *zeroshot, "--report", str(report)]
         runner.process(f"{name}-eval", epts_argv(*ev))
+        rep = json.loads(report.read_text())
+        accuracy = {r["sparsity"]: r for r in rep["zeroshot"]}
         return [row(method, r["sparsity"], r["ppl"], ["epts", *cmd], compress=stats["compress_seconds"],
-                    materialize=r["switch_seconds"], rss=stats["peak_rss_mb"])
-                for r in json.loads(report.read_text())["rows"]]
+                    materialize=r["switch_seconds"], rss=stats["peak_rss_mb"], accuracy=accuracy.get(r["sparsity"]))
+                for r in rep["rows"]]
 
     rows += runner.job("epts", lambda: elastic("epts", "epts", suite.sparsities, None))
     for s in suite.single:
@@ -205,10 +225,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | WikiText-2 ppl | compress s | materialise s | peak RSS MiB |",
-             "|---|---|---|---|---|---|"]
+    accuracy = any(r.get("zeroshot_acc") is not None for r in rows)  # the column only when a task was run
+    extra = (" zero-shot acc / acc_norm |", "---|") if accuracy else ("", "")
+    lines = [f"| method | sparsity | WikiText-2 ppl |{extra[0]} compress s | materialise s | peak RSS MiB |",
+             f"|---|---|---|{extra[1]}---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl']:.2f} | {_fmt(r['compress_seconds'], '.1f')} | "
+        cell = f" {_fmt(r.get('zeroshot_acc'), '.3f')} / {_fmt(r.get('zeroshot_acc_norm'), '.3f')} |" if accuracy else ""
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl']:.2f} |{cell} {_fmt(r['compress_seconds'], '.1f')} | "
                      f"{_fmt(r['materialize_seconds'], '.2f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
     dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
     by = {(r["method"], r["sparsity"]): r["ppl"] for r in rows}
@@ -309,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the jobs already finished in OUT/rows.jsonl")
     parser.add_argument("--peer", action="store_true", help="also run the llm-compressor peer check")
     parser.add_argument("--peer-sparsities", help="comma-separated sparsities for the peer check (default: the suite's)")
+    parser.add_argument("--zeroshot-task", type=Path,
+                        help="a local lm-eval task YAML (epts.zeroshot.write_continuation_task makes one): adds "
+                             "every model's zero-shot accuracy on it to the results")
+    parser.add_argument("--zeroshot-limit", type=int, help="with --zeroshot-task: its first N documents only")
     args = parser.parse_args(argv)
     for path in (args.calib, args.eval):
         if not path.exists():
@@ -322,8 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     log.info("suite %s: %s", args.suite, dataclasses.asdict(suite))
     start = time.perf_counter()
     peer = [float(x) for x in args.peer_sparsities.split(",")] if args.peer_sparsities else list(suite.sparsities)
+    zeroshot = []
+    if args.zeroshot_task:
+        if not args.zeroshot_task.is_file():
+            parser.error(f"--zeroshot-task {args.zeroshot_task} does not exist")
+        zeroshot = ["--tasks", str(args.zeroshot_task.resolve())]
+        zeroshot += ["--limit", str(args.zeroshot_limit)] if args.zeroshot_limit else []
     rows = run_suite(suite, args.model, args.calib.resolve(), args.eval.resolve(), out, work.resolve(), args.resume,
-                     peer if args.peer else [])
+                     peer if args.peer else [], zeroshot)
     write_results(rows, out, args.suite)
     log.info("suite %s finished in %.1f min; results in %s", args.suite, (time.perf_counter() - start) / 60, out)
     print(markdown_table(rows))

@@ -2,13 +2,11 @@
 
 __version__ = "0.1.0"  # before the imports: submodules record it in what they write
 
+from .api import as_loaded, compress, evaluate_ppl, export, prune, zero_shot
 from .artifact import ElasticModel
-from .baselines import prune
 from .config import CalibConfig, EPTSConfig, PruneConfig
-from .evaluate import evaluate_ppl
 from .importance import Pattern
 from .models import LoadedModel, load_model, save_model
-from .reconstruct import compress
 
 __all__ = [
     "CalibConfig",
@@ -17,9 +15,12 @@ __all__ = [
     "LoadedModel",
     "Pattern",
     "PruneConfig",
+    "as_loaded",
     "compress",
     "evaluate_ppl",
+    "export",
     "load_model",
     "prune",
     "save_model",
+    "zero_shot",
 ]

@@ -18,6 +18,7 @@ from .arch import decoder_blocks, prunable_linears
 from .artifact import ElasticModel
 from .evaluate import mean_nll
 from .importance import kept_per_row
+from .models import check_context
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def search(elastic: ElasticModel, target: float, windows: torch.Tensor, start: d
            batch_size: int = 4) -> SearchResult:
     """Greedy pairwise search: move sparsity from one block to another (the budget stays exact up
     to the per-row rounding), keep the move when the calibration loss drops, until the time or
-    evaluation budget is spent. Starts from `start` (default: uniform)."""
+    evaluation budget is spent. Starts from `start` (default: uniform). `windows`: (n, seqlen)
+    token ids; raises ValueError when seqlen exceeds the model's context."""
+    check_context(elastic.base.model, windows.shape[-1], "--search-seqlen")
     lo, hi = elastic.config.boundaries[0], elastic.config.boundaries[-1]
     sizes = [sum(r * c for r, c in s) for s in _layer_shapes(elastic)]
     plan = dict(start) if start is not None else allocate(elastic, target, "uniform")

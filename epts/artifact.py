@@ -1,9 +1,10 @@
 """The elastic artifact (METHOD.md, ingredient 5): save, load, verify, materialise.
 
 A folder holding
-- `manifest.json`: format version, config, groups, base model spec and fingerprint, per-block
+- `manifest.json`: format version, config, groups, base model spec (absolute for a local path),
+  fingerprint and dtype, the calibration source and its sha256, library versions, per-block
   group-1 marks, losses and timings, and the sha256 of each tensor file; written last;
-- `adapters.safetensors`: every group's A and B for every prunable linear;
+- `adapters.safetensors`: every group's A and B (float32) for every prunable linear;
 - `importance.safetensors`: the Wanda input-channel norms (scores are |W| times them, so they are
   recomputed from the base weights instead of being stored as full matrices).
 The base weights are not copied: they are reloaded from the spec and checked by fingerprint.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from . import __version__
@@ -29,7 +31,7 @@ from .config import EPTSConfig
 from .hilora import effective_weight
 from .importance import magnitude_scores, row_ranks, wanda_scores
 from .io import save_tensors_atomic, write_json_atomic
-from .models import LoadedModel, fingerprint, load_model
+from .models import LoadedModel, ModelLoadError, fingerprint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,46 @@ def blocks_from_tensors(infos: list[dict], layers: list[str], num_groups: int, a
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _sha256(path: Path, digest=None) -> str:
+    digest = digest or hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def calibration_record(source: str | os.PathLike | torch.Tensor, windows: torch.Tensor) -> dict:
+    """What the manifest says about the calibration: its source (an absolute path, a dataset name or
+    "tensor"), the sha256 of a source file (of a folder: over its files' names and bytes, in
+    order; None for a named dataset or a tensor), and the sha256 of the token windows used."""
+    record: dict = {"source": "tensor", "sha256": None}
+    if not isinstance(source, torch.Tensor):
+        path = Path(source)
+        record["source"] = str(path.resolve()) if path.exists() else str(source)
+        if path.is_file():
+            record["sha256"] = _sha256(path)
+        elif path.is_dir():
+            digest = hashlib.sha256()
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+                _sha256(file, digest)
+            record["sha256"] = digest.hexdigest()
+    record["windows_sha256"] = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return record
+
+
 class ElasticModel:
     """A base model plus everything needed to materialise it at any sparsity of the trained range."""
 
     def __init__(self, base: LoadedModel, config: EPTSConfig, blocks: list[BlockState], base_fingerprint: str,
-                 stats: dict | None = None):
+                 stats: dict | None = None, calibration: dict | None = None):
         self.base = base
         self.config = config
         self.blocks = blocks
         self.base_fingerprint = base_fingerprint
         self.stats = dict(stats or {})
+        self.calibration = calibration  # see calibration_record
+
         self._ranks: dict[tuple[int, str], torch.Tensor] = {}
 
     # ---- deployment -------------------------------------------------------------------------
@@ -126,7 +150,10 @@ class ElasticModel:
         return wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
-        """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model."""
+        """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model, in the base weight's
+        dtype; at sparsity 0, the base weight itself (a copy), as the authors' code leaves it dense."""
+        if sparsity == 0:
+            return layer.weight.detach().clone()
         state = self.blocks[block]
         group = self.config.group_of(sparsity)
         a, b = state.adapters[name]
@@ -150,7 +177,8 @@ class ElasticModel:
 
     def materialize(self, sparsity: float | dict[int, float]) -> LoadedModel:
         """A plain sparse transformers model (adapters merged, no wrappers) at one sparsity, or at a
-        per-block sparsity {block: s}; blocks left out of the mapping keep their dense weights."""
+        per-block sparsity {block: s}, in the base model's dtype; blocks left out of the mapping,
+        and blocks at sparsity 0, keep the base model's weights unchanged."""
         return self.to_runtime(sparsity).loaded
 
     def to_runtime(self, sparsity: float | dict[int, float] | None = None) -> "RuntimeModel":
@@ -178,7 +206,9 @@ class ElasticModel:
             "format_version": FORMAT_VERSION,
             "epts_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "base_model": {"spec": self.base.spec, "fingerprint": self.base_fingerprint},
+            "base_model": {"spec": self.base.spec, "fingerprint": self.base_fingerprint, "dtype": self.base.dtype},
+            "calibration": self.calibration,
+            "versions": {"epts": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "config": self.config.to_dict(),
             "groups": self.config.groups,
             "num_blocks": len(self.blocks),
@@ -191,13 +221,21 @@ class ElasticModel:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu") -> "ElasticModel":
-        """Load an artifact; the base model is reloaded from the manifest's spec unless given."""
+    def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu",
+             dtype: str = "auto") -> "ElasticModel":
+        """Load an artifact; the base model is reloaded from the manifest's spec unless given (a
+        LoadedModel, or a spec for `load_model`), in `dtype`: "auto" is the dtype the artifact was
+        made in. Raises ArtifactError for a missing or damaged artifact and for a base model whose
+        fingerprint differs (naming both dtypes when they differ), ModelLoadError when the base
+        cannot be loaded."""
         folder = Path(path)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
             raise ArtifactError(f"{folder} is not an EPTS artifact (no {MANIFEST}); it may be an unfinished run")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{manifest_path} is damaged ({err}): copy the artifact again or rerun compress") from None
         version = manifest.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ArtifactError(f"{folder} has artifact format {version}; this epts reads up to {FORMAT_VERSION}: "
@@ -207,17 +245,29 @@ class ElasticModel:
             if not file.is_file() or _sha256(file) != digest:
                 raise ArtifactError(f"{file} is missing or damaged (sha256 differs from the manifest)")
         config = EPTSConfig.from_dict(manifest["config"])
+        recorded = manifest["base_model"]
+        made_in = recorded.get("dtype", "float32")  # artifacts before dtype was recorded were float32
         if not isinstance(base, LoadedModel):
-            base = load_model(base or manifest["base_model"]["spec"], device=device)
-        expected = manifest["base_model"]["fingerprint"]
+            spec = base or recorded["spec"]
+            try:
+                base = load_model(spec, made_in if dtype == "auto" else dtype, device)
+            except ModelLoadError as err:
+                if base is not None:
+                    raise
+                raise ModelLoadError(f"{err} (the base model recorded in {folder / MANIFEST}): pass --base with "
+                                     f"the base model's folder, .gguf file or hub id") from err
+        expected = recorded["fingerprint"]
         actual = fingerprint(base.model)
         if actual != expected:
+            if base.dtype != made_in:
+                raise ArtifactError(f"base model {base.spec!r} is loaded in {base.dtype}, but the artifact was made "
+                                    f"from it in {made_in}: load it in {made_in} (--dtype {made_in} or auto)")
             raise ArtifactError(f"base model {base.spec!r} has fingerprint {actual[:16]}…, but the artifact was made "
-                                f"from {expected[:16]}…: load the base model it was compressed from")
+                                f"from {expected[:16]}…: load the base model it was compressed from (--base)")
         adapters = load_file(str(folder / ADAPTERS))
         norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
         blocks = blocks_from_tensors(manifest["blocks"], manifest["layers"], config.num_groups, adapters, norms)
-        return cls(base, config, blocks, expected, manifest.get("stats"))
+        return cls(base, config, blocks, expected, manifest.get("stats"), manifest.get("calibration"))
 
 
 class RuntimeModel:

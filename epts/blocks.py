@@ -22,12 +22,37 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass once what we need is recorded."""
 
 
+class NonFiniteActivationError(ArithmeticError):
+    """The model's own (dense or pruned) forward pass produced inf or NaN: an overflow of its dtype."""
+
+
+class BlockKwargs(dict):
+    """The keyword arguments of one block's call, knowing which block they belong to, so that
+    every replay of the block can name it in an error."""
+
+    def __init__(self, kwargs: dict[str, Any], index: int, count: int):
+        super().__init__(kwargs)
+        self.index, self.count = index, count
+
+
+def check_finite(hidden: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteActivationError, naming `where` and a dtype that does not overflow, if
+    `hidden` holds inf or NaN."""
+    if torch.isfinite(hidden).all():
+        return
+    dtype = str(hidden.dtype).removeprefix("torch.")
+    advice = {"float16": "load the model with --dtype bfloat16 or --dtype float32",
+              "bfloat16": "load the model with --dtype float32"}.get(
+        dtype, "the model's weights hold inf or NaN: check the checkpoint")
+    raise NonFiniteActivationError(f"{where} produced non-finite activations (inf or NaN) in {dtype}: {advice}")
+
+
 @dataclass
 class BlockCalls:
     """What the model feeds its blocks: the first block's hidden states and each block's kwargs."""
 
     hidden: torch.Tensor  # (n, seqlen, hidden) on the CPU: the stream entering block 0
-    kwargs: list[dict[str, Any]]  # per block, the keyword arguments of its call (batch of one)
+    kwargs: list[BlockKwargs]  # per block, the keyword arguments of its call (batch of one)
     hidden_as_kwarg: bool  # whether the model passes hidden states by keyword
 
 
@@ -44,7 +69,8 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, bool]:
 
 @torch.no_grad()
 def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> BlockCalls:
-    """Record the input of block 0 for every window and the call arguments of every block."""
+    """Record the input of block 0 for every window and the call arguments of every block.
+    Raises NonFiniteActivationError if the input of block 0 holds inf or NaN."""
     blocks = decoder_blocks(model)
     device = _model_device(model)
     per_block: list[dict[str, Any] | None] = [None] * len(blocks)
@@ -54,7 +80,7 @@ def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: i
         def hook(module, args, kwargs):
             nonlocal hidden_as_kwarg
             _, rest, hidden_as_kwarg = _split_hidden(args, kwargs)
-            per_block[index] = {k: _detach(v) for k, v in rest.items()}
+            per_block[index] = BlockKwargs({k: _detach(v) for k, v in rest.items()}, index, len(blocks))
 
         return hook
 
@@ -82,7 +108,9 @@ def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: i
                 pass
     finally:
         handle.remove()
-    return BlockCalls(torch.cat(chunks), per_block, hidden_as_kwarg)
+    hidden = torch.cat(chunks)
+    check_finite(hidden, "the embedding layer (the input of block 1)")
+    return BlockCalls(hidden, per_block, hidden_as_kwarg)
 
 
 def _detach(value):
@@ -117,10 +145,17 @@ def run_block(
     hidden_as_kwarg: bool = False,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """Run one block over a whole stream of windows, batch by batch; the result stays on the CPU."""
+    """Run one block over a whole stream of windows, batch by batch; the result stays on the CPU.
+
+    Raises NonFiniteActivationError at the first batch whose output holds inf or NaN (an overflow
+    of the model's dtype), naming the block when `kwargs` is a captured `BlockKwargs`.
+    """
     device = _model_device(block)
     out = torch.empty_like(stream)
+    where = f"block {kwargs.index + 1} of {kwargs.count}" if isinstance(kwargs, BlockKwargs) else "a decoder block"
     for start in range(0, stream.shape[0], batch_size):
         batch = stream[start : start + batch_size].to(device)
-        out[start : start + batch_size] = call_block(block, batch, kwargs, hidden_as_kwarg).to(out.device)
+        result = call_block(block, batch, kwargs, hidden_as_kwarg)
+        check_finite(result, where)
+        out[start : start + batch_size] = result.to(out.device)
     return out

@@ -13,26 +13,35 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .allocation import allocate, search
+from .api import export
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel, is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
-from .data import DataError, calibration_set
-from .evaluate import evaluate_ppl, peak_rss_mb, total_sparsity
+from .data import DataError
+from .evaluate import evaluate_ppl, peak_rss_mb
 from .importance import Pattern
-from .io import write_json_atomic
-from .models import DEFAULT_MODEL, ModelLoadError, load_model, save_model, weights_mib
+from .io import refuse_inputs, write_json_atomic
+from .blocks import NonFiniteActivationError
+from .modelcard import render
+from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
 from .reconstruct import NonFiniteError, compress
+from .zeroshot import parse_tasks, zero_shot
 
 log = logging.getLogger("epts")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_dtype_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights' dtype: auto (default) keeps the checkpoint's own, or the one an artifact was "
+                        "made in; a GGUF file loads as float32")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, data_flag: str, seqlen_flag: str, required: bool) -> None:
@@ -109,28 +118,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
     p.add_argument("--search-start", choices=["uniform", "owl"], default="owl", help="search: starting allocation")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
+    _add_dtype_arg(p)
     p.add_argument("--device", default="cpu")
+    _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
 
     p = sub.add_parser("generate", help="switch an artifact between sparsities in memory and generate at each")
     p.add_argument("artifact")
     p.add_argument("--sparsity", required=True, help="comma-separated sparsities, e.g. 0.3,0.5,0.7")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.add_argument("--base", help="base model, if not the artifact's recorded spec")
+    _add_dtype_arg(p)
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("eval", help="perplexity of a model, or of an artifact at several sparsities")
     p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model is evaluated)")
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
-    _add_eval_args(p, "--data", "--seqlen", required=True)
+    p.add_argument("--base", help="with an artifact: base model, if not the artifact's recorded spec")
+    _add_eval_args(p, "--data", "--seqlen", required=False)
+    p.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness: comma-separated lm-eval task "
+                                   "names (e.g. arc_easy,hellaswag; the hub), local task YAML files or folders")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="with --tasks: the first N documents of each task only")
     p.add_argument("--report", help="also write the results as JSON to this file")
     return parser
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: dict[str, object]) -> None:
     if out.exists() and not overwrite:
         raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
+    refuse_inputs(out, "--out", inputs)
     _check_writable(out.parent)
+
+
+def _check_report(report: str | None, inputs: dict[str, object]) -> None:
+    """--report replaces only a regular file (never a link, folder or device), and never an input."""
+    if report is None:
+        return
+    path = Path(report)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"--report {report} exists and is not a regular file (a link, folder or device): "
+                         f"choose a new path")
+    refuse_inputs(path, "--report", inputs)
+    _check_writable(path.parent)
 
 
 def _check_writable(folder: Path) -> None:
@@ -151,10 +184,16 @@ def _cmd_prune(args) -> None:
     )
     if METHODS[config.method].needs_inputs and not args.calib:
         raise ValueError(f"--calib is required for {config.method} (e.g. ../shared/data/wikitext2/wiki.valid.tokens)")
+    inputs = {"--model": args.model, "--calib": args.calib, "--eval-data": args.eval_data}
     out = Path(args.out) if args.out else None
     if out is not None:
-        _check_out(out, args.overwrite)
+        _check_out(out, args.overwrite, inputs)
+    _check_report(args.report, inputs)
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    if METHODS[config.method].needs_inputs:
+        check_context(loaded.model, args.seqlen)
+    if args.eval_data:
+        check_context(loaded.model, args.eval_seqlen, "--eval-seqlen")
     result: dict = {"model": args.model}
     if args.eval_data and not args.no_dense_eval:
         result["ppl_dense"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
@@ -171,10 +210,24 @@ def _cmd_prune(args) -> None:
     if out is not None:
         structure = "unstructured" if config.pattern.n is None else f"{config.pattern.m - config.pattern.n}:{config.pattern.m}"
         save_model(loaded, out, extra_json={"epts_report.json": result}, compressed=args.format == "compressed",
-                   structure=structure)
+                   structure=structure, extra_text={"README.md": _prune_card(args, config, result, loaded.spec)})
         print(f"saved {out} ({args.format}, {weights_mib(out):.1f} MiB of weights; report: {out / 'epts_report.json'})")
     if args.report:
         write_json_atomic(args.report, result)
+
+
+def _prune_card(args, config: PruneConfig, result: dict, base_spec: str) -> str:
+    evaluation = []
+    if "ppl" in result:
+        windows = f", first {args.max_windows} windows" if args.max_windows else ""
+        setting = f"{args.eval_seqlen}-token windows{windows}"
+        evaluation.append({"metric": "perplexity", "value": result["ppl"], "data": args.eval_data, "setting": setting})
+        if "ppl_dense" in result:
+            evaluation.append({"metric": "perplexity", "value": result["ppl_dense"], "data": args.eval_data,
+                               "setting": f"{setting}; the dense base model, for comparison", "reference": True})
+    return render(base_spec, config.method, str(config.pattern),
+                  result["total_sparsity"], evaluation=evaluation, compressed=args.format == "compressed",
+                  command=result["command"])
 
 
 def _cmd_compress(args) -> None:
@@ -188,6 +241,9 @@ def _cmd_compress(args) -> None:
             fields[name] = getattr(args, name)
     config = EPTSConfig.from_dict({**fields, "calib": calib})
     out = Path(args.out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
+    refuse_inputs(out, "--out", {"--model": args.model, "--calib": args.calib, "--config": args.config})
     unfinished = out.is_dir() and is_unfinished_run(out)
     if args.overwrite and out.exists():
         shutil.rmtree(out)
@@ -206,31 +262,24 @@ def _cmd_compress(args) -> None:
 
 def _cmd_export(args) -> None:
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, {"artifact": args.artifact, "--base": args.base, "--calib": args.calib,
+                                     "--eval-data": args.eval_data})
     if args.allocation == "search" and not args.calib:
         raise ValueError("--allocation search needs --calib (text whose loss scores the allocations)")
-    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device)
-    extra = {}
-    if args.allocation == "search":
-        windows = calibration_set(elastic.base.tokenizer, args.calib, args.search_samples, args.search_seqlen)
-        start_plan = allocate(elastic, args.sparsity, args.search_start, args.owl_m, args.owl_lambda)
-        found = search(elastic, args.sparsity, windows, start_plan, seconds=args.search_seconds)
-        plan = found.plan
-        extra["search"] = {"start": args.search_start, "start_loss": found.start_loss, "loss": found.loss,
-                           "evaluations": found.evaluations, "accepted": found.accepted, "seconds": found.seconds}
-        print(f"search: calibration loss {found.start_loss:.4f} -> {found.loss:.4f} "
-              f"({found.evaluations} allocations tried, {found.accepted} kept, {found.seconds:.0f} s)")
-    else:
-        plan = allocate(elastic, args.sparsity, args.allocation, args.owl_m, args.owl_lambda)
-    start = time.perf_counter()
-    model = elastic.materialize(plan)
-    seconds = time.perf_counter() - start
-    meta = {"artifact": str(args.artifact), "sparsity": args.sparsity, "allocation": args.allocation,
-            "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
-            "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, **extra}
-    save_model(model, out, extra_json={"epts_export.json": meta}, compressed=args.format == "compressed")
-    print(f"materialised at {args.sparsity} in {seconds:.2f} s; saved {out} ({args.format}, "
-          f"{weights_mib(out):.1f} MiB of weights)")
+    meta = export(args.artifact, args.sparsity, out, allocation=args.allocation, format=args.format, base=args.base,
+                  overwrite=args.overwrite, device=args.device, dtype=args.dtype, owl_m=args.owl_m,
+                  owl_lambda=args.owl_lambda, calib=args.calib, search_seconds=args.search_seconds,
+                  search_samples=args.search_samples, search_seqlen=args.search_seqlen,
+                  search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
+                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]))
+    if "search" in meta:
+        found = meta["search"]
+        print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "
+              f"({found['evaluations']} allocations tried, {found['accepted']} kept, {found['seconds']:.0f} s)")
+    if "ppl" in meta:
+        print(f"perplexity at {args.sparsity:g} ({args.allocation}): {meta['ppl']:.3f}")
+    print(f"materialised at {args.sparsity} in {meta['materialize_seconds']:.2f} s; saved {out} ({args.format}, "
+          f"{weights_mib(out):.1f} MiB of weights; model card: {out / 'README.md'})")
 
 
 def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:
@@ -248,7 +297,7 @@ def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:
 
 @torch.no_grad()
 def _cmd_generate(args) -> None:
-    elastic = ElasticModel.load(args.artifact, device=args.device)
+    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype)
     sparsities = _sparsity_list(args.sparsity, elastic)
     runtime = elastic.to_runtime()
     tokenizer = elastic.base.tokenizer
@@ -266,35 +315,60 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_eval(args) -> None:
+    _check_report(args.report, {"artifact": args.artifact, "--model": args.model, "--base": args.base,
+                                "--data": args.eval_data})
+    if args.eval_data is None and args.tasks is None:
+        raise ValueError("nothing to evaluate: give --data TEXT (perplexity), --tasks TASKS (zero-shot accuracy "
+                         "through lm-eval), or both")
+    if args.tasks:
+        parse_tasks(args.tasks)  # a missing task file or lm-eval install fails now, before any loading
+    rows, accuracy = [], []
     if args.artifact is None:
         if args.sparsity:
             raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-        ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
-        print(f"perplexity: {ppl:.3f}")
-        rows = [{"model": args.model, "ppl": ppl}]
+        if args.eval_data:
+            ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+            print(f"perplexity: {ppl:.3f}")
+            rows = [{"model": args.model, "ppl": ppl}]
+        if args.tasks:
+            accuracy = [{"model": args.model, **row} for row in zero_shot(loaded, args.tasks, limit=args.limit)]
     else:
-        elastic = ElasticModel.load(args.artifact, device=args.device)
+        elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype)
         sparsities = _sparsity_list(args.sparsity, elastic)
+        if args.eval_data:
+            check_context(elastic.base.model, args.eval_seqlen)
+            print("| sparsity | perplexity | switch s |\n|---|---|---|")
         runtime = elastic.to_runtime()
-        print("| sparsity | perplexity | switch s |\n|---|---|---|")
-        rows = []
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)
             seconds = time.perf_counter() - start
-            ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
-            print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
-            rows.append({"artifact": args.artifact, "sparsity": s, "ppl": ppl, "switch_seconds": seconds})
+            if args.eval_data:
+                ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+                print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
+                rows.append({"artifact": args.artifact, "sparsity": s, "ppl": ppl, "switch_seconds": seconds})
+            if args.tasks:
+                accuracy += [{"artifact": args.artifact, "sparsity": s, **row}
+                             for row in zero_shot(runtime.loaded, args.tasks, limit=args.limit)]
+    if accuracy:
+        first = "model" if args.artifact is None else "sparsity"
+        print(f"| {first} | task | acc | acc_norm | documents |\n|---|---|---|---|---|")
+        for row in accuracy:
+            norm = "-" if row["acc_norm"] is None else f"{row['acc_norm']:.4f}"
+            print(f"| {row[first]:{'g' if first == 'sparsity' else ''}} | {row['task']} | {row['acc']:.4f} | "
+                  f"{norm} | {row['n']} |")
     if args.report:
-        eval_spec = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.max_windows}
-        write_json_atomic(args.report, {"rows": rows, "eval": eval_spec, "peak_rss_mb": peak_rss_mb()})
+        eval_spec = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
+                     "tasks": args.tasks, "limit": args.limit}
+        write_json_atomic(args.report, {"rows": rows, "zeroshot": accuracy, "eval": eval_spec,
+                                        "peak_rss_mb": peak_rss_mb()})
 
 
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
             "generate": _cmd_generate}
-_USER_ERRORS = (ArtifactError, NonFiniteError, ValueError, ModelLoadError, DataError, UnsupportedArchitectureError,
-                FileNotFoundError, PermissionError)
+_USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
+                UnsupportedArchitectureError, FileNotFoundError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

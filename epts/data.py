@@ -32,30 +32,71 @@ class DataError(ValueError):
     pass
 
 
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8, a leading byte-order mark dropped (Windows editors write one)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {data[err.start]:#04x} at byte offset {err.start}): "
+                        f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise DataError(f"{path} is not a text file (a NUL byte at character {nul}): pass plain text or JSON lines")
+    return text
+
+
+def _row_text(path: Path, where: str, row) -> str:
+    if not isinstance(row, dict) or "text" not in row:
+        raise DataError(f"{path}: {where} has no 'text' field: each row must be an object like {{\"text\": \"...\"}}")
+    if not isinstance(row["text"], str):
+        raise DataError(f"{path}: {where} has a 'text' of type {type(row['text']).__name__}, not a string")
+    return row["text"]
+
+
 def _read_jsonl(path: Path) -> list[str]:
+    """The `text` field of every row: JSON lines, or one JSON list of such rows."""
+    text = _decode(path)
+    whole = None  # why the file is not one JSON document, if it looks like one
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            data, whole = None, err  # "Extra data" after the first row: JSON lines
+        if isinstance(data, list):
+            return [_row_text(path, f"item {i + 1}", row) for i, row in enumerate(data)]
+        if isinstance(data, dict) and "\n" in text.strip():  # one object on one line is a JSON-lines row
+            if "text" in data:
+                return [_row_text(path, "the object", data)]
+            raise DataError(f"{path} holds one JSON object (keys: {', '.join(map(str, data))}); expected JSON lines "
+                            f'(one {{"text": ...}} object per line) or a list of such objects')
     texts = []
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".json" and f.read(1) == "[":
-            f.seek(0)
-            rows = json.load(f)
-        else:
-            f.seek(0)
-            rows = [json.loads(line) for line in f if line.strip()]
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "text" not in row:
-            raise DataError(f"{path}: row {i + 1} has no 'text' field")
-        texts.append(row["text"])
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if not texts and whole is not None and whole.msg != "Extra data":  # a damaged multi-line document
+                raise DataError(f"{path}: not valid JSON at line {whole.lineno}, column {whole.colno} "
+                                f"({whole.msg})") from None
+            raise DataError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+        texts.append(_row_text(path, f"line {number}", row))
     return texts
 
 
 def _read_file(path: Path) -> str:
     if path.suffix in _JSON_SUFFIXES:
         return "\n\n".join(_read_jsonl(path))
-    return path.read_text(encoding="utf-8")
+    return _decode(path)
 
 
 def _load_hub(name: str, role: str) -> str:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"the named dataset {name!r} is fetched with the `datasets` package, which is not installed: "
+                        f"pip install 'epts[hub]', or pass a local text or JSON-lines file instead") from None
 
     path, config, field, splits = HUB_DATASETS[name]
     split = splits[role]
@@ -75,7 +116,12 @@ def _load_hub(name: str, role: str) -> str:
 
 def read_text(source: str | os.PathLike, role: str = "eval") -> str:
     """Text from a file (plain text, or JSON lines with a `text` field), a folder of such files,
-    or a standard dataset name (`wikitext2`, `c4`, `ptb`; `role` picks calib or eval split)."""
+    or a standard dataset name (`wikitext2`, `c4`, `ptb`; `role` picks calib or eval split).
+
+    Files are UTF-8 (a byte-order mark is accepted); a .json/.jsonl file is JSON lines, or one JSON
+    list of {"text": str} objects. Raises DataError naming the file (and the line or item) for
+    text that is not UTF-8 or holds NUL bytes, a malformed JSON line, or a row whose `text` is
+    missing or not a string."""
     if str(source) in HUB_DATASETS and not Path(source).exists():
         return _load_hub(str(source), role)
     path = Path(source)
@@ -102,15 +148,27 @@ def tokenize(tokenizer, source: str | os.PathLike | torch.Tensor, role: str = "e
 
 
 def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens, drawn as the SparseGPT and Wanda references do."""
+    """`nsamples` random windows of `seqlen` tokens, drawn as the SparseGPT and Wanda references do
+    (starts uniform in [0, n - seqlen - 1], with replacement): (nsamples, seqlen) int64.
+
+    Raises DataError when the text cannot supply `nsamples` distinct windows (a text of n tokens has
+    n - seqlen starts), rather than repeating windows; logs a warning when the draw repeats some."""
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     n = tokens.numel()
     if n - seqlen - 1 < 0:
         raise DataError(f"calibration text has {n} tokens, too short for windows of {seqlen} tokens: "
                         f"use more text or a smaller --seqlen")
+    distinct = n - seqlen
+    if nsamples > distinct:
+        raise DataError(f"calibration text has {n} tokens, so only {distinct} distinct windows of {seqlen} tokens, "
+                        f"fewer than the {nsamples} asked: use more text, a smaller --nsamples or a smaller --seqlen")
     rng = random.Random(seed)  # same sequence as random.seed(seed) then random.randint
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
+    repeated = nsamples - len(set(starts))
+    if repeated:
+        log.warning("calibration: %d of the %d windows drawn repeat another (the text has only %d distinct windows "
+                    "of %d tokens): more text gives more distinct windows", repeated, nsamples, distinct, seqlen)
     return torch.stack([tokens[s : s + seqlen] for s in starts])
 
 
@@ -120,6 +178,9 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         if max_windows < 1:
             raise DataError(f"max_windows must be >= 1, got {max_windows}")
+        if max_windows > count:
+            log.warning("evaluation text holds only %d windows of %d tokens, fewer than the %d asked: all %d are used",
+                        count, seqlen, max_windows, count)
         count = min(count, max_windows)
     if count == 0:
         raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")

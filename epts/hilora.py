@@ -21,11 +21,19 @@ from .importance import float_mask
 
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
                      b: list[torch.Tensor]) -> torch.Tensor:
-    """M(s) * (W + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights per row."""
+    """M(s) * (W + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights per row.
+
+    `weight` (d_out, d_in) in any float dtype; adapters A_j (r_j, d_in) and B_j (d_out, r_j) in float32.
+    The sum and the mask are computed in float32 (mixed precision, as peft does: a bfloat16 sum
+    would lose small adapter updates) and the result is cast once to `weight.dtype`; gradients
+    flow through the cast to the float32 adapters.
+    """
     if a:
         # One fused matmul-add for all the groups: W + [B_0 .. B_k] @ [A_0; ..; A_k].
-        weight = torch.addmm(weight, torch.cat(b, dim=1), torch.cat(a, dim=0))
-    return weight * float_mask(ranks, sparsity, weight.dtype)
+        merged = torch.addmm(weight.float(), torch.cat(b, dim=1).float(), torch.cat(a, dim=0).float())
+    else:
+        merged = weight.float()
+    return (merged * float_mask(ranks, sparsity)).to(weight.dtype)
 
 
 class ElasticLinear(nn.Module):
@@ -38,9 +46,10 @@ class ElasticLinear(nn.Module):
         # Frozen and shared with the base layer, not copied.
         self.register_buffer("weight", base.weight.detach(), persistent=False)
         self.register_buffer("bias", None if base.bias is None else base.bias.detach(), persistent=False)
-        # Float ranks: float_mask then builds the mask in one fused op (see importance.float_mask).
-        self.register_buffer("ranks", ranks.to(base.weight.device, base.weight.dtype), persistent=False)
-        dev, dtype = base.weight.device, base.weight.dtype
+        # float32 ranks, whatever the weight dtype: exact, and float_mask builds the mask from them
+        # in one fused op (see importance.float_mask).
+        self.register_buffer("ranks", ranks.to(base.weight.device, torch.float32), persistent=False)
+        dev, dtype = base.weight.device, torch.float32  # adapters (and so Adam's state) in float32
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         for r in adapter_ranks:

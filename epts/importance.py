@@ -81,11 +81,12 @@ def mask_from_ranks(ranks: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def float_mask(ranks: torch.Tensor, sparsity: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The keep-mask of `mask_from_ranks` as 0./1. floats, built as clamp(k - rank, 0, 1): on the
+    """The keep-mask of `mask_from_ranks` as 0./1. of `dtype`, built as clamp(k - rank, 0, 1): on the
     CPU this is twice as fast as a comparison followed by a multiply with the bool mask, and it sits
-    on the hot path of every training step. Exact for integer ranks (float32 holds them exactly)."""
+    on the hot path of every training step. Always computed in float32, which holds ranks exactly
+    up to 2^24 (bfloat16 only to 256, float16 to 2048), then the exact 0/1 result is cast."""
     k = kept_per_row(ranks.shape[1], sparsity)
-    return (k - ranks.to(dtype)).clamp_(0.0, 1.0)
+    return (k - ranks.to(torch.float32)).clamp_(0.0, 1.0).to(dtype)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

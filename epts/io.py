@@ -20,6 +20,32 @@ def unprivate(path: str | os.PathLike, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def unprivate_tree(folder: str | os.PathLike) -> None:
+    """`unprivate` a written folder and everything in it: safetensors (and so save_pretrained)
+    creates weight files owner-only (0600), which a shared cluster or a serving account cannot read."""
+    folder = Path(folder)
+    unprivate(folder, 0o777)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            unprivate(path, 0o777 if path.is_dir() else 0o666)
+
+
+def refuse_inputs(target: str | os.PathLike, flag: str, inputs: dict[str, object]) -> None:
+    """Raise ValueError when writing `target` would delete or overwrite an input: `target` is an
+    input, a folder holding one, or an existing file inside an input folder. Paths are compared
+    resolved (links followed); inputs that are not local paths (hub ids, dataset names, tensors)
+    are skipped."""
+    resolved = Path(target).resolve()
+    for name, spec in inputs.items():
+        if not isinstance(spec, (str, os.PathLike)) or not Path(spec).exists():
+            continue
+        source = Path(spec).resolve()
+        if resolved == source or resolved in source.parents:
+            raise ValueError(f"{flag} {target} would replace the input {name} {spec}: choose another {flag}")
+        if source in resolved.parents and resolved.is_file():
+            raise ValueError(f"{flag} {target} is a file inside the input {name} {spec}: choose another {flag}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path`, renamed onto it when the block ends without error."""
@@ -46,4 +72,5 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
                         metadata: dict[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        unprivate(tmp, 0o666)  # save_file recreates the file owner-only
     return Path(path)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .arch import decoder_blocks, prunable_weight_names
-from .io import unprivate, write_json_atomic
+from .io import unprivate_tree, write_json_atomic
 from .sparse_format import compress_folder, is_compressed, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ ALIASES: dict[str, Alias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ["auto", *_DTYPES]
+# A local folder holding none of these has no tokenizer (AutoTokenizer would then ask for sentencepiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
 
 class ModelLoadError(ValueError):
@@ -56,6 +60,39 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> str:
+        """The weights' float dtype by name: "float32", "bfloat16" or "float16"."""
+        return dtype_name(next(self.model.parameters()).dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a model folder that has none: what needs no text (magnitude
+    pruning, saving) works; anything that tokenizes raises a ModelLoadError saying what to do."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def save_pretrained(self, path) -> None:
+        pass  # nothing to save: the folder written is as tokenizer-less as its source
+
+    def _error(self) -> ModelLoadError:
+        return ModelLoadError(
+            f"model folder {self.spec!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, ...): copy the "
+            f"tokenizer files of the model it came from into it; only magnitude pruning works without one")
+
+    def __call__(self, *args, **kwargs):
+        raise self._error()
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._error()
 
 
 def _alias_path(name: str) -> Path:
@@ -96,25 +133,35 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = "cpu",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    `spec` is a built-in alias (see `ALIASES`), a `.gguf` file, a local folder, or a hub id.
+    `spec` is a built-in alias (see `ALIASES`), a `.gguf` file, a local folder, or a hub id; a local
+    path is recorded as `LoadedModel.spec` in absolute form, so what records it works from any
+    directory. `dtype` is "auto" (the checkpoint's own dtype, as transformers' `dtype="auto"`;
+    a GGUF file, quantised, is de-quantised to float32), "float32", "bfloat16" or "float16".
+    Raises ModelLoadError when the model cannot be loaded, or when its checkpoint lacks tensors
+    that transformers would otherwise fill with random values. A local folder without tokenizer
+    files loads with a `MissingTokenizer` that raises ModelLoadError once text must be tokenized.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPE_CHOICES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     spec = str(spec)
-    kwargs = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": _DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
     cached = None
     gguf = _alias_path(spec) if spec in ALIASES else Path(spec) if spec.endswith(".gguf") else None
     if gguf is not None:
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {spec!r} does not exist")
+        if spec not in ALIASES:
+            spec = str(gguf.resolve())
+        if dtype == "auto":
+            kwargs["dtype"] = torch.float32  # de-quantised: GGUF has no float dtype of its own to keep
         cached = _gguf_cache_folder(gguf)
         if cached is not None and (cached / "config.json").is_file():
             source = str(cached)
@@ -126,29 +173,44 @@ def load_model(
                 f"{spec!r} is not a model folder (no config.json): pass a folder written by save_pretrained, "
                 f"a .gguf file, a hub id or one of the aliases {', '.join(ALIASES)}"
             )
-        source = spec
+        source = spec = str(Path(spec).resolve())
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelLoadError(f"model path {spec!r} does not exist")
     else:
         source = spec
+    if Path(source).is_dir():
+        _check_model_files(Path(source))
     log.info("loading model %s", spec)
     try:
         if is_compressed(source):
-            model = _load_compressed(source, kwargs)
+            model, info = _load_compressed(source, kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+            model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ModelLoadError(
+                f"model {spec!r} lacks tensors its config needs: {', '.join(missing[:5])}{more} (transformers would "
+                f"fill them with random values): the checkpoint is incomplete; copy the missing weights or re-save "
+                f"the model")
+        tokenizer = _load_tokenizer(source, spec, kwargs)
     except OSError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
             f"could not load model {spec!r}: {reason} Check the hub id or path (the hub needs a network), "
             f"or use a local folder, a .gguf file or one of the aliases {', '.join(ALIASES)}"
         ) from err
+    except Exception as err:  # the GGUF reader fails with struct, numpy or value errors on a cut file
+        if "gguf_file" not in kwargs or isinstance(err, ModelLoadError):
+            raise
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {reason}; it may be truncated or damaged: "
+                             f"copy or download it again") from err
     _drop_gguf_quantizer(model)
     decoder_blocks(model)  # fail now, naming the model, if it has no supported blocks
     model.eval()
     loaded = LoadedModel(model, tokenizer, spec)
-    if "gguf_file" in kwargs and cached is not None and dtype == "float32":
+    if "gguf_file" in kwargs and cached is not None and kwargs["dtype"] == torch.float32:
         try:
             save_model(loaded, cached)
         except OSError as err:
@@ -157,8 +219,21 @@ def load_model(
     return loaded
 
 
-def _load_compressed(folder: str, kwargs: dict) -> nn.Module:
-    """A sparse-bitmask folder, decompressed to a plain dense-with-zeros model."""
+def _load_tokenizer(source: str, spec: str, kwargs: dict):
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if folder.is_dir() and "gguf_file" not in kwargs and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return MissingTokenizer(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+    except ValueError as err:  # a damaged or unsupported tokenizer: transformers asks for sentencepiece
+        reason = " ".join(str(err).split())
+        raise ModelLoadError(f"could not load the tokenizer of model {spec!r}: {reason}") from err
+
+
+def _load_compressed(folder: str, kwargs: dict) -> tuple[nn.Module, dict]:
+    """A sparse-bitmask folder, decompressed to a plain dense-with-zeros model, and its loading info."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -167,7 +242,30 @@ def _load_compressed(folder: str, kwargs: dict) -> nn.Module:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelLoadError(f"{folder}: model type {config.model_type!r} has no causal-LM class in transformers")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.from_pretrained(None, config=config, state_dict=load_state_dict(folder), dtype=kwargs["dtype"])
+    return model_class.from_pretrained(None, config=config, state_dict=load_state_dict(folder), dtype=kwargs["dtype"],
+                                       output_loading_info=True)
+
+
+def _check_model_files(folder: Path) -> None:
+    """Refuse a damaged config.json or shard index, or a truncated or damaged safetensors file, by
+    name (safe_open checks that the header covers the file exactly) rather than with transformers'
+    anonymous decoding error."""
+    from safetensors import safe_open
+
+    for config in [folder / "config.json", *sorted(folder.glob("*.safetensors.index.json"))]:
+        try:
+            if config.is_file() and not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+                raise ModelLoadError(f"{config} does not hold a JSON object: copy or download the model again")
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"{config} is damaged ({err}): copy or download the model again") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError, or an OSError for an unreadable file
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ModelLoadError(f"weight file {file} is damaged or truncated ({reason}): copy or download the "
+                                 f"model again") from err
 
 
 def _gguf_cache_folder(gguf: Path) -> Path | None:
@@ -181,11 +279,12 @@ def _gguf_cache_folder(gguf: Path) -> Path | None:
     return Path(root) / "gguf" / f"{gguf.stem}-{key}"
 
 
-def check_context(model: nn.Module, seqlen: int) -> None:
-    """Refuse windows longer than the model's context (position embeddings would run out)."""
+def check_context(model: nn.Module, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context (position embeddings would run out); the
+    error names `flag`, the option that set `seqlen`. Raises ValueError."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
-        raise ValueError(f"seqlen {seqlen} is longer than the model's context of {limit} tokens: use --seqlen {limit} "
+        raise ValueError(f"{flag} {seqlen} is longer than the model's context of {limit} tokens: use {flag} {limit} "
                          f"or less")
 
 
@@ -215,14 +314,15 @@ def _add_transformers4_fields(config_file: Path) -> None:
 
 
 def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, object] | None = None,
-               compressed: bool = False, structure: str = "unstructured") -> Path:
-    """Save a float folder (safetensors), atomically, with `extra_json` (file name -> data) written
-    beside the weights (reports, metadata). Dense with zeros by default, which stock transformers
-    loads; `compressed` stores the prunable weights as compressed-tensors sparse bitmasks."""
+               compressed: bool = False, structure: str = "unstructured",
+               extra_text: dict[str, str] | None = None) -> Path:
+    """Save a float folder (safetensors), atomically, with `extra_json` (file name -> data) and
+    `extra_text` (file name -> text, e.g. the README.md model card) written beside the weights.
+    Dense with zeros by default, which stock transformers loads; `compressed` stores the prunable
+    weights as compressed-tensors sparse bitmasks."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    unprivate(tmp, 0o777)
     try:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -231,6 +331,9 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
             compress_folder(tmp, prunable_weight_names(loaded.model), structure)
         for name, data in (extra_json or {}).items():
             write_json_atomic(tmp / name, data)
+        for name, text in (extra_text or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        unprivate_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

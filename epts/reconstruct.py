@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import hilora
 from .arch import decoder_blocks, prunable_linears
-from .artifact import BlockState, ElasticModel, clear_checkpoint, load_checkpoint, save_checkpoint
+from .artifact import BlockState, ElasticModel, calibration_record, clear_checkpoint, load_checkpoint, save_checkpoint
 from .blocks import BlockCalls, call_block, capture_block_calls, run_block
 from .config import EPTSConfig
 from .data import calibration_set
@@ -110,11 +110,12 @@ def train_block(
                 epoch_losses.zero_()
             start = (step % steps_per_epoch) * bs
             x = inputs[start : start + bs].to(device)
-            y = targets[start : start + bs].to(device)
+            # Losses in float32 whatever the model computes in (a no-op for a float32 model).
+            y = targets[start : start + bs].to(device).float()
             anchor = None
             for k in range(K):
                 hilora.set_state(layers, draws[k][step].item(), k)
-                out = call_block(block, x, kwargs, hidden_as_kwarg)
+                out = call_block(block, x, kwargs, hidden_as_kwarg).float()
                 loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
                 if k == 0:
                     anchor = out.detach()
@@ -142,7 +143,7 @@ def group1_check(block, layers, stream, targets, kwargs, hidden_as_kwarg, sparsi
     for use in (True, False):
         hilora.set_state(layers, sparsity, 0, use_adapters=use)
         out = run_block(block, stream, kwargs, hidden_as_kwarg, batch_size)
-        losses.append(F.mse_loss(out, targets).item())
+        losses.append(F.mse_loss(out.float(), targets.float()).item())
     return losses[0], losses[1]
 
 
@@ -250,7 +251,7 @@ def compress(
             p.requires_grad_(trainable[name])
     stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
              "resumed": resumed is not None, **(metadata or {})}
-    elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats)
+    elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration_record(calib, windows))
     if folder is not None:
         elastic_model.save(folder)
         clear_checkpoint(folder)

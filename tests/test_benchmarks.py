@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_model_folder
+from epts.zeroshot import write_continuation_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +29,13 @@ def smoke(tmp_path_factory):
     text = tmp / "text.txt"
     text.write_text(SAMPLE_TEXT)
     model = tiny_model_folder(tmp / "model")
+    # A local zero-shot task: paragraphs of four sentences, so that every choice set has distractors.
+    sentences = re.findall(r"The .*? keeps the rest\.", SAMPLE_TEXT)
+    paragraphs = tmp / "paragraphs.txt"
+    paragraphs.write_text("\n".join(" ".join(sentences[i:i + 4]) for i in range(0, 80, 4)))
+    task = write_continuation_task(paragraphs, tmp / "task", num_docs=8)
     args = ["--model", str(model), "--calib", str(text), "--eval", str(text), "--out", str(tmp / "out"),
-            "--work", str(tmp / "work")]
+            "--work", str(tmp / "work"), "--zeroshot-task", str(task)]
     r = run_suite(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", args
@@ -41,6 +48,7 @@ def test_smoke_suite_writes_every_row_table_and_plot(smoke):
     expected = {("dense", "0")} | {(m, s) for m in ("magnitude", "wanda", "sparsegpt", "epts") for s in ("0.3", "0.6")}
     assert kinds == expected | {("lora-single", "0.6")}
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rows)
+    assert all(0 <= r["zeroshot_acc"] <= 1 and 0 <= r["zeroshot_acc_norm"] <= 1 for r in rows)
     dense = next(r["ppl"] for r in rows if r["method"] == "dense")
     assert all(r["ppl"] != dense for r in rows if r["method"] != "dense")  # pruning changed the model
     for r in rows:
@@ -50,7 +58,7 @@ def test_smoke_suite_writes_every_row_table_and_plot(smoke):
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     table = (out / "results.md").read_text()
-    assert table.count("\n| epts | ") == 2 and "EPTS against each method" in table
+    assert table.count("\n| epts | ") == 2 and "EPTS against each method" in table and "zero-shot acc" in table
     for png in ("ppl_vs_sparsity.png", "cumulative_time.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

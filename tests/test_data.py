@@ -37,7 +37,7 @@ def test_jsonl_folder_and_plain_files(tmp_path):
     assert read_text(tmp_path / "a.jsonl") == "one\n\ntwo"
     assert read_text(tmp_path) == "one\n\ntwo\n\nthree"
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
-    with pytest.raises(DataError, match="row 1 has no 'text' field"):
+    with pytest.raises(DataError, match="line 1 has no .text. field"):
         read_text(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="neither a file, a folder nor one of"):
         read_text(tmp_path / "missing.txt")

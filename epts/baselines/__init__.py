@@ -17,6 +17,7 @@ from ..blocks import capture_block_calls, run_block
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
+from ..importance import Pattern
 from ..models import LoadedModel, check_context
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
@@ -25,6 +26,24 @@ from .wanda import WandaPruner
 log = logging.getLogger(__name__)
 
 METHODS = {"magnitude": MagnitudePruner, "wanda": WandaPruner, "sparsegpt": SparseGPTPruner}
+
+
+class PatternError(ValueError):
+    pass
+
+
+def check_pattern(model: torch.nn.Module, pattern: Pattern) -> None:
+    """Raise PatternError, naming the first layer at fault, when an N:M pattern does not tile
+    every prunable layer's inputs (checked before any work, for every method)."""
+    if not pattern.is_nm:
+        return
+    names = {id(module): name for name, module in model.named_modules()}
+    for block in decoder_blocks(model):
+        for layer in prunable_linears(model, block).values():
+            if layer.in_features % pattern.m:
+                raise PatternError(f"{names[id(layer)]} has {layer.in_features} inputs, not a multiple of "
+                                   f"M={pattern.m}: the N:M pattern {pattern} cannot apply to this model; "
+                                   f"use an unstructured --sparsity or a pattern whose M divides every width")
 
 
 @dataclass
@@ -59,6 +78,7 @@ def prune(
     cc = config.calib
     start = time.perf_counter()
     model = loaded.model
+    check_pattern(model, config.pattern)
     blocks = decoder_blocks(model)
     if pruner_cls.needs_inputs:
         if calib is None:

@@ -5,13 +5,19 @@ Follows the reference: 1 % dampening, lazy updates in blocks of 128 columns, mas
 block by w^2 / [H^-1]_jj^2. One deliberate difference: the unstructured mask is chosen per output
 row (each row prunes its share of every block), so every row has exactly the requested sparsity,
 the same comparison group as Wanda and EPTS; the reference thresholds a whole block at once.
+Dead input channels (zero in all calibration tokens) are pruned first, not all zeroed as in the
+reference, so a layer with many of them still keeps exactly its share of every row (or N:M group).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..importance import Pattern, kept_per_row
+
+log = logging.getLogger(__name__)
 
 
 class SparseGPTPruner:
@@ -32,30 +38,42 @@ class SparseGPTPruner:
         self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
         self.tokens = total
 
-    def _inverse_hessian_factor(self, weight: torch.Tensor) -> torch.Tensor:
+    def _inverse_hessian_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper Cholesky factor of the dampened H^-1, and the dead input channels (zero in every
+        calibration token). A Hessian too ill-conditioned to factor gets 10x, then 100x the dampening.
+        Raises ValueError when even that fails."""
         h = self.hessian.clone()
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
-        weight[:, dead] = 0.0
         damp = self.percdamp * torch.mean(torch.diag(h))
-        h += damp * torch.eye(h.shape[0], device=h.device)
-        h = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(h, upper=True)
+        eye = torch.eye(h.shape[0], device=h.device)
+        for scale in (1.0, 10.0, 100.0):
+            try:
+                inverse = torch.cholesky_inverse(torch.linalg.cholesky(h + scale * damp * eye))
+                return torch.linalg.cholesky(inverse, upper=True), dead
+            except torch.linalg.LinAlgError:
+                log.warning("SparseGPT: the Hessian of a %d-input layer is not positive definite with %g x the "
+                            "dampening", h.shape[0], scale)
+        raise ValueError(f"SparseGPT: the Hessian of a {h.shape[0]}-input layer cannot be factored even with 100x "
+                         f"the dampening: its calibration activations are degenerate; use more calibration text")
 
     def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         w = self.layer.weight.data.clone().float()
         rows, cols = w.shape
-        if pattern.is_nm and self.blocksize % pattern.m:
-            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={pattern.m}")
-        hinv = self._inverse_hessian_factor(w)
+        blocksize = self.blocksize
+        if pattern.is_nm:
+            if cols % pattern.m:
+                raise ValueError(f"N:M pattern {pattern} needs the input size ({cols}) to be a multiple of {pattern.m}")
+            blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # N:M groups never straddle two blocks
+        hinv, dead = self._inverse_hessian_factor()
         prune_per_row = 0 if pattern.is_nm else cols - kept_per_row(cols, pattern.sparsity)
 
         def pruned_before(col: int) -> int:
             # Spread the row's pruning quota over the blocks so that rows total exactly the quota.
             return round(prune_per_row * col / cols)
 
-        for i1 in range(0, cols, self.blocksize):
-            i2 = min(i1 + self.blocksize, cols)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
             count = i2 - i1
             w1 = w[:, i1:i2].clone()
             q1 = torch.zeros_like(w1)
@@ -63,14 +81,16 @@ class SparseGPTPruner:
             hinv1 = hinv[i1:i2, i1:i2]
             diag1 = torch.diag(hinv1)
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
+            dead1 = dead[i1:i2]
             if not pattern.is_nm:
                 k = pruned_before(i2) - pruned_before(i1)
                 if k:
-                    saliency = w1.pow(2) / diag1.pow(2).unsqueeze(0)
+                    saliency = (w1.pow(2) / diag1.pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
                     prune1.scatter_(1, torch.topk(saliency, k, dim=1, largest=False).indices, True)
             for i in range(count):
                 if pattern.is_nm and i % pattern.m == 0:
                     saliency = w1[:, i : i + pattern.m].pow(2) / diag1[i : i + pattern.m].pow(2).unsqueeze(0)
+                    saliency = saliency.masked_fill(dead1[i : i + pattern.m], -1.0)
                     idx = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
                     prune1.scatter_(1, i + idx, True)
                 col = w1[:, i]

@@ -1,0 +1,105 @@
+"""A CLI that explains itself: every flag documented with its default, `python -m epts`, quiet
+runs, a clean Ctrl-C with the resume hint, and a closing summary after compress."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_model_folder
+from epts.cli import build_parser
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", EPTS_CACHE="off")
+ENV.pop("TQDM_DISABLE", None)
+
+
+def epts(*args, env=ENV, **kwargs):
+    return subprocess.run([sys.executable, "-m", "epts", *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+def parsers():
+    top = build_parser()
+    yield "epts", top
+    (sub,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    yield from ((f"epts {name}", p) for name, p in sub.choices.items())
+
+
+def test_every_flag_of_every_subcommand_has_help_and_shows_its_default():
+    undocumented, default_hidden = [], []
+    for name, parser in parsers():
+        shown = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help or action.help == argparse.SUPPRESS:
+                undocumented.append(flag)
+            elif action.default not in (None, False, argparse.SUPPRESS) and f"(default: {action.default})" not in shown:
+                default_hidden.append(f"{flag} (default {action.default})")
+    assert not undocumented, f"flags without help: {undocumented}"
+    assert not default_hidden, f"flags whose help does not show the default: {default_hidden}"
+
+
+def test_python_dash_m_epts_is_the_epts_command():
+    r = epts("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("compress", "export", "eval", "prune", "generate"))
+    r = epts("eval")
+    assert r.returncode == 2 and "epts eval: error: nothing to evaluate" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.parametrize("quiet", [["--quiet"], "TQDM_DISABLE"])
+def test_quiet_and_tqdm_disable_silence_the_progress_bars(model_dir, text_file, quiet):
+    args = ["eval", "--model", str(model_dir), "--data", str(text_file), "--seqlen", "64", "--max-windows", "4"]
+    loud = epts(*args)
+    assert loud.returncode == 0 and "perplexity: " in loud.stdout and "it/s" in loud.stderr
+    if quiet == "TQDM_DISABLE":
+        r = epts(*args, env=dict(ENV, TQDM_DISABLE="1"))
+    else:
+        r = epts(*args, *quiet)
+    assert r.returncode == 0 and r.stdout == loud.stdout and "it/s" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_during_compress_exits_130_with_the_resume_hint_then_the_rerun_resumes(model_dir, text_file, tmp_path):
+    out = tmp_path / "art"
+    args = ["compress", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+            "--epochs", "40", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "epts", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "compress finished before the first checkpoint could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert "rerun the same command" in stderr and "--resume" in stderr, stderr
+    r = epts(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(resumed)" in r.stdout
+    assert "trained sparsity range: 0 to 0.7" in r.stdout
+    kept = [line for line in r.stdout.splitlines() if "group-1 adapters kept:" in line]
+    assert len(kept) == 1 and "/3 blocks" in kept[0]
+    assert f"epts eval {out} --sparsity" in r.stdout and f"epts export {out} --sparsity" in r.stdout
+
+
+def test_ctrl_c_before_the_first_block_says_nothing_was_saved(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import epts.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(epts.cli, "compress", interrupted)
+    code = epts.cli.main(["compress", "--model", str(model_dir), "--calib", str(text_file), "--out",
+                          str(tmp_path / "art"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted before the first block finished" in err and "Traceback" not in err
