@@ -20,8 +20,11 @@ from .importance import float_mask
 
 
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
-                     b: list[torch.Tensor]) -> torch.Tensor:
-    """M(s) * (W + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights per row."""
+                     b: list[torch.Tensor], delta: torch.Tensor | None = None) -> torch.Tensor:
+    """M(s) * (W + delta + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked
+    weights per row; `delta` is the optional shared full-rank update (EPTSConfig.delta_lr)."""
+    if delta is not None:
+        weight = weight + delta
     if a:
         # One fused matmul-add for all the groups: W + [B_0 .. B_k] @ [A_0; ..; A_k].
         weight = torch.addmm(weight, torch.cat(b, dim=1), torch.cat(a, dim=0))
@@ -30,9 +33,10 @@ def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float,
 
 class ElasticLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, shared_update: bool = False):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
-        pair per entry of `adapter_ranks`; `generator` draws the A initialisation."""
+        pair per entry of `adapter_ranks`; `generator` draws the A initialisation. `shared_update`
+        adds a full-rank update `delta` (zeros) that every group uses, under its mask."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -49,6 +53,7 @@ class ElasticLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.A.append(nn.Parameter(a.to(dev)))
             self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
+        self.delta = nn.Parameter(torch.zeros_like(self.weight)) if shared_update else None
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
 
@@ -65,7 +70,7 @@ class ElasticLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.ranks, self.sparsity,
-                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters])
+                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters], self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
@@ -82,9 +87,11 @@ class ElasticLinear(nn.Module):
 
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
-           adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None) -> dict[str, ElasticLinear]:
+           adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None,
+           shared_update: bool = False) -> dict[str, ElasticLinear]:
     """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
-    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator) for name, layer in layers.items()}
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update)
+               for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)
     return elastic
