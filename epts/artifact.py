@@ -52,6 +52,7 @@ class BlockState:
     adapters: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # layer -> ([A_k], [B_k])
     input_norms: dict[str, torch.Tensor]  # layer -> ||X_j||_2 (Wanda); empty for magnitude
     group1_adapter: bool  # False: the group-1 check dropped the group-1 adapter in this block
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> shared full-rank update (optional)
     losses: list[float] = field(default_factory=list)  # per group, mean over the last epoch
     group1_check: tuple[float, float] = (0.0, 0.0)  # loss with, without the group-1 adapter
     seconds: float = 0.0
@@ -70,6 +71,8 @@ def blocks_to_tensors(blocks: list[BlockState]) -> tuple[dict[str, torch.Tensor]
             for k, (a, bb) in enumerate(zip(a_list, b_list)):
                 adapters[f"{b}.{name}.A.{k}"] = a
                 adapters[f"{b}.{name}.B.{k}"] = bb
+        for name, delta in state.deltas.items():
+            adapters[f"{b}.{name}.delta"] = delta
         for name, norm in state.input_norms.items():
             norms[f"{b}.{name}.input_norm"] = norm
     return adapters, norms
@@ -81,6 +84,7 @@ def blocks_from_tensors(infos: list[dict], layers: list[str], num_groups: int, a
         BlockState(
             adapters={n: ([adapters[f"{b}.{n}.A.{k}"] for k in range(num_groups)],
                           [adapters[f"{b}.{n}.B.{k}"] for k in range(num_groups)]) for n in layers},
+            deltas={n: adapters[f"{b}.{n}.delta"] for n in layers if f"{b}.{n}.delta" in adapters},
             input_norms={n: norms[f"{b}.{n}.input_norm"] for n in layers} if norms else {},
             group1_adapter=info["group1_adapter"],
             losses=info["losses"],
@@ -159,8 +163,10 @@ class ElasticModel:
         a, b = state.adapters[name]
         active = range(group + 1) if group > 0 or state.group1_adapter else range(0)
         device = layer.weight.device
+        delta = state.deltas.get(name)
         return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,
-                                [a[j].to(device) for j in active], [b[j].to(device) for j in active])
+                                [a[j].to(device) for j in active], [b[j].to(device) for j in active],
+                                None if delta is None else delta.to(device))
 
     def _per_block(self, sparsity: float | dict[int, float]) -> dict[int, float]:
         n = len(self.blocks)

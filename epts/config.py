@@ -71,6 +71,8 @@ class EPTSConfig:
     epochs: int = 10
     batch_size: int = 1  # calibration windows per optimiser step
     lr: float = 1e-3
+    lr_ratio_b: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices train at lr * lr_ratio_b
+    delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
     mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
     group1_check: bool = True
@@ -107,8 +109,10 @@ class EPTSConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.delta_lr < 0:
+            raise ValueError(f"delta_lr must be >= 0 (0: no shared update), got {self.delta_lr}")
+        if self.lr <= 0 or self.lr_ratio_b <= 0:
+            raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr}, {self.lr_ratio_b}")
         if not 0 <= self.guide_weight <= 1:
             raise ValueError(f"guide_weight must be in [0, 1], got {self.guide_weight}")
         if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:

@@ -20,27 +20,30 @@ from .importance import float_mask
 
 
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
-                     b: list[torch.Tensor]) -> torch.Tensor:
-    """M(s) * (W + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights per row.
+                     b: list[torch.Tensor], delta: torch.Tensor | None = None) -> torch.Tensor:
+    """M(s) * (W + delta + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights
+    per row; `delta` (d_out, d_in), float32, is the optional shared full-rank update (EPTSConfig.delta_lr).
 
     `weight` (d_out, d_in) in any float dtype; adapters A_j (r_j, d_in) and B_j (d_out, r_j) in float32.
     The sum and the mask are computed in float32 (mixed precision, as peft does: a bfloat16 sum
     would lose small adapter updates) and the result is cast once to `weight.dtype`; gradients
     flow through the cast to the float32 adapters.
     """
+    merged = weight.float()
+    if delta is not None:
+        merged = merged + delta.float()
     if a:
         # One fused matmul-add for all the groups: W + [B_0 .. B_k] @ [A_0; ..; A_k].
-        merged = torch.addmm(weight.float(), torch.cat(b, dim=1).float(), torch.cat(a, dim=0).float())
-    else:
-        merged = weight.float()
+        merged = torch.addmm(merged, torch.cat(b, dim=1).float(), torch.cat(a, dim=0).float())
     return (merged * float_mask(ranks, sparsity)).to(weight.dtype)
 
 
 class ElasticLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, shared_update: bool = False):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
-        pair per entry of `adapter_ranks`; `generator` draws the A initialisation."""
+        pair per entry of `adapter_ranks`; `generator` draws the A initialisation. `shared_update`
+        adds a full-rank update `delta` (zeros) that every group uses, under its mask."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -58,6 +61,7 @@ class ElasticLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.A.append(nn.Parameter(a.to(dev)))
             self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
+        self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=dtype)) if shared_update else None
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
 
@@ -74,7 +78,7 @@ class ElasticLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.ranks, self.sparsity,
-                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters])
+                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters], self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
@@ -91,9 +95,11 @@ class ElasticLinear(nn.Module):
 
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
-           adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None) -> dict[str, ElasticLinear]:
+           adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None,
+           shared_update: bool = False) -> dict[str, ElasticLinear]:
     """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
-    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator) for name, layer in layers.items()}
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update)
+               for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)
     return elastic

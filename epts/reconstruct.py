@@ -101,7 +101,11 @@ def train_block(
     total = config.epochs * steps_per_epoch
     draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
     params = [p for layer in layers.values() for p in layer.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [p for l in layers.values() for p in l.A], "lr": lr},
+              {"params": [p for l in layers.values() for p in l.B], "lr": lr * config.lr_ratio_b}]
+    if config.delta_lr > 0:
+        groups.append({"params": [l.delta for l in layers.values()], "lr": config.delta_lr * lr / config.lr})
+    optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     epoch_losses = torch.zeros(K, dtype=torch.float64)
     with tqdm(total=total, desc=desc, disable=not progress) as bar:
@@ -170,7 +174,7 @@ def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, p
         # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(cc.seed, b)
-        layers = hilora.attach(block, originals, ranks, config.ranks, gen)
+        layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0)
         try:
             losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
                                  gen, f"block {b + 1}/{len(calls.kwargs)}", progress, lr)
@@ -194,6 +198,7 @@ def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, p
     state = BlockState(
         adapters={n: ([a.detach().cpu().clone() for a in l.A], [bb.detach().cpu().clone() for bb in l.B])
                   for n, l in layers.items()},
+        deltas={n: l.delta.detach().cpu().clone() for n, l in layers.items() if l.delta is not None},
         input_norms=norms if config.criterion == "wanda" else {},
         group1_adapter=group1_adapter,
         losses=losses,
@@ -213,12 +218,15 @@ def compress(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     metadata: dict | None = None,
+    num_blocks: int | None = None,
 ) -> ElasticModel:
     """One EPTS optimisation; returns the elastic model (the base weights are left untouched).
 
     With `out`, a checkpoint is written there after every block, an unfinished run of the same
     model, config and calibration there is continued from its last finished block, and the
     artifact is saved there at the end. `metadata` is recorded with the run's statistics.
+    `num_blocks` compresses only the first blocks (a cheap proxy for experiments); the others
+    stay dense when the elastic model is materialised.
     """
     config = config or EPTSConfig()
     cc = config.calib
@@ -231,7 +239,7 @@ def compress(
     folder = Path(out) if out is not None else None
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
-    blocks = decoder_blocks(model)
+    blocks = decoder_blocks(model)[:num_blocks]
     try:
         with torch.no_grad():
             calls = capture_block_calls(model, windows, cc.batch_size)

@@ -68,9 +68,11 @@ def prune(
     calib: str | os.PathLike | torch.Tensor | None,
     config: PruneConfig | None = None,
     progress: bool = True,
+    num_blocks: int | None = None,
 ) -> PruneReport:
     """Prune `loaded.model` in place with one single-sparsity method; `calib` is a text source
-    or a (nsamples, seqlen) tensor of calibration windows (None for magnitude, which needs none)."""
+    or a (nsamples, seqlen) tensor of calibration windows (None for magnitude, which needs none).
+    `num_blocks` prunes only the first blocks (the experiments' cheap proxy)."""
     config = config or PruneConfig()
     if config.method not in METHODS:
         raise ValueError(f"unknown pruning method {config.method!r}: choose one of {', '.join(METHODS)}")
@@ -78,8 +80,12 @@ def prune(
     cc = config.calib
     start = time.perf_counter()
     model = loaded.model
+<<<<<<< HEAD
     check_pattern(model, config.pattern)
     blocks = decoder_blocks(model)
+=======
+    blocks = decoder_blocks(model)[:num_blocks]
+>>>>>>> q13
     if pruner_cls.needs_inputs:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration text")

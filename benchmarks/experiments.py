@@ -1,0 +1,215 @@
+"""Experiment harness for elastic quality (issue 13): named variants, each a config file, compared
+with SparseGPT and Wanda on the same blocks and the same held-out text.
+
+    python -m benchmarks.experiments benchmarks/experiments/*.yaml --blocks 6     # cheap proxy
+    python -m benchmarks.experiments benchmarks/experiments/default.yaml          # every block
+    python -m benchmarks.experiments ... --test     # also WikiText-2 test (final report only)
+
+Variants are chosen on held-out windows of the calibration file (`wiki.valid.tokens`) that no
+calibration window overlaps, never on WikiText-2 test. `--blocks N` compresses (and prunes, for
+the baselines) only the first N blocks and leaves the rest dense: the cheap proxy. Each variant
+file holds EPTSConfig fields (see epts/config.py) and an optional `description`. Rows are appended
+to OUT/rows.jsonl as they finish (a rerun skips what is there); OUT/results.md is the table, each
+row with its command and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.run import DATA, commit
+
+log = logging.getLogger("benchmarks.experiments")
+
+BASELINES = ("sparsegpt", "wanda")
+
+
+def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, eval_seqlen: int,
+                    count: int) -> torch.Tensor:
+    """`count` non-overlapping windows of `eval_seqlen` tokens that share no token with the
+    calibration windows drawn by `data.calibration_windows(tokens, nsamples, seqlen, seed)`."""
+    n = tokens.numel()
+    rng = random.Random(seed)  # the calibration sampler's own sequence
+    used = torch.zeros(n, dtype=torch.bool)
+    for _ in range(nsamples):
+        start = rng.randint(0, n - seqlen - 1)
+        used[start : start + seqlen] = True
+    # From the end of the file backwards: far from nothing in particular, but fixed and documented.
+    windows = []
+    for start in range(n - eval_seqlen, -1, -eval_seqlen):
+        if not used[start : start + eval_seqlen].any():
+            windows.append(tokens[start : start + eval_seqlen])
+            if len(windows) == count:
+                break
+    if len(windows) < count:
+        raise ValueError(f"only {len(windows)} held-out windows of {eval_seqlen} tokens are free of calibration")
+    return torch.stack(windows)
+
+
+def load_variant(path: Path) -> tuple[str, str, dict]:
+    import yaml
+
+    fields = yaml.safe_load(path.read_text()) or {}
+    description = fields.pop("description", "")
+    return path.stem, description, fields
+
+
+class Store:
+    """Rows by key in OUT/rows.jsonl, appended as they are made."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = out / "rows.jsonl"
+        self.rows = [json.loads(x) for x in self.file.read_text().splitlines()] if self.file.is_file() else []
+
+    def has(self, key: str) -> bool:
+        return any(r["key"] == key for r in self.rows)
+
+    def add(self, rows: list[dict]) -> None:
+        with self.file.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        self.rows += rows
+
+
+def evaluate(loaded, texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    from epts.evaluate import mean_nll
+
+    return {name: math.exp(mean_nll(loaded.model, windows)) for name, windows in texts.items()}
+
+
+def run(args) -> None:
+    from epts.baselines import prune
+    from epts.config import CalibConfig, EPTSConfig, PruneConfig
+    from epts.data import calibration_windows, eval_windows, tokenize
+    from epts.importance import Pattern
+    from epts.models import LoadedModel, load_model
+    from epts.reconstruct import compress
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    store = Store(args.out)
+    sha = commit()
+    command = shlex.join(["python", "-m", "benchmarks.experiments", *sys.argv[1:]])
+    base = load_model(args.model)
+    cc = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen)
+    valid = tokenize(base.tokenizer, args.calib, role="calib")
+    windows = calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed)
+    texts = {"heldout": heldout_windows(valid, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen,
+                                        args.heldout_windows)}
+    if args.test:
+        texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, 64)
+    scope = f"blocks={args.blocks or 'all'}"
+
+    def row(variant, sparsity, ppl, seconds, extra=None):
+        return {"key": f"{variant}|{scope}|{sparsity}|{','.join(sorted(texts))}", "variant": variant, "scope": scope,
+                "sparsity": sparsity, **{f"ppl_{k}": v for k, v in ppl.items()}, "compress_seconds": seconds,
+                "commit": sha, "command": command, **(extra or {})}
+
+    if not store.has(row("dense", 0.0, {}, None)["key"]):
+        store.add([row("dense", 0.0, evaluate(base, texts), None)])
+    for method in args.baselines:
+        for s in args.sparsities:
+            if store.has(row(method, s, {}, None)["key"]):
+                continue
+            pruned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec)
+            report = prune(pruned, windows, PruneConfig(method, Pattern(sparsity=s), cc), num_blocks=args.blocks)
+            store.add([row(method, s, evaluate(pruned, texts), report.seconds)])
+            log.info("%s %g: %s", method, s, store.rows[-1])
+            del pruned
+    for path in args.variants:
+        name, description, fields = load_variant(path)
+        if all(store.has(row(name, s, {}, None)["key"]) for s in args.sparsities):
+            continue
+        config = EPTSConfig.from_dict({**fields, "calib": {**fields.get("calib", {}), "nsamples": cc.nsamples,
+                                                            "seqlen": cc.seqlen}})
+        start = time.perf_counter()
+        elastic = compress(base, windows, config, progress=not args.quiet, num_blocks=args.blocks)
+        seconds = time.perf_counter() - start
+        runtime = elastic.to_runtime()
+        marks = sum(b.group1_adapter for b in elastic.blocks)
+        rows = []
+        for s in args.sparsities:
+            runtime.set_sparsity(s)
+            rows.append(row(name, s, evaluate(runtime.loaded, texts), seconds,
+                            {"description": description, "config": fields, "group1_kept": marks,
+                             "losses": [b.losses for b in elastic.blocks]}))
+            log.info("%s %g: %s", name, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})
+        store.add(rows)
+        del runtime, elastic
+    write_table(store.rows, args.out / "results.md", args.sparsities)
+
+
+def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:
+    by = {}
+    for r in rows:
+        by.setdefault((r["variant"], r["scope"]), {})[r["sparsity"]] = r
+    lines = []
+    for text in ("heldout", "test"):
+        if not any(f"ppl_{text}" in r for r in rows):
+            continue
+        lines += [f"### perplexity on {text}", "",
+                  "| variant | scope | " + " | ".join(f"{s:g}" for s in sparsities) + " | compress s | commit |",
+                  "|---|---|" + "---|" * (len(sparsities) + 2)]
+        for (variant, scope), cells in by.items():
+            if variant == "dense":
+                continue
+            ref = by.get(("sparsegpt", scope), {})
+            vals = []
+            for s in sparsities:
+                r = cells.get(s)
+                if r is None or f"ppl_{text}" not in r:
+                    vals.append("-")
+                    continue
+                v = r[f"ppl_{text}"]
+                rv = ref.get(s, {}).get(f"ppl_{text}")
+                vals.append(f"{v:.2f}" + (f" ({100 * (v / rv - 1):+.1f} %)" if rv and variant != "sparsegpt" else ""))
+            first = next(iter(cells.values()))
+            secs = first.get("compress_seconds")
+            if variant in BASELINES:
+                secs = sum(c.get("compress_seconds") or 0 for c in cells.values())
+            secs_text = "-" if secs is None else f"{secs:.0f}"
+            lines.append(f"| {variant} | {scope} | " + " | ".join(vals) + f" | {secs_text} | {first['commit']} |")
+        dense = [r for r in rows if r["variant"] == "dense" and f"ppl_{text}" in r]
+        if dense:
+            lines.append(f"\ndense: {dense[-1][f'ppl_{text}']:.2f}\n")
+    commands = dict.fromkeys(r["command"] for r in rows)
+    lines += ["commands:", "", *[f"    {c}" for c in commands]]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="*", type=Path, help="variant config files (EPTSConfig fields)")
+    p.add_argument("--blocks", type=int, default=None, help="compress only the first N blocks (proxy)")
+    p.add_argument("--sparsities", type=lambda t: [float(x) for x in t.split(",")], default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--baselines", type=lambda t: [x for x in t.split(",") if x], default=list(BASELINES))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", type=Path, default=DATA / "wiki.valid.tokens")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--heldout-windows", type=int, default=32)
+    p.add_argument("--test", action="store_true", help="also evaluate on WikiText-2 test (final table only)")
+    p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
