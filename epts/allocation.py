@@ -58,13 +58,28 @@ def fit_budget(raw: list[float], target: float, lo: float, hi: float, sizes: lis
     return values.add((low + high) / 2).clamp(lo, hi).tolist()
 
 
+def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
+    """OWL's layer-wise outlier ratio of one block: the share of its weights whose Wanda score
+    exceeds `m` times the block's mean score (Yin et al. 2024, section 3)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    return float((flat > m * flat.mean()).float().mean())
+
+
 def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
-    """Per block: the share of its weights whose importance exceeds `m` times the block's mean."""
-    ratios = []
-    for b, state in enumerate(elastic.blocks):
-        scores = torch.cat([elastic.scores(b, name).flatten() for name in state.adapters])
-        ratios.append(float((scores > m * scores.mean()).float().mean()))
-    return ratios
+    """Per block of an elastic model: `outlier_ratio` of its importance scores."""
+    return [outlier_ratio([elastic.scores(b, name) for name in state.adapters], m)
+            for b, state in enumerate(elastic.blocks)]
+
+
+def owl_sparsities(ratios: list[float], target: float, owl_lambda: float, lo: float, hi: float,
+                   sizes: list[int]) -> list[float]:
+    """OWL's rule: keep ratios spread over [0, 2 lambda] by outlier ratio, centred on 1 - target,
+    then shifted so that the size-weighted mean sparsity is exactly `target` within [lo, hi]."""
+    d = torch.tensor(ratios, dtype=torch.float64)
+    spread = float(d.max() - d.min())
+    keep = (d - d.min()) / spread * 2 * owl_lambda if spread > 0 else torch.zeros_like(d)
+    raw = (1.0 - (keep - keep.mean() + (1.0 - target))).tolist()
+    return fit_budget(raw, target, lo, hi, sizes)
 
 
 @dataclass
@@ -122,13 +137,7 @@ def allocate(elastic: ElasticModel, target: float, method: str = "uniform", owl_
     shapes = _layer_shapes(elastic)
     sizes = [sum(r * c for r, c in s) for s in shapes]
     if method == "uniform":
-        raw = [target] * len(shapes)
-    elif method == "owl":
-        d = torch.tensor(outlier_ratios(elastic, owl_m), dtype=torch.float64)
-        spread = float(d.max() - d.min())
-        # OWL's rule: keep ratios spread over [0, 2 lambda] by outlier ratio, centred on 1 - target.
-        keep = (d - d.min()) / spread * 2 * owl_lambda if spread > 0 else torch.zeros_like(d)
-        raw = (1.0 - (keep - keep.mean() + (1.0 - target))).tolist()
-    else:
-        raise ValueError(f"unknown allocation {method!r}: choose uniform or owl")
-    return dict(enumerate(fit_budget(raw, target, lo, hi, sizes)))
+        return dict(enumerate(fit_budget([target] * len(shapes), target, lo, hi, sizes)))
+    if method == "owl":
+        return dict(enumerate(owl_sparsities(outlier_ratios(elastic, owl_m), target, owl_lambda, lo, hi, sizes)))
+    raise ValueError(f"unknown allocation {method!r}: choose uniform or owl")

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", help="unstructured sparsity per output row, in [0, 1) (default 0.5)")
     target.add_argument("--pattern", help="N:M pattern, e.g. 2:4 or 4:8")
+    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+                   help="per-block sparsities for the global --sparsity: uniform, or OWL's outlier-weighted "
+                        "allocation (needs --calib)")
+    p.add_argument("--owl-m", type=float, default=PruneConfig.owl_m, help="OWL outlier threshold M (x the mean score)")
+    p.add_argument("--owl-lambda", type=float, default=PruneConfig.owl_lambda,
+                   help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
     p.add_argument("--nsamples", type=_positive_int, default=CalibConfig.nsamples)
     p.add_argument("--seqlen", type=_positive_int, default=CalibConfig.seqlen)
@@ -181,8 +187,11 @@ def _cmd_prune(args) -> None:
         method=args.method,
         pattern=Pattern.parse(args.pattern or args.sparsity or "0.5"),
         calib=CalibConfig(args.nsamples, args.seqlen, args.seed, args.batch_size),
+        allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
     )
-    if METHODS[config.method].needs_inputs and not args.calib:
+    if (METHODS[config.method].needs_inputs or config.allocation == "owl") and not args.calib:
         raise ValueError(f"--calib is required for {config.method} (e.g. ../shared/data/wikitext2/wiki.valid.tokens)")
     inputs = {"--model": args.model, "--calib": args.calib, "--eval-data": args.eval_data}
     out = Path(args.out) if args.out else None

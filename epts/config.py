@@ -34,6 +34,15 @@ class PruneConfig:
     method: str = "wanda"
     pattern: Pattern = dataclasses.field(default_factory=lambda: Pattern(sparsity=0.5))
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+    allocation: str = "uniform"  # or "owl": per-block sparsities by outlier ratio, same global budget
+    owl_m: float = 5.0  # OWL outlier threshold (x the block's mean Wanda score)
+    owl_lambda: float = 0.08  # OWL spread of the per-block sparsity
+
+    def __post_init__(self):
+        if self.allocation not in ("uniform", "owl"):
+            raise ValueError(f"unknown allocation {self.allocation!r}: choose uniform or owl")
+        if self.allocation == "owl" and self.pattern.is_nm:
+            raise ValueError(f"OWL allocation needs an unstructured sparsity, not the N:M pattern {self.pattern}")
 
 
 def load_config_file(path: str | Path) -> dict:

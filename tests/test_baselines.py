@@ -68,3 +68,30 @@ def test_sparsegpt_has_the_lowest_layer_output_error(pattern):
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
         prune(tiny_model("llama"), random_windows(2, 16), PruneConfig("obs"), progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_allocation_spends_the_global_budget_and_spares_the_outlier_block(method):
+    """OWL for the single-sparsity baselines: block sparsities differ, the global budget holds,
+    every row is exact at its block's sparsity, and the block given large outlier weights keeps
+    the most (the lowest sparsity)."""
+    loaded = tiny_model("llama")
+    blocks = decoder_blocks(loaded.model)
+    with torch.no_grad():
+        # 1 % of the last block's weights made very large (no block after it sees their outputs).
+        blocks[-1].self_attn.q_proj.weight.view(-1)[:400] *= 30.0
+    config = PruneConfig(method, Pattern(sparsity=0.5), CALIB, allocation="owl", owl_lambda=0.08)
+    report = prune(loaded, random_windows(4, 32), config, progress=False)
+    assert len(report.block_sparsity) == len(blocks)
+    assert min(report.block_sparsity) == report.block_sparsity[-1] < 0.5 < max(report.block_sparsity)
+    assert max(report.block_sparsity) - min(report.block_sparsity) == pytest.approx(0.16, abs=1e-6)
+    assert report.total_sparsity == pytest.approx(0.5, abs=0.01)
+    for b, block in enumerate(blocks):
+        for layer in prunable_linears(loaded.model, block).values():
+            zeros = (layer.weight == 0).sum(1)
+            assert torch.all(zeros == layer.in_features - kept_per_row(layer.in_features, report.block_sparsity[b]))
+
+
+def test_owl_allocation_refuses_an_nm_pattern():
+    with pytest.raises(ValueError, match="OWL allocation needs an unstructured sparsity"):
+        PruneConfig("wanda", Pattern(n=2, m=4), CALIB, allocation="owl")

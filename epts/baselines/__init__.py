@@ -7,18 +7,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..arch import decoder_blocks, prunable_linears
-from ..blocks import capture_block_calls, run_block
+from ..allocation import outlier_ratio, owl_sparsities
+from ..blocks import BlockCalls, capture_block_calls, run_block
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
-from ..importance import Pattern
+from ..importance import Pattern, wanda_scores
 from ..models import LoadedModel, check_context
+from ..reconstruct import dense_pass
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
 from .wanda import WandaPruner
@@ -57,6 +59,8 @@ class PruneReport:
     peak_rss_mb: float
     total_sparsity: float
     layer_sparsity: dict[str, float]
+    allocation: str = "uniform"
+    block_sparsity: list[float] = field(default_factory=list)  # per block, for a non-uniform allocation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,18 +81,23 @@ def prune(
     if config.method not in METHODS:
         raise ValueError(f"unknown pruning method {config.method!r}: choose one of {', '.join(METHODS)}")
     pruner_cls = METHODS[config.method]
+    needs_inputs = pruner_cls.needs_inputs or config.allocation == "owl"
     cc = config.calib
     start = time.perf_counter()
     model = loaded.model
     check_pattern(model, config.pattern)
     blocks = decoder_blocks(model)[:num_blocks]
-    if pruner_cls.needs_inputs:
+    if needs_inputs:
         if calib is None:
-            raise ValueError(f"{config.method} needs calibration text")
+            raise ValueError(f"{config.method}{' with OWL allocation' * (config.allocation == 'owl')} needs "
+                             f"calibration text")
         check_context(model, cc.seqlen)
         windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
+    patterns = [config.pattern] * len(blocks)
+    if config.allocation == "owl":
+        patterns = [Pattern(sparsity=s) for s in owl_plan(model, blocks, calls, config)]
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
         pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
         if pruner_cls.needs_inputs:
@@ -101,7 +110,7 @@ def prune(
                 for h in handles:
                     h.remove()
         for p in pruners.values():
-            p.layer.weight.data = p.pruned_weight(config.pattern)
+            p.layer.weight.data = p.pruned_weight(patterns[b])
         if pruner_cls.needs_inputs:
             stream = run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
     seconds = time.perf_counter() - start
@@ -116,4 +125,20 @@ def prune(
         peak_rss_mb=peak_rss_mb(),
         total_sparsity=total_sparsity(model),
         layer_sparsity=layer_sparsity(model),
+        allocation=config.allocation,
+        block_sparsity=[p.sparsity for p in patterns] if config.allocation != "uniform" else [],
     )
+
+
+def owl_plan(model: torch.nn.Module, blocks: list[torch.nn.Module], calls: BlockCalls, config: PruneConfig
+             ) -> list[float]:
+    """OWL's per-block sparsities for `config.pattern`'s global budget: outlier ratios of the Wanda
+    scores under the dense model's own activations (one dense pass over the blocks), as the OWL
+    reference and llm-compressor compute them; clamped to [0, 0.99]."""
+    ratios, stream = [], calls.hidden
+    for b, block in enumerate(blocks):
+        layers = prunable_linears(model, block)
+        stream, norms = dense_pass(block, layers, stream, calls, b, config.calib.batch_size)
+        ratios.append(outlier_ratio([wanda_scores(l.weight, norms[n]) for n, l in layers.items()], config.owl_m))
+    sizes = [sum(l.weight.numel() for l in prunable_linears(model, blk).values()) for blk in blocks]
+    return owl_sparsities(ratios, config.pattern.sparsity, config.owl_lambda, 0.0, 0.99, sizes)
