@@ -95,6 +95,7 @@ def export(
     eval_seqlen: int = 512,
     max_windows: int | None = None,
     command: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
 
@@ -104,9 +105,10 @@ def export(
     (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
     `eval_data`, the export's perplexity is measured and recorded in its model card. The folder
     holds the weights, tokenizer, `epts_export.json` (the returned dict) and a README.md model
-    card. Raises ValueError for an existing `out` without `overwrite`, a sparsity outside the
-    trained range or a search without `calib`; ArtifactError for a bad artifact. `device` and
-    `dtype` ("auto": the artifact's) are those the base model is loaded with.
+    card; `command` (the CLI line) is recorded in both. `device` and `dtype` ("auto": the
+    artifact's) are those the base model is loaded with. Raises ValueError for an existing `out`
+    without `overwrite`, a sparsity outside the trained range or a search without `calib`;
+    ArtifactError for a bad artifact.
     """
     if format not in ("dense", "compressed"):
         raise ValueError(f"format {format!r} is not dense or compressed")
@@ -147,7 +149,7 @@ def export(
             "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, "format": format, **extra}
     evaluation = []
     if eval_data is not None:
-        meta["ppl"] = _evaluate_ppl(model, eval_data, eval_seqlen, max_windows)
+        meta["ppl"] = _evaluate_ppl(model, eval_data, eval_seqlen, max_windows, progress=progress)
         meta["eval"] = {"data": str(eval_data), "seqlen": eval_seqlen, "max_windows": max_windows}
         windows = f", first {max_windows} windows" if max_windows else ""
         evaluation.append({"metric": "perplexity", "value": meta["ppl"], "data": str(eval_data),

@@ -64,9 +64,12 @@ def plot(report: dict, path: str | os.PathLike, title: str | None = None) -> Pat
     log = max(values) > 3 * min(values)  # a log axis only where perplexity grows manyfold
     if log:
         ax.set_yscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
+        ticker = matplotlib.ticker
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 50, not 5 x 10^1
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # Labelled minor ticks only where the majors are few (a narrow range); else they crowd.
+        ax.yaxis.set_minor_formatter(plain if max(values) < 5 * min(values) else ticker.NullFormatter())
     ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
     ax.set_ylabel("perplexity" + (" (log scale)" if log else ""))
     ax.set_title(title or "Perplexity against sparsity")

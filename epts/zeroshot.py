@@ -4,17 +4,21 @@ lm-eval's Hugging Face wrapper (`HFLM`) takes a loaded `PreTrainedModel`, so an 
 one runtime copy is wrapped once and switched between sparsities in place: no folder is written
 per sparsity. Tasks are hub task names (arc_easy, hellaswag, ...; their data comes from the hub)
 or local task YAML files and folders (lm-eval's custom-task format), which work offline.
-`write_continuation_task` builds such a local multiple-choice task from any plain text.
+`write_continuation_task` builds such a local multiple-choice task from any plain text:
+
+    python -m epts.zeroshot ../shared/data/wikitext2/wiki.test.raw runs/tasks   # then --tasks runs/tasks
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 from .data import read_text
@@ -46,7 +50,9 @@ def parse_tasks(spec: str | list[str]) -> tuple[list[str], tuple[str, ...]]:
 
     A task YAML file is passed to lm-eval by path; a folder is indexed (`include_path`) and every
     task defined in it is run. Anything else is a task, group or tag name of lm-eval's registry.
+    Raises ZeroShotError for a missing file, a folder without tasks, or lm-eval not installed.
     """
+    _lm_eval()  # before any model is loaded, say so if lm-eval is missing
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not items:
         raise ZeroShotError("--tasks is empty: give task names (e.g. arc_easy,hellaswag) or a local task YAML/folder")
@@ -81,12 +87,14 @@ def zero_shot(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> list[dict]:
     """Accuracy of `loaded` (evaluated as it is now, e.g. at a runtime sparsity) on lm-eval tasks.
 
     Returns one row per task: {"task", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"};
     `acc_norm` (length-normalised) is None where the task does not define it. `limit` takes the
-    first N documents of each task. Raises ZeroShotError when lm-eval is missing or a task is
+    first N documents of each task; `progress=False` hides lm-eval's per-request progress bars
+    (the bar over documents follows TQDM_DISABLE). Raises ZeroShotError when lm-eval is missing or a task is
     unknown (hub tasks also need the network the first time their data is fetched).
     """
     lm_eval, hflm, _ = _lm_eval()
@@ -102,7 +110,8 @@ def zero_shot(
     # lm-eval warns at every call that a loaded model (what we mean to pass) ignores its loading options.
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model = hflm(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    model = (hflm if progress else _quiet(hflm))(pretrained=loaded.model, tokenizer=loaded.tokenizer,
+                                                 batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
@@ -110,7 +119,7 @@ def zero_shot(
                                       fewshot_random_seed=seed)
     except (ConnectionError, OSError) as err:
         raise ZeroShotError(f"lm-eval could not load the data of {', '.join(names)}: {err}. Without a network, "
-                            f"use a local task YAML (see epts.zeroshot.write_continuation_task)") from err
+                            f"use a local task (`python -m epts.zeroshot TEXT FOLDER` writes one)") from err
     rows = []
     for task, metrics in out["results"].items():
         if "acc,none" not in metrics:
@@ -125,6 +134,23 @@ def zero_shot(
             "n": out.get("n-samples", {}).get(task, {}).get("effective"),
         })
     return rows
+
+
+def _quiet(hflm):
+    """HFLM without its request progress bars: lm-eval passes `disable=False` to tqdm explicitly,
+    which overrides TQDM_DISABLE, so the only switch is the `disable_tqdm` argument."""
+
+    class QuietHFLM(hflm):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _number(value) -> float | None:
@@ -199,3 +225,27 @@ def write_continuation_task(
     # JSON is valid YAML; written atomically like every other file epts writes.
     write_json_atomic(yaml_path, config)
     return yaml_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epts.zeroshot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a local multiple-choice task (the true next sentence among distractors) for "
+                    "`epts eval --tasks`.")
+    parser.add_argument("text", help="text to draw it from: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    parser.add_argument("folder", help="folder to write the task's YAML and JSON lines into")
+    parser.add_argument("--docs", type=int, default=200, help="documents (questions)")
+    parser.add_argument("--choices", type=int, default=4, help="choices per document (one is right)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
+    args = parser.parse_args(argv)
+    try:
+        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
+    except (OSError, ValueError) as err:
+        print(f"epts.zeroshot: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

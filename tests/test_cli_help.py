@@ -90,6 +90,14 @@ def test_ctrl_c_during_compress_exits_130_with_the_resume_hint_then_the_rerun_re
     kept = [line for line in r.stdout.splitlines() if "group-1 adapters kept:" in line]
     assert len(kept) == 1 and "/3 blocks" in kept[0]
     assert f"epts eval {out} --sparsity" in r.stdout and f"epts export {out} --sparsity" in r.stdout
+    # eval on an exported folder says what it is; on an artifact given as --model, what to run instead.
+    r = epts("export", str(out), "--sparsity", "0.5", "--out", str(tmp_path / "x"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = epts("eval", "--model", str(tmp_path / "x"), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2")
+    assert r.returncode == 0 and r.stdout.startswith(f"{tmp_path / 'x'}: exported by epts export from the artifact "
+                                                     f"{out} at sparsity 0.5 (uniform allocation"), r.stdout
+    r = epts("eval", "--model", str(out), "--data", str(text_file))
+    assert r.returncode == 2 and "is an EPTS artifact, not a model folder: evaluate it" in r.stderr
 
 
 def test_ctrl_c_before_the_first_block_says_nothing_was_saved(model_dir, text_file, tmp_path, monkeypatch, capsys):

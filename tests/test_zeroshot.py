@@ -77,7 +77,7 @@ def test_local_task_holds_the_true_next_sentence_among_distractors(task):
     assert len({doc["gold"] for doc in rows}) > 1  # the gold position is shuffled, not always first
 
 
-def test_dense_accuracy_equals_a_direct_computation(model_dir, task):
+def test_dense_accuracy_equals_a_direct_computation(model_dir, task, capsys):
     loaded = load_model(model_dir)
     (row,) = zero_shot(loaded, str(task))
     acc, acc_norm = direct_accuracy(loaded.model, loaded.tokenizer, task)
@@ -85,9 +85,12 @@ def test_dense_accuracy_equals_a_direct_computation(model_dir, task):
     assert 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
     assert row["acc"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(acc_norm)
     assert row["acc_stderr"] == pytest.approx((acc * (1 - acc) / (DOCS - 1)) ** 0.5)  # of a mean of 0/1 hits
-    # A transformers model with its tokenizer is accepted as it is, and a task folder as well as its file.
-    (again,) = zero_shot(loaded.model, str(task.parent), tokenizer=loaded.tokenizer)
+    assert "Running loglikelihood requests" in capsys.readouterr().err
+    # A transformers model with its tokenizer is accepted as it is, and a task folder as well as its file;
+    # progress=False (epts --quiet) hides lm-eval's request bars.
+    (again,) = zero_shot(loaded.model, str(task.parent), tokenizer=loaded.tokenizer, progress=False)
     assert again["acc"] == row["acc"] and again["acc_norm"] == row["acc_norm"]
+    assert "Running loglikelihood requests" not in capsys.readouterr().err
 
 
 def test_eval_of_an_artifact_switches_sparsity_in_place(artifact, task, tmp_path):
@@ -107,6 +110,16 @@ def test_eval_of_an_artifact_switches_sparsity_in_place(artifact, task, tmp_path
         assert row["acc"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(acc_norm)
 
 
+def test_the_task_maker_command_writes_the_same_task(task, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "epts.zeroshot", str(WIKI_TEST), str(tmp_path), "--docs", str(DOCS),
+                        "--seed", "1"], capture_output=True, text=True)
+    assert r.returncode == 0 and "chance 0.25" in r.stdout, r.stderr
+    assert (tmp_path / "epts_next_sentence.jsonl").read_text() == task.with_suffix(".jsonl").read_text()
+    r = subprocess.run([sys.executable, "-m", "epts.zeroshot", str(WIKI_TEST), str(tmp_path), "--docs", "999999"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "give a longer text or fewer documents" in r.stderr
+
+
 def test_unknown_task_and_missing_file_are_clear_errors(model_dir, tmp_path):
     with pytest.raises(ZeroShotError, match="unknown lm-eval task 'no_such_task_xyz'"):
         zero_shot(load_model(model_dir), "no_such_task_xyz")
@@ -120,6 +133,8 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch, model_dir, task):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     with pytest.raises(ZeroShotError, match=r"pip install 'epts\[zeroshot\]'"):
         zero_shot(load_model(model_dir), str(task))
+    with pytest.raises(ZeroShotError, match=r"pip install 'epts\[zeroshot\]'"):
+        parse_tasks("arc_easy")  # what epts eval checks before loading any model
 
 
 @pytest.mark.slow
