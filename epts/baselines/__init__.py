@@ -80,12 +80,8 @@ def prune(
     cc = config.calib
     start = time.perf_counter()
     model = loaded.model
-<<<<<<< HEAD
     check_pattern(model, config.pattern)
-    blocks = decoder_blocks(model)
-=======
     blocks = decoder_blocks(model)[:num_blocks]
->>>>>>> q13
     if pruner_cls.needs_inputs:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration text")
