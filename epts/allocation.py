@@ -1,7 +1,7 @@
 """Per-block sparsity for a global budget: uniform; OWL (outlier-weighted layer-wise sparsity,
 Yin et al. 2024: blocks with more activation outliers keep more weights); or a search that scores
 allocations by the calibration loss of the elastic model itself (any allocation is one in-place
-re-merge away, see `artifact.RuntimeModel`).
+re-merge away, see `runtime.RuntimeModel`).
 
 A plan is {block: sparsity}; its budget is the fraction of all prunable weights that are zero.
 """

@@ -16,7 +16,8 @@ from . import __version__
 from .api import export
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
-from .artifact import ArtifactError, ElasticModel, is_unfinished_run
+from .artifact import ArtifactError, ElasticModel
+from .checkpoint import is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb

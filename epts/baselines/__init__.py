@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import decoder_blocks, prunable_linears
-from ..blocks import capture_block_calls, run_block
+from ..blocks import capture_block_calls
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
@@ -90,20 +90,21 @@ def prune(
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
+        runner = calls.runner(b, block) if pruner_cls.needs_inputs else None
         pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
         if pruner_cls.needs_inputs:
             handles = [
                 p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()
             ]
             try:
-                run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
+                runner.run(stream)
             finally:
                 for h in handles:
                     h.remove()
         for p in pruners.values():
             p.layer.weight.data = p.pruned_weight(config.pattern)
         if pruner_cls.needs_inputs:
-            stream = run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
+            stream = runner.run(stream)
     seconds = time.perf_counter() - start
     log.info("%s %s pruned in %.1f s", config.method, config.pattern, seconds)
     return PruneReport(
