@@ -255,7 +255,7 @@ def _cmd_compress(args) -> None:
         raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
     elastic = compress(loaded, args.calib, config, out=out, metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
           f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")

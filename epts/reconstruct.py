@@ -4,7 +4,8 @@ Two streams of hidden states flow block by block: the dense stream H (untouched 
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
 and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
 stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
-Only the current block's adapters live on the compute device; both streams stay on the CPU.
+Only the current block's adapters live on the compute device; both streams stay on the CPU. A
+streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .evaluate import peak_rss_mb
 from .importance import InputNormStats, importance_scores, row_ranks
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, check_context, fingerprint
+from .offload import resident
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +242,8 @@ def compress(
             states, dense, elastic = resumed
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
         for b in range(len(states), len(blocks)):
-            state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
+            with resident(blocks[b]):  # a streamed block's weights: loaded, used, released
+                state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
             states.append(state)
             if folder is not None and b + 1 < len(blocks):
                 save_checkpoint(folder, key, states, dense, elastic)
