@@ -19,6 +19,7 @@ from .artifact import ElasticModel
 from .evaluate import mean_nll
 from .importance import kept_per_row
 from .models import check_context
+from .offload import resident
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def fit_budget(raw: list[float], target: float, lo: float, hi: float, sizes: lis
 def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
     """Per block: the share of its weights whose importance exceeds `m` times the block's mean."""
     ratios = []
-    for b, state in enumerate(elastic.blocks):
-        scores = torch.cat([elastic.scores(b, name).flatten() for name in state.adapters])
+    for b, (state, block) in enumerate(zip(elastic.blocks, decoder_blocks(elastic.base.model))):
+        with resident(block):
+            scores = torch.cat([elastic.scores(b, name).flatten() for name in state.adapters])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios
 

@@ -32,6 +32,7 @@ from .hilora import active_adapters, effective_weight
 from .importance import importance_scores, row_ranks
 from .io import save_tensors_atomic, write_json_atomic
 from .models import LoadedModel, ModelLoadError, fingerprint, load_model
+from .offload import is_streamed
 from .runtime import RuntimeModel
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,16 @@ class ElasticModel:
     # ---- deployment -------------------------------------------------------------------------
 
     def ranks(self, block: int, name: str) -> torch.Tensor:
-        """Per-row importance ranks of one layer, computed from the base weights once and cached."""
+        """Per-row importance ranks of one layer, computed from the base weights once and cached
+        (not cached for a streamed base, which must not end up holding a rank for every weight).
+        A streamed base's block must be resident (`offload.resident`)."""
         key = (block, name)
-        if key not in self._ranks:
-            self._ranks[key] = row_ranks(self.scores(block, name))
-        return self._ranks[key]
+        if key in self._ranks:
+            return self._ranks[key]
+        ranks = row_ranks(self.scores(block, name))
+        if not is_streamed(decoder_blocks(self.base.model)[block]):
+            self._ranks[key] = ranks
+        return ranks
 
     def scores(self, block: int, name: str) -> torch.Tensor:
         """Importance of every weight of one layer (`importance.importance_scores`)."""
@@ -228,7 +234,7 @@ class ElasticModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu",
-             dtype: str = "auto") -> "ElasticModel":
+             dtype: str = "auto", stream: bool = False) -> "ElasticModel":
         """Load an artifact; the base model is reloaded from the manifest's spec unless given (a
         LoadedModel, or a spec for `load_model`), in `dtype`: "auto" is the dtype the artifact was
         made in. Raises ArtifactError for a missing or damaged artifact and for a base model whose
@@ -256,7 +262,7 @@ class ElasticModel:
         if not isinstance(base, LoadedModel):
             spec = base or recorded["spec"]
             try:
-                base = load_model(spec, made_in if dtype == "auto" else dtype, device)
+                base = load_model(spec, made_in if dtype == "auto" else dtype, device, stream=stream)
             except ModelLoadError as err:
                 if base is not None:
                     raise

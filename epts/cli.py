@@ -190,7 +190,7 @@ def _cmd_prune(args) -> None:
     if out is not None:
         _check_out(out, args.overwrite, inputs)
     _check_report(args.report, inputs)
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
     if METHODS[config.method].needs_inputs:
         check_context(loaded.model, args.seqlen)
     if args.eval_data:
@@ -327,7 +327,8 @@ def _cmd_eval(args) -> None:
     if args.artifact is None:
         if args.sparsity:
             raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
-        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+        # lm-eval's harness wants the whole model; perplexity streams it block by block.
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=not args.tasks)
         if args.eval_data:
             ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
             print(f"perplexity: {ppl:.3f}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .arch import decoder_blocks, prunable_weight_names
 from .io import unprivate_tree, write_json_atomic
-from .offload import is_streamed, load_streamed, streamed_tensors
+from .offload import is_streamed, load_streamed, save_streamed, streamed_tensors
 from .sparse_format import compress_folder, is_compressed, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,10 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        loaded.model.save_pretrained(tmp)
+        if is_streamed(decoder_blocks(loaded.model)[0]):
+            save_streamed(loaded.model, tmp)
+        else:
+            loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         _add_transformers4_fields(tmp / "config.json")
         if compressed:

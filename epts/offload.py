@@ -12,6 +12,7 @@ work (an optimisation trains through it many times).
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,10 +83,11 @@ def is_streamed(block: nn.Module) -> bool:
 
 
 @contextmanager
-def resident(block: nn.Module) -> Iterator[nn.Module]:
+def resident(block: nn.Module, keep: bool = False) -> Iterator[nn.Module]:
     """Hold a streamed block's weights on its compute device for the duration (its hook taken off,
-    so calls inside neither reload nor release them), then release them; a block in memory is left
-    as it is."""
+    so calls inside neither reload nor release them), then release them; with `keep`, the weights
+    as they are then (pruned, say) are first written to a scratch file that the block streams from
+    afterwards (removed with the block). A block in memory is left as it is."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
     if not is_streamed(block):
@@ -96,9 +98,62 @@ def resident(block: nn.Module) -> Iterator[nn.Module]:
     remove_hook_from_module(block)
     try:
         yield block
+        if keep:
+            _keep_weights(block, hook)
     finally:
         hook.post_forward(block, None)
         add_hook_to_module(block, hook)
+
+
+def _keep_weights(block: nn.Module, hook) -> None:
+    from accelerate.utils import OffloadedWeightsLoader
+    from safetensors.torch import save_file
+
+    if not hasattr(hook, "scratch"):
+        hook.scratch = tempfile.TemporaryDirectory(prefix="epts-block-")
+        hook.kept = 0
+    # A new file each time: the block's current tensors may be mapped from the previous one.
+    hook.kept += 1
+    file = Path(hook.scratch.name) / f"weights-{hook.kept}.safetensors"
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    hook.weights_map = OffloadedWeightsLoader(index={name: {"safetensors_file": str(file), "weight_name": name}
+                                                     for name in tensors})
+    for old in Path(hook.scratch.name).glob("weights-*.safetensors"):
+        if old != file:
+            old.unlink()
+
+
+def save_streamed(model: nn.Module, folder: Path) -> None:
+    """`save_pretrained` for a streamed model, one shard per block (each loaded, written, released)
+    and a last one for the other weights, with the shard index transformers reads."""
+    from safetensors.torch import save_file
+
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = decoder_blocks(model)
+    prefixes = tuple(names[id(block)] + "." for block in blocks)
+    count = len(blocks) + 1
+    weight_map, total = {}, 0
+
+    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        file = f"model-{index:05d}-of-{count:05d}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    for i, (block, prefix) in enumerate(zip(blocks, prefixes)):
+        with resident(block):
+            write(i + 1, {prefix + k: t.detach().to("cpu").contiguous() for k, t in block.state_dict().items()})
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    write(count, {k: t.detach().to("cpu").contiguous() for k, t in model.state_dict().items()
+                  if not k.startswith(prefixes) and k not in tied})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
 
 
 def streamed_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

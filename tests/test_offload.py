@@ -52,3 +52,49 @@ def test_a_checkpoint_missing_a_block_tensor_is_refused_when_streamed_too(tmp_pa
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="lacks tensors its config needs: model.layers.1.mlp.up_proj.weight"):
         load_model(folder, stream=True)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_streamed_prune_saves_block_by_block_the_same_model(tmp_path, method):
+    from safetensors.torch import load_file
+
+    from epts import Pattern, PruneConfig, prune, save_model
+
+    folder = tiny_model_folder(tmp_path / "model", "llama")
+    config = PruneConfig(method, Pattern(sparsity=0.5), CalibConfig(nsamples=4, seqlen=32))
+    windows = random_windows(4, 32, vocab=250)
+    whole, streamed = load_model(folder), load_model(folder, stream=True)
+    expected, got = prune(whole, windows, config, progress=False), prune(streamed, windows, config, progress=False)
+    assert resident_blocks(streamed.model) == 0
+    assert mean_nll(streamed.model, windows) == mean_nll(whole.model, windows)
+    assert got.layer_sparsity == expected.layer_sparsity and got.total_sparsity == pytest.approx(0.5, abs=0.01)
+    save_model(whole, tmp_path / "whole")
+    save_model(streamed, tmp_path / "streamed")
+    shards = sorted((tmp_path / "streamed").glob("model-*.safetensors"))
+    assert len(shards) == 4  # one per block and one for the rest
+    mine = {k: v for shard in shards for k, v in load_file(shard).items()}
+    theirs = load_file(tmp_path / "whole" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    reloaded = load_model(tmp_path / "streamed")
+    assert mean_nll(reloaded.model, windows) == mean_nll(whole.model, windows)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+def test_export_streams_the_base_and_writes_the_same_weights_block_by_block(tmp_path, allocation):
+    from safetensors.torch import load_file
+
+    from epts import export
+    from epts.artifact import ElasticModel
+
+    folder = tiny_model_folder(tmp_path / "model", "llama")
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
+                        calib=CalibConfig(nsamples=4, seqlen=32))
+    compress(load_model(folder), random_windows(4, 32, vocab=250), config, out=tmp_path / "art", progress=False)
+    meta = export(tmp_path / "art", 0.6, tmp_path / "exp", allocation=allocation)
+    shards = sorted((tmp_path / "exp").glob("model-*.safetensors"))
+    assert len(shards) == 4
+    got = {k: v for shard in shards for k, v in load_file(shard).items()}
+    plan = dict(enumerate(meta["block_sparsity"]))
+    expected = ElasticModel.load(tmp_path / "art").materialize(plan).model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert meta["total_sparsity"] == pytest.approx(0.6, abs=0.01)

@@ -13,12 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import decoder_blocks, prunable_linears
-from ..blocks import capture_block_calls
+from ..blocks import BlockRunner, capture_block_calls
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
 from ..importance import Pattern
 from ..models import LoadedModel, check_context
+from ..offload import resident
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
 from .wanda import WandaPruner
@@ -62,6 +63,25 @@ class PruneReport:
         return asdict(self)
 
 
+def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner | None,
+                 stream: torch.Tensor | None) -> torch.Tensor | None:
+    """Prune one block in place from its inputs `stream` (None for magnitude); returns its outputs."""
+    pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
+    if runner is None:
+        for p in pruners.values():
+            p.layer.weight.data = p.pruned_weight(pattern)
+        return None
+    handles = [p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()]
+    try:
+        runner.run(stream)
+    finally:
+        for h in handles:
+            h.remove()
+    for p in pruners.values():
+        p.layer.weight.data = p.pruned_weight(pattern)
+    return runner.run(stream)
+
+
 @torch.no_grad()
 def prune(
     loaded: LoadedModel,
@@ -82,6 +102,7 @@ def prune(
     model = loaded.model
     check_pattern(model, config.pattern)
     blocks = decoder_blocks(model)[:num_blocks]
+    calls = stream = None
     if pruner_cls.needs_inputs:
         if calib is None:
             raise ValueError(f"{config.method} needs calibration text")
@@ -90,21 +111,10 @@ def prune(
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
-        runner = calls.runner(b, block) if pruner_cls.needs_inputs else None
-        pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
-        if pruner_cls.needs_inputs:
-            handles = [
-                p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()
-            ]
-            try:
-                runner.run(stream)
-            finally:
-                for h in handles:
-                    h.remove()
-        for p in pruners.values():
-            p.layer.weight.data = p.pruned_weight(config.pattern)
-        if pruner_cls.needs_inputs:
-            stream = runner.run(stream)
+        # A streamed block is loaded, pruned, and kept pruned in a scratch file (`offload.resident`).
+        with resident(block, keep=True):
+            stream = _prune_block(model, block, pruner_cls, config.pattern,
+                                  calls.runner(b, block) if pruner_cls.needs_inputs else None, stream)
     seconds = time.perf_counter() - start
     log.info("%s %s pruned in %.1f s", config.method, config.pattern, seconds)
     return PruneReport(
