@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import distributed
 from .api import export
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
@@ -255,8 +256,12 @@ def _cmd_compress(args) -> None:
         raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
+    distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
-    elastic = compress(loaded, args.calib, config, out=out, metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    elastic = compress(loaded, args.calib, config, out=out, progress=distributed.is_main(),
+                       metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    if not distributed.is_main():
+        return
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
           f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")
 
@@ -379,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    distributed.init()  # under torchrun only
     try:
         COMMANDS[args.command](args)
     except _USER_ERRORS as err:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import hilora
+from . import distributed, hilora
 from .arch import decoder_blocks, prunable_linears
 from .artifact import BlockState, ElasticModel, calibration_record
 from .blocks import BlockCalls, BlockRunner, call_block, capture_block_calls
@@ -68,6 +68,8 @@ def dense_pass(runner: BlockRunner, layers: dict[str, nn.Linear], stream: torch.
     finally:
         for h in handles:
             h.remove()
+    for s in stats.values():
+        distributed.sum_(s.sum_sq)
     return out, {name: s.norm() for name, s in stats.items()}
 
 
@@ -94,7 +96,9 @@ def train_block(
     against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU; returns each
     group's mean loss over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
     device = runner.device
-    n, bs, K = inputs.shape[0], config.batch_size, config.num_groups
+    world = distributed.world_size()
+    # config.batch_size is the global batch: each of the `world` processes takes its share of it.
+    n, bs, K = inputs.shape[0], config.batch_size // world, config.num_groups
     steps_per_epoch = math.ceil(n / bs)
     total = config.epochs * steps_per_epoch
     draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
@@ -115,6 +119,7 @@ def train_block(
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
             anchor = None
+            step_losses = torch.zeros(K, dtype=torch.float64)
             for k in range(K):
                 hilora.set_state(layers, draws[k][step].item(), k)
                 out = call_block(runner, x).float()
@@ -122,10 +127,17 @@ def train_block(
                 if k == 0:
                     anchor = out.detach()
                 value = loss.item()
-                if not math.isfinite(value):
+                if world == 1 and not math.isfinite(value):
                     raise NonFiniteError(f"non-finite loss of group {k + 1} at step {step + 1}")
                 loss.backward()
-                epoch_losses[k] += value
+                step_losses[k] = value
+            if world > 1:  # every process decides on the same reduced numbers, or they would part ways
+                distributed.mean_grads_(params)
+                distributed.mean_(step_losses)
+                if not torch.isfinite(step_losses).all():
+                    raise NonFiniteError(f"non-finite loss of group {int(step_losses.isfinite().logical_not().nonzero()[0]) + 1} "
+                                         f"at step {step + 1}")
+            epoch_losses += step_losses
             if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all():
                 raise NonFiniteError(f"non-finite gradient at step {step + 1}")
             optimizer.step()
@@ -146,7 +158,7 @@ def group1_check(runner: BlockRunner, layers: dict[str, hilora.ElasticLinear], s
     for keep in (True, False):
         hilora.set_state(layers, sparsity, 0, group1_adapter=keep)
         out = runner.run(stream)
-        losses.append(F.mse_loss(out.float(), targets.float()).item())
+        losses.append(distributed.mean_(F.mse_loss(out.float(), targets.float()).double()).item())
     return losses[0], losses[1]
 
 
@@ -232,28 +244,32 @@ def compress(
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     blocks = decoder_blocks(model)[:num_blocks]
+    mine = distributed.shard(len(windows), config.batch_size)  # this process's windows (all of them in one)
     try:
         with torch.no_grad():
-            calls = capture_block_calls(model, windows, cc.batch_size)
+            calls = capture_block_calls(model, windows[mine], cc.batch_size)
         resumed = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
         if resumed is None:
             states, dense, elastic = [], calls.hidden, calls.hidden.clone()
         else:
-            states, dense, elastic = resumed
+            states, dense, elastic = resumed[0], resumed[1][mine], resumed[2][mine]
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
         for b in range(len(states), len(blocks)):
             with resident(blocks[b]):  # a streamed block's weights: loaded, used, released
                 state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
             states.append(state)
             if folder is not None and b + 1 < len(blocks):
-                save_checkpoint(folder, key, states, dense, elastic)
+                streams = [distributed.gather(s, mine, len(windows)) for s in (dense, elastic)]
+                if distributed.is_main():
+                    save_checkpoint(folder, key, states, *streams)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
     stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
-             "resumed": resumed is not None, **(metadata or {})}
+             "world_size": distributed.world_size(), "resumed": resumed is not None, **(metadata or {})}
     elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration_record(calib, windows))
-    if folder is not None:
+    if folder is not None and distributed.is_main():
         elastic_model.save(folder)
         clear_checkpoint(folder)
+    distributed.barrier()
     return elastic_model
