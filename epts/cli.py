@@ -200,7 +200,9 @@ def _cmd_prune(args) -> None:
     if args.eval_data and not args.no_dense_eval:
         result["ppl_dense"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
         print(f"dense perplexity: {result['ppl_dense']:.3f}")
-    report = prune(loaded, args.calib, config)
+    report = prune(loaded, args.calib, config, progress=distributed.is_main())
+    if not distributed.is_main():  # under torchrun: rank 0 holds the same pruned model, and reports it
+        return
     result.update(report.to_dict())
     print(f"{config.method} {config.pattern}: total sparsity {report.total_sparsity:.4f}, "
           f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")

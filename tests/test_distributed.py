@@ -55,3 +55,25 @@ def test_an_uneven_split_over_processes_is_refused(monkeypatch):
     assert distributed.shard(8, 4).tolist() == [2, 3, 6, 7]
     with pytest.raises(ValueError, match="2 processes need --batch-size \\(3\\) to be a multiple of 2"):
         distributed.shard(6, 3)
+
+
+def test_two_processes_prune_with_the_masks_of_one(tmp_path, text_file):
+    model = tiny_model_folder(tmp_path / "model")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
+    for method in ("wanda", "sparsegpt"):
+        args = ["--threads", "1", "prune", "--model", str(model), "--method", method, "--sparsity", "0.5",
+                "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+        one = subprocess.run([sys.executable, "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-1")],
+                             env=env, capture_output=True, text=True)
+        assert one.returncode == 0, one.stderr
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-2")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stderr
+        a, b = ({k: v for f in (tmp_path / f"{method}-{n}").glob("*.safetensors") for k, v in load_file(f).items()}
+                for n in (1, 2))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key] != 0, b[key] != 0), f"{method}: the mask of {key} differs"
+            # Wanda keeps the weights themselves; SparseGPT's updates carry the reduced Hessian's rounding.
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0 if method == "wanda" else 1e-5)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..arch import decoder_blocks, prunable_linears
 from ..blocks import BlockRunner, capture_block_calls
 from ..config import PruneConfig
@@ -78,6 +79,7 @@ def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner
         for h in handles:
             h.remove()
     for p in pruners.values():
+        p.reduce()
         p.layer.weight.data = p.pruned_weight(pattern)
     return runner.run(stream)
 
@@ -108,6 +110,8 @@ def prune(
             raise ValueError(f"{config.method} needs calibration text")
         check_context(model, cc.seqlen)
         windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+        # Under torchrun each process takes its share of the windows; the statistics are reduced.
+        windows = windows[distributed.shard(len(windows), distributed.world_size())]
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
