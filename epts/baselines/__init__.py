@@ -111,6 +111,9 @@ def prune(
         check_context(model, cc.seqlen)
         windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
         # Under torchrun each process takes its share of the windows; the statistics are reduced.
+        if len(windows) % distributed.world_size():
+            raise ValueError(f"{distributed.world_size()} processes need --nsamples ({len(windows)}) to be a multiple "
+                             f"of {distributed.world_size()}")
         windows = windows[distributed.shard(len(windows), distributed.world_size())]
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
