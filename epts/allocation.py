@@ -1,7 +1,7 @@
 """Per-block sparsity for a global budget: uniform; OWL (outlier-weighted layer-wise sparsity,
 Yin et al. 2024: blocks with more activation outliers keep more weights); or a search that scores
 allocations by the calibration loss of the elastic model itself (any allocation is one in-place
-re-merge away, see `artifact.RuntimeModel`).
+re-merge away, see `runtime.RuntimeModel`).
 
 A plan is {block: sparsity}; its budget is the fraction of all prunable weights that are zero.
 """
@@ -19,6 +19,7 @@ from .artifact import ElasticModel
 from .evaluate import mean_nll
 from .importance import kept_per_row
 from .models import check_context
+from .offload import resident
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
 
 
 def outlier_ratios(elastic: ElasticModel, m: float = 5.0) -> list[float]:
-    """Per block of an elastic model: `outlier_ratio` of its importance scores."""
-    return [outlier_ratio([elastic.scores(b, name) for name in state.adapters], m)
-            for b, state in enumerate(elastic.blocks)]
+    """Per block of an elastic model: `outlier_ratio` of its importance scores (one block resident
+    at a time when the base model is block-streamed)."""
+    ratios = []
+    for b, (state, block) in enumerate(zip(elastic.blocks, decoder_blocks(elastic.base.model))):
+        with resident(block):
+            ratios.append(outlier_ratio([elastic.scores(b, name) for name in state.adapters], m))
+    return ratios
 
 
 def owl_sparsities(ratios: list[float], target: float, owl_lambda: float, lo: float, hi: float,

@@ -123,8 +123,10 @@ def export(
     if isinstance(artifact, ElasticModel):
         elastic = artifact
     else:
+        # Streamed: the base model's blocks are read from its files one at a time, and the export
+        # is written block by block (`epts.offload`).
         elastic = ElasticModel.load(artifact, base=base if base is None or isinstance(base, LoadedModel) else str(base),
-                                    device=device, dtype=dtype)
+                                    device=device, dtype=dtype, stream=True)
     refuse_inputs(out, "--out", {"artifact": None if isinstance(artifact, ElasticModel) else artifact,
                                  "base model": elastic.base.spec, "calib": calib, "eval data": eval_data})
     if eval_data is not None:

@@ -1,4 +1,5 @@
-"""The elastic artifact (METHOD.md, ingredient 5): save, load, verify, materialise.
+"""The elastic artifact (METHOD.md, ingredient 5): save, load, verify, materialise. Switching a
+served model in place is `epts.runtime`; checkpoints of an unfinished run are `epts.checkpoint`.
 
 A folder holding
 - `manifest.json`: format version, config, groups, base model spec (absolute for a local path),
@@ -12,7 +13,6 @@ The base weights are not copied: they are reloaded from the spec and checked by 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -28,10 +28,12 @@ from safetensors.torch import load_file
 from . import __version__
 from .arch import decoder_blocks, prunable_linears
 from .config import EPTSConfig
-from .hilora import effective_weight
-from .importance import magnitude_scores, row_ranks, wanda_scores
+from .hilora import active_adapters, effective_weight
+from .importance import importance_scores, row_ranks
 from .io import save_tensors_atomic, write_json_atomic
 from .models import LoadedModel, ModelLoadError, fingerprint, load_model
+from .offload import is_streamed
+from .runtime import RuntimeModel
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +143,21 @@ class ElasticModel:
     # ---- deployment -------------------------------------------------------------------------
 
     def ranks(self, block: int, name: str) -> torch.Tensor:
-        """Per-row importance ranks of one layer, computed from the base weights once and cached."""
+        """Per-row importance ranks of one layer, computed from the base weights once and cached
+        (not cached for a streamed base, which must not end up holding a rank for every weight).
+        A streamed base's block must be resident (`offload.resident`)."""
         key = (block, name)
-        if key not in self._ranks:
-            self._ranks[key] = row_ranks(self.scores(block, name))
-        return self._ranks[key]
+        if key in self._ranks:
+            return self._ranks[key]
+        ranks = row_ranks(self.scores(block, name))
+        if not is_streamed(decoder_blocks(self.base.model)[block]):
+            self._ranks[key] = ranks
+        return ranks
 
     def scores(self, block: int, name: str) -> torch.Tensor:
-        """Importance of every weight of one layer: Wanda's |W| * ||X_j|| (magnitude if no norms)."""
+        """Importance of every weight of one layer (`importance.importance_scores`)."""
         layer = prunable_linears(self.base.model, decoder_blocks(self.base.model)[block])[name]
-        norms = self.blocks[block].input_norms
-        return wanda_scores(layer.weight, norms[name]) if norms else magnitude_scores(layer.weight)
+        return importance_scores(layer.weight, self.blocks[block].input_norms.get(name))
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
         """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model, in the base weight's
@@ -161,7 +167,7 @@ class ElasticModel:
         state = self.blocks[block]
         group = self.config.group_of(sparsity)
         a, b = state.adapters[name]
-        active = range(group + 1) if group > 0 or state.group1_adapter else range(0)
+        active = active_adapters(group, state.group1_adapter)
         device = layer.weight.device
         delta = state.deltas.get(name)
         return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,
@@ -228,7 +234,7 @@ class ElasticModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu",
-             dtype: str = "auto") -> "ElasticModel":
+             dtype: str = "auto", stream: bool = False) -> "ElasticModel":
         """Load an artifact; the base model is reloaded from the manifest's spec unless given (a
         LoadedModel, or a spec for `load_model`), in `dtype`: "auto" is the dtype the artifact was
         made in. Raises ArtifactError for a missing or damaged artifact and for a base model whose
@@ -256,7 +262,7 @@ class ElasticModel:
         if not isinstance(base, LoadedModel):
             spec = base or recorded["spec"]
             try:
-                base = load_model(spec, made_in if dtype == "auto" else dtype, device)
+                base = load_model(spec, made_in if dtype == "auto" else dtype, device, stream=stream)
             except ModelLoadError as err:
                 if base is not None:
                     raise
@@ -274,90 +280,3 @@ class ElasticModel:
         norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
         blocks = blocks_from_tensors(manifest["blocks"], manifest["layers"], config.num_groups, adapters, norms)
         return cls(base, config, blocks, expected, manifest.get("stats"), manifest.get("calibration"))
-
-
-class RuntimeModel:
-    """A served model whose sparsity is switched in place: each switch re-merges the affected
-    layers from the base weights, scores and adapters that the elastic model holds once, so memory
-    is the base model plus this one working copy, whatever the number of sparsities served."""
-
-    def __init__(self, elastic: ElasticModel):
-        self.elastic = elastic
-        self.loaded = LoadedModel(copy.deepcopy(elastic.base.model), elastic.base.tokenizer, elastic.base.spec)
-        self.sparsity: dict[int, float] = {b: 0.0 for b in range(len(elastic.blocks))}  # starts as the dense base
-        self._base_layers = [prunable_linears(elastic.base.model, blk) for blk in decoder_blocks(elastic.base.model)]
-        self._layers = [prunable_linears(self.loaded.model, blk) for blk in decoder_blocks(self.loaded.model)]
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.loaded.model
-
-    @torch.no_grad()
-    def set_sparsity(self, sparsity: float | dict[int, float]) -> None:
-        """Switch every block to `sparsity`, or the blocks of a {block: s} mapping (others keep theirs)."""
-        plan = self.elastic._per_block(sparsity)
-        for b, s in plan.items():
-            for name, layer in self._layers[b].items():
-                layer.weight.copy_(self.elastic.merged_weight(b, name, self._base_layers[b][name], s))
-            self.sparsity[b] = s
-
-
-# ---- checkpoints of an unfinished compress run ------------------------------------------------
-# After every finished block: the blocks so far and both calibration streams. Nothing else is
-# needed to continue: each block draws from its own seeded generator and starts a fresh optimiser.
-
-CHECKPOINT = "checkpoint.json"
-
-
-def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense: torch.Tensor,
-                    elastic: torch.Tensor) -> None:
-    """Write the checkpoint after `len(blocks)` finished blocks; only the latest one is kept."""
-    name = f"checkpoint-{len(blocks):05d}.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
-    adapters, norms = blocks_to_tensors(blocks)
-    tensors = {"stream.dense": dense, "stream.elastic": elastic}
-    tensors.update({f"adapter.{k}": v for k, v in adapters.items()})
-    tensors.update({f"norm.{k}": v for k, v in norms.items()})
-    save_tensors_atomic(tensors, folder / name)
-    write_json_atomic(folder / CHECKPOINT, {
-        "format_version": FORMAT_VERSION,
-        "run_key": run_key,
-        "next_block": len(blocks),
-        "tensors": name,
-        "layers": list(blocks[0].adapters),
-        "blocks": [s.info() for s in blocks],
-    })
-    for old in folder.glob("checkpoint-*.safetensors"):
-        if old.name != name:
-            old.unlink()
-
-
-def load_checkpoint(folder: Path, run_key: str, num_groups: int
-                    ) -> tuple[list[BlockState], torch.Tensor, torch.Tensor] | None:
-    """The finished blocks and both streams of an unfinished run of the same command, or None."""
-    path = folder / CHECKPOINT
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("run_key") != run_key:
-        raise ArtifactError(f"{folder} holds an unfinished run of another compress command (model, config or "
-                            f"calibration differ): rerun that command, or pass --overwrite to start over")
-    try:
-        tensors = load_file(str(folder / meta["tensors"]))
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise ArtifactError(f"checkpoint {folder / meta['tensors']} is damaged ({err}): pass --overwrite to "
-                            f"start over") from err
-    adapters = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
-    norms = {k.removeprefix("norm."): v for k, v in tensors.items() if k.startswith("norm.")}
-    blocks = blocks_from_tensors(meta["blocks"], meta["layers"], num_groups, adapters, norms)
-    return blocks, tensors["stream.dense"], tensors["stream.elastic"]
-
-
-def clear_checkpoint(folder: Path) -> None:
-    (folder / CHECKPOINT).unlink(missing_ok=True)
-    for old in folder.glob("checkpoint-*.safetensors"):
-        old.unlink()
-
-
-def is_unfinished_run(folder: Path) -> bool:
-    return (folder / CHECKPOINT).is_file() and not (folder / MANIFEST).is_file()

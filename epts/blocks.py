@@ -1,4 +1,5 @@
-"""Capture the real calls a model makes to its decoder blocks, and replay any block on a stream.
+"""Capture the real calls a model makes to its decoder blocks, and replay any block on a stream
+(`BlockRunner`, the one home of a replayed block: every pipeline step runs its block through it).
 
 Instead of re-deriving attention masks, position ids and rotary embeddings per architecture and
 per transformers version, we run the model once and record every keyword argument each block
@@ -54,6 +55,11 @@ class BlockCalls:
     hidden: torch.Tensor  # (n, seqlen, hidden) on the CPU: the stream entering block 0
     kwargs: list[BlockKwargs]  # per block, the keyword arguments of its call (batch of one)
     hidden_as_kwarg: bool  # whether the model passes hidden states by keyword
+    batch_size: int = 8  # windows per forward pass
+
+    def runner(self, index: int, block: nn.Module, device: torch.device | None = None) -> "BlockRunner":
+        """The replay of block `index` (0-based), which is `block`, on `device` (default: its weights')."""
+        return BlockRunner(block, self.kwargs[index], self.hidden_as_kwarg, self.batch_size, device)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -110,7 +116,7 @@ def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: i
         handle.remove()
     hidden = torch.cat(chunks)
     check_finite(hidden, "the embedding layer (the input of block 1)")
-    return BlockCalls(hidden, per_block, hidden_as_kwarg)
+    return BlockCalls(hidden, per_block, hidden_as_kwarg, batch_size)
 
 
 def _detach(value):
@@ -129,33 +135,47 @@ def _to_device(value, device):
     return value
 
 
-def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], hidden_as_kwarg: bool = False) -> torch.Tensor:
-    """One block on one batch, with the captured kwargs moved to the hidden states' device."""
-    kwargs = {k: _to_device(v, hidden.device) for k, v in kwargs.items()}
-    out = block(hidden_states=hidden, **kwargs) if hidden_as_kwarg else block(hidden, **kwargs)
+@dataclass
+class BlockRunner:
+    """One decoder block replayed on streams of hidden states: the block, the keyword arguments of
+    its captured call, whether the model passes hidden states by keyword, the windows per forward
+    pass, and the device it computes on. Streams stay on the CPU; each batch moves to `device`
+    and its result back."""
+
+    block: nn.Module
+    kwargs: dict[str, Any]  # a captured BlockKwargs names its block in errors
+    hidden_as_kwarg: bool = False
+    batch_size: int = 8
+    device: torch.device | None = None  # None: the device of the block's weights
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = _model_device(self.block)
+
+    @property
+    def name(self) -> str:
+        """"block i of n" for a captured call, else "a decoder block"."""
+        kw = self.kwargs
+        return f"block {kw.index + 1} of {kw.count}" if isinstance(kw, BlockKwargs) else "a decoder block"
+
+    @torch.no_grad()
+    def run(self, stream: torch.Tensor) -> torch.Tensor:
+        """The block over a whole stream (n, seqlen, hidden), batch by batch; the result (same shape
+        and dtype) stays on the stream's device. Raises NonFiniteActivationError at the first batch
+        whose output holds inf or NaN (an overflow of the model's dtype), naming the block."""
+        out = torch.empty_like(stream)
+        for start in range(0, stream.shape[0], self.batch_size):
+            result = call_block(self, stream[start : start + self.batch_size].to(self.device))
+            check_finite(result, self.name)
+            out[start : start + self.batch_size] = result.to(out.device)
+        return out
+
+
+def call_block(runner: BlockRunner, hidden: torch.Tensor) -> torch.Tensor:
+    """The runner's block on one batch (b, seqlen, hidden) already on its device, with the captured
+    kwargs moved there; gradients flow (the optimisation trains through this call)."""
+    kwargs = {k: _to_device(v, hidden.device) for k, v in runner.kwargs.items()}
+    block = runner.block
+    out = block(hidden_states=hidden, **kwargs) if runner.hidden_as_kwarg else block(hidden, **kwargs)
     # Some families (OPT) still return a tuple whose first item is the hidden states.
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_block(
-    block: nn.Module,
-    stream: torch.Tensor,
-    kwargs: dict[str, Any],
-    hidden_as_kwarg: bool = False,
-    batch_size: int = 8,
-) -> torch.Tensor:
-    """Run one block over a whole stream of windows, batch by batch; the result stays on the CPU.
-
-    Raises NonFiniteActivationError at the first batch whose output holds inf or NaN (an overflow
-    of the model's dtype), naming the block when `kwargs` is a captured `BlockKwargs`.
-    """
-    device = _model_device(block)
-    out = torch.empty_like(stream)
-    where = f"block {kwargs.index + 1} of {kwargs.count}" if isinstance(kwargs, BlockKwargs) else "a decoder block"
-    for start in range(0, stream.shape[0], batch_size):
-        batch = stream[start : start + batch_size].to(device)
-        result = call_block(block, batch, kwargs, hidden_as_kwarg)
-        check_finite(result, where)
-        out[start : start + batch_size] = result.to(out.device)
-    return out

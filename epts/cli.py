@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import distributed
 from .api import export
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
-from .artifact import ArtifactError, ElasticModel, is_unfinished_run
+from .artifact import ArtifactError, ElasticModel
+from .checkpoint import is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
@@ -198,7 +200,7 @@ def _cmd_prune(args) -> None:
     if out is not None:
         _check_out(out, args.overwrite, inputs)
     _check_report(args.report, inputs)
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
     if METHODS[config.method].needs_inputs:
         check_context(loaded.model, args.seqlen)
     if args.eval_data:
@@ -207,7 +209,9 @@ def _cmd_prune(args) -> None:
     if args.eval_data and not args.no_dense_eval:
         result["ppl_dense"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
         print(f"dense perplexity: {result['ppl_dense']:.3f}")
-    report = prune(loaded, args.calib, config)
+    report = prune(loaded, args.calib, config, progress=distributed.is_main())
+    if not distributed.is_main():  # under torchrun: rank 0 holds the same pruned model, and reports it
+        return
     result.update(report.to_dict())
     print(f"{config.method} {config.pattern}: total sparsity {report.total_sparsity:.4f}, "
           f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")
@@ -263,8 +267,12 @@ def _cmd_compress(args) -> None:
         raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    elastic = compress(loaded, args.calib, config, out=out, metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
+    elastic = compress(loaded, args.calib, config, out=out, progress=distributed.is_main(),
+                       metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    if not distributed.is_main():
+        return
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
           f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")
 
@@ -335,7 +343,8 @@ def _cmd_eval(args) -> None:
     if args.artifact is None:
         if args.sparsity:
             raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
-        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+        # lm-eval's harness wants the whole model; perplexity streams it block by block.
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=not args.tasks)
         if args.eval_data:
             ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
             print(f"perplexity: {ppl:.3f}")
@@ -386,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    distributed.init()  # under torchrun only
     try:
         COMMANDS[args.command](args)
     except _USER_ERRORS as err:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .arch import decoder_blocks, prunable_linears
 from .data import eval_windows, tokenize
 from .models import LoadedModel, check_context
+from .offload import resident
 
 
 @torch.no_grad()
@@ -54,8 +55,9 @@ def layer_sparsity(model: torch.nn.Module) -> dict[str, float]:
     """Fraction of exact zeros in every prunable linear, by its full name."""
     out = {}
     for b, block in enumerate(decoder_blocks(model)):
-        for name, layer in prunable_linears(model, block).items():
-            out[f"{b}.{name}"] = (layer.weight == 0).float().mean().item()
+        with resident(block):
+            for name, layer in prunable_linears(model, block).items():
+                out[f"{b}.{name}"] = (layer.weight == 0).float().mean().item()
     return out
 
 
@@ -63,7 +65,8 @@ def total_sparsity(model: torch.nn.Module) -> float:
     """Fraction of exact zeros over all prunable weights together."""
     zeros = total = 0
     for block in decoder_blocks(model):
-        for layer in prunable_linears(model, block).values():
-            zeros += (layer.weight == 0).sum().item()
-            total += layer.weight.numel()
+        with resident(block):
+            for layer in prunable_linears(model, block).values():
+                zeros += (layer.weight == 0).sum().item()
+                total += layer.weight.numel()
     return zeros / total

@@ -19,6 +19,13 @@ from torch import nn
 from .importance import float_mask
 
 
+def active_adapters(group: int, group1_adapter: bool = True) -> range:
+    """The adapters group `group` (0-based) computes with, stated once for training, the mixer,
+    the group-1 check and the artifact's merge: adapters 0..group (the hierarchy), except group 0
+    of a block whose group-1 check dropped its adapter (`group1_adapter` False), which uses none."""
+    return range(group + 1) if group > 0 or group1_adapter else range(0)
+
+
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
                      b: list[torch.Tensor], delta: torch.Tensor | None = None) -> torch.Tensor:
     """M(s) * (W + delta + sum_j B_j A_j) over the given adapters, M(s) keeping the top-ranked weights
@@ -69,12 +76,12 @@ class ElasticLinear(nn.Module):
     def num_groups(self) -> int:
         return len(self.A)
 
-    def set_state(self, sparsity: float, group: int, use_adapters: bool = True) -> None:
-        """Compute at `sparsity` with the adapters of groups 0..`group` (0-based), or none."""
+    def set_state(self, sparsity: float, group: int, group1_adapter: bool = True) -> None:
+        """Compute at `sparsity` with the adapters `active_adapters(group, group1_adapter)` gives."""
         if not 0 <= group < self.num_groups:
             raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
         self.sparsity = sparsity
-        self.adapters = range(group + 1) if use_adapters else range(0)
+        self.adapters = active_adapters(group, group1_adapter)
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.ranks, self.sparsity,
@@ -110,6 +117,6 @@ def detach(block: nn.Module, originals: dict[str, nn.Linear]) -> None:
         block.set_submodule(name, layer)
 
 
-def set_state(layers: dict[str, ElasticLinear], sparsity: float, group: int, use_adapters: bool = True) -> None:
+def set_state(layers: dict[str, ElasticLinear], sparsity: float, group: int, group1_adapter: bool = True) -> None:
     for layer in layers.values():
-        layer.set_state(sparsity, group, use_adapters)
+        layer.set_state(sparsity, group, group1_adapter)

@@ -61,6 +61,13 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().abs().float() * input_norm.to(weight.device).float().unsqueeze(0)
 
 
+def importance_scores(weight: torch.Tensor, input_norm: torch.Tensor | None) -> torch.Tensor:
+    """The EPTS importance of every weight (METHOD.md, ingredient 1), chosen here once for the
+    optimisation and the artifact: Wanda's |W| * ||X_j|| when input norms were recorded (criterion
+    "wanda"), else magnitude |W|. `weight` (d_out, d_in), `input_norm` (d_in,); float32 result."""
+    return magnitude_scores(weight) if input_norm is None else wanda_scores(weight, input_norm)
+
+
 def row_ranks(scores: torch.Tensor) -> torch.Tensor:
     """rank[i, j] = position of weight j in row i when sorted by descending score.
 

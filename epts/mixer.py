@@ -6,12 +6,9 @@ group, so it becomes robust to the features of every sparsity it must serve.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
-from .blocks import run_block
+from .blocks import BlockRunner
 from .hilora import ElasticLinear, set_state
 
 
@@ -22,21 +19,19 @@ def draw_mix_sparsities(groups: list[tuple[float, float]], generator: torch.Gene
 
 @torch.no_grad()
 def mix_features(
-    block: nn.Module,
+    runner: BlockRunner,
     layers: dict[str, ElasticLinear],
     stream: torch.Tensor,
-    kwargs: dict[str, Any],
     sparsities: list[float],
     weights: tuple[float, ...],
-    group_uses_adapters: list[bool],
-    hidden_as_kwarg: bool = False,
-    batch_size: int = 8,
+    group1_adapter: bool = True,
 ) -> torch.Tensor:
-    """sum_k w_k * block_{s_k, k}(stream)."""
+    """sum_k w_k * block_{s_k, k}(stream), each group k with the adapters `hilora.active_adapters`
+    gives it (none for group 1 when `group1_adapter` is False)."""
     mixed = torch.zeros_like(stream)
     for k, (s, w) in enumerate(zip(sparsities, weights)):
         if w == 0:
             continue
-        set_state(layers, s, k, group_uses_adapters[k])
-        mixed.add_(run_block(block, stream, kwargs, hidden_as_kwarg, batch_size), alpha=w)
+        set_state(layers, s, k, group1_adapter)
+        mixed.add_(runner.run(stream), alpha=w)
     return mixed

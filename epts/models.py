@@ -17,6 +17,7 @@ from torch import nn
 
 from .arch import decoder_blocks, prunable_weight_names
 from .io import unprivate_tree, write_json_atomic
+from .offload import is_streamed, load_streamed, save_streamed, streamed_tensors
 from .sparse_format import compress_folder, is_compressed, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def load_model(
     dtype: str = "auto",
     device: str | None = "cpu",
     trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -146,6 +148,8 @@ def load_model(
     Raises ModelLoadError when the model cannot be loaded, or when its checkpoint lacks tensors
     that transformers would otherwise fill with random values. A local folder without tokenizer
     files loads with a `MissingTokenizer` that raises ModelLoadError once text must be tokenized.
+    With `stream`, a model stored as safetensors (a folder, or a GGUF file's cached copy) keeps
+    its decoder blocks on disk until each is used (`epts.offload`); other models load whole.
     """
     from transformers import AutoModelForCausalLM
 
@@ -182,7 +186,14 @@ def load_model(
         _check_model_files(Path(source))
     log.info("loading model %s", spec)
     try:
-        if is_compressed(source):
+        streamed = None
+        if stream and Path(source).is_dir() and "gguf_file" not in kwargs and not is_compressed(source) \
+                and any(Path(source).glob("*.safetensors")):
+            dtype_arg = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else None
+            streamed = load_streamed(source, dtype_arg, resolve_device(device), trust_remote_code)
+        if streamed is not None:
+            model, info = streamed, {"missing_keys": []}
+        elif is_compressed(source):
             model, info = _load_compressed(source, kwargs)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
@@ -215,7 +226,8 @@ def load_model(
             save_model(loaded, cached)
         except OSError as err:
             log.warning("could not cache the de-quantised model in %s: %s", cached, err)
-    model.to(resolve_device(device))
+    if not is_streamed(decoder_blocks(model)[0]):  # a streamed model is on its device already
+        model.to(resolve_device(device))
     return loaded
 
 
@@ -289,12 +301,15 @@ def check_context(model: nn.Module, seqlen: int, flag: str = "--seqlen") -> None
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer's name, dtype, shape and bytes, in a fixed order."""
+    """sha256 over every parameter and buffer's name, dtype, shape and bytes, in a fixed order; a
+    streamed block's tensors are read from their files one at a time, and no tensor is copied
+    beyond a move to the CPU, so this never holds the weights twice."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in streamed_tensors(model):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -324,7 +339,10 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        loaded.model.save_pretrained(tmp)
+        if is_streamed(decoder_blocks(loaded.model)[0]):
+            save_streamed(loaded.model, tmp)
+        else:
+            loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         _add_transformers4_fields(tmp / "config.json")
         if compressed:

@@ -4,13 +4,12 @@ Two streams of hidden states flow block by block: the dense stream H (untouched 
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
 and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
 stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
-Only the current block's adapters live on the compute device; both streams stay on the CPU.
+Only the current block's adapters live on the compute device; both streams stay on the CPU. A
+streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -22,16 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import hilora
+from . import distributed, hilora
 from .arch import decoder_blocks, prunable_linears
-from .artifact import BlockState, ElasticModel, calibration_record, clear_checkpoint, load_checkpoint, save_checkpoint
-from .blocks import BlockCalls, call_block, capture_block_calls, run_block
+from .artifact import BlockState, ElasticModel, calibration_record
+from .blocks import BlockCalls, BlockRunner, call_block, capture_block_calls
+from .checkpoint import clear_checkpoint, load_checkpoint, run_key, save_checkpoint
 from .config import EPTSConfig
 from .data import calibration_set
 from .evaluate import peak_rss_mb
-from .importance import InputNormStats, magnitude_scores, row_ranks, wanda_scores
+from .importance import InputNormStats, importance_scores, row_ranks
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, check_context, fingerprint
+from .offload import resident
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,26 @@ def _block_generator(seed: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + block)
 
 
-def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tensor], criterion: str) -> dict[str, torch.Tensor]:
-    if criterion == "wanda":
-        return {n: row_ranks(wanda_scores(l.weight, input_norms[n])) for n, l in layers.items()}
-    return {n: row_ranks(magnitude_scores(l.weight)) for n, l in layers.items()}
+def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row ranks of every layer's importance (Wanda with `input_norms`, magnitude when empty)."""
+    return {n: row_ranks(importance_scores(l.weight, input_norms.get(n))) for n, l in layers.items()}
 
 
 @torch.no_grad()
-def dense_pass(block: nn.Module, layers: dict[str, nn.Linear], stream: torch.Tensor, calls: BlockCalls, index: int,
-               batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dense_pass(runner: BlockRunner, layers: dict[str, nn.Linear], stream: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The dense block on the dense stream: its outputs (targets, next dense stream) and the
     input-channel norms of its prunable linears (Wanda importance)."""
     stats = {name: InputNormStats(layer.in_features) for name, layer in layers.items()}
     handles = [layer.register_forward_hook(lambda m, inp, out, s=stats[n]: s.add_batch(inp[0]))
                for n, layer in layers.items()]
     try:
-        out = run_block(block, stream, calls.kwargs[index], calls.hidden_as_kwarg, batch_size)
+        out = runner.run(stream)
     finally:
         for h in handles:
             h.remove()
+    for s in stats.values():
+        distributed.sum_(s.sum_sq)
     return out, {name: s.norm() for name, s in stats.items()}
 
 
@@ -81,22 +83,22 @@ class NonFiniteError(ArithmeticError):
 
 
 def train_block(
-    block: nn.Module,
+    runner: BlockRunner,
     layers: dict[str, hilora.ElasticLinear],
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    kwargs: dict,
-    hidden_as_kwarg: bool,
     config: EPTSConfig,
     generator: torch.Generator,
-    desc: str,
-    progress: bool,
     lr: float,
+    progress: bool,
 ) -> list[float]:
-    """E epochs of multi-sparsity training of one block's adapters; returns each group's mean loss
-    over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
-    device = next(iter(layers.values())).weight.device
-    n, bs, K = inputs.shape[0], config.batch_size, config.num_groups
+    """E epochs of multi-sparsity training of one block's adapters on `inputs` (the elastic stream)
+    against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU; returns each
+    group's mean loss over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
+    device = runner.device
+    world = distributed.world_size()
+    # config.batch_size is the global batch: each of the `world` processes takes its share of it.
+    n, bs, K = inputs.shape[0], config.batch_size // world, config.num_groups
     steps_per_epoch = math.ceil(n / bs)
     total = config.epochs * steps_per_epoch
     draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
@@ -108,7 +110,7 @@ def train_block(
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     epoch_losses = torch.zeros(K, dtype=torch.float64)
-    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+    with tqdm(total=total, desc=runner.name, disable=not progress) as bar:
         for step in range(total):
             if step % steps_per_epoch == 0:
                 epoch_losses.zero_()
@@ -117,17 +119,25 @@ def train_block(
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
             anchor = None
+            step_losses = torch.zeros(K, dtype=torch.float64)
             for k in range(K):
                 hilora.set_state(layers, draws[k][step].item(), k)
-                out = call_block(block, x, kwargs, hidden_as_kwarg).float()
+                out = call_block(runner, x).float()
                 loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
                 if k == 0:
                     anchor = out.detach()
                 value = loss.item()
-                if not math.isfinite(value):
+                if world == 1 and not math.isfinite(value):
                     raise NonFiniteError(f"non-finite loss of group {k + 1} at step {step + 1}")
                 loss.backward()
-                epoch_losses[k] += value
+                step_losses[k] = value
+            if world > 1:  # every process decides on the same reduced numbers, or they would part ways
+                distributed.mean_grads_(params)
+                distributed.mean_(step_losses)
+                if not torch.isfinite(step_losses).all():
+                    raise NonFiniteError(f"non-finite loss of group {int(step_losses.isfinite().logical_not().nonzero()[0]) + 1} "
+                                         f"at step {step + 1}")
+            epoch_losses += step_losses
             if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all():
                 raise NonFiniteError(f"non-finite gradient at step {step + 1}")
             optimizer.step()
@@ -141,33 +151,30 @@ def train_block(
 
 
 @torch.no_grad()
-def group1_check(block, layers, stream, targets, kwargs, hidden_as_kwarg, sparsity, batch_size) -> tuple[float, float]:
+def group1_check(runner: BlockRunner, layers: dict[str, hilora.ElasticLinear], stream: torch.Tensor,
+                 targets: torch.Tensor, sparsity: float) -> tuple[float, float]:
     """Loss against the dense targets at `sparsity`, with and without the group-1 adapter."""
     losses = []
-    for use in (True, False):
-        hilora.set_state(layers, sparsity, 0, use_adapters=use)
-        out = run_block(block, stream, kwargs, hidden_as_kwarg, batch_size)
-        losses.append(F.mse_loss(out.float(), targets.float()).item())
+    for keep in (True, False):
+        hilora.set_state(layers, sparsity, 0, group1_adapter=keep)
+        out = runner.run(stream)
+        losses.append(distributed.mean_(F.mse_loss(out.float(), targets.float()).double()).item())
     return losses[0], losses[1]
 
 
-def run_key(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) -> str:
-    """What makes two compress runs the same run: config, base weights and calibration windows."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    digest.update(base_fingerprint.encode())
-    digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, progress: bool
+def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls, dense: torch.Tensor,
+                   elastic: torch.Tensor, config: EPTSConfig, progress: bool
                    ) -> tuple[BlockState, torch.Tensor, torch.Tensor]:
-    """Everything METHOD.md does for one block; returns its state and the next dense and elastic
-    streams. A non-finite loss or gradient restarts the block with a lower learning rate."""
+    """Everything METHOD.md does for block `b` (which is `block`); returns its state and the next
+    dense and elastic streams. A non-finite loss or gradient restarts the block with a lower
+    learning rate."""
     cc = config.calib
     block_start = time.perf_counter()
+    runner = calls.runner(b, block)
     originals = prunable_linears(model, block)
-    targets, norms = dense_pass(block, originals, dense, calls, b, cc.batch_size)
-    ranks = layer_ranks(originals, norms, config.criterion)
+    targets, norms = dense_pass(runner, originals, dense)
+    input_norms = norms if config.criterion == "wanda" else {}
+    ranks = layer_ranks(originals, input_norms)
     retries = []
     for attempt in range(config.max_retries + 1):
         lr = config.lr * config.retry_lr_factor**attempt
@@ -176,16 +183,13 @@ def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, p
         gen = _block_generator(cc.seed, b)
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0)
         try:
-            losses = train_block(block, layers, elastic, targets, calls.kwargs[b], calls.hidden_as_kwarg, config,
-                                 gen, f"block {b + 1}/{len(calls.kwargs)}", progress, lr)
+            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
-                check = group1_check(block, layers, dense, targets, calls.kwargs[b], calls.hidden_as_kwarg,
-                                     config.group1_check_sparsity, cc.batch_size)
+                check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)
                 group1_adapter = check[0] < check[1]
-            uses = [group1_adapter] + [True] * (config.num_groups - 1)
-            mixed = mix_features(block, layers, elastic, calls.kwargs[b], draw_mix_sparsities(config.groups, gen),
-                                 config.mix_weights, uses, calls.hidden_as_kwarg, cc.batch_size)
+            mixed = mix_features(runner, layers, elastic, draw_mix_sparsities(config.groups, gen), config.mix_weights,
+                                 group1_adapter)
             break
         except NonFiniteError as err:
             retries.append({"attempt": attempt, "lr": lr, "reason": str(err)})
@@ -199,7 +203,7 @@ def compress_block(model, block, b, calls, dense, elastic, config: EPTSConfig, p
         adapters={n: ([a.detach().cpu().clone() for a in l.A], [bb.detach().cpu().clone() for bb in l.B])
                   for n, l in layers.items()},
         deltas={n: l.delta.detach().cpu().clone() for n, l in layers.items() if l.delta is not None},
-        input_norms=norms if config.criterion == "wanda" else {},
+        input_norms=input_norms,
         group1_adapter=group1_adapter,
         losses=losses,
         group1_check=check,
@@ -240,27 +244,32 @@ def compress(
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     blocks = decoder_blocks(model)[:num_blocks]
+    mine = distributed.shard(len(windows), config.batch_size)  # this process's windows (all of them in one)
     try:
         with torch.no_grad():
-            calls = capture_block_calls(model, windows, cc.batch_size)
+            calls = capture_block_calls(model, windows[mine], cc.batch_size)
         resumed = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
         if resumed is None:
             states, dense, elastic = [], calls.hidden, calls.hidden.clone()
         else:
-            states, dense, elastic = resumed
+            states, dense, elastic = resumed[0], resumed[1][mine], resumed[2][mine]
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
         for b in range(len(states), len(blocks)):
-            state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
+            with resident(blocks[b]):  # a streamed block's weights: loaded, used, released
+                state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
             states.append(state)
             if folder is not None and b + 1 < len(blocks):
-                save_checkpoint(folder, key, states, dense, elastic)
+                streams = [distributed.gather(s, mine, len(windows)) for s in (dense, elastic)]
+                if distributed.is_main():
+                    save_checkpoint(folder, key, states, *streams)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
     stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
-             "resumed": resumed is not None, **(metadata or {})}
+             "world_size": distributed.world_size(), "resumed": resumed is not None, **(metadata or {})}
     elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration_record(calib, windows))
-    if folder is not None:
+    if folder is not None and distributed.is_main():
         elastic_model.save(folder)
         clear_checkpoint(folder)
+    distributed.barrier()
     return elastic_model

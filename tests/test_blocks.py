@@ -2,7 +2,7 @@ import torch
 
 from conftest import random_windows
 from epts.arch import decoder_blocks
-from epts.blocks import capture_block_calls, run_block
+from epts.blocks import capture_block_calls
 
 
 def replay_stream(model, ids, batch_size):
@@ -10,7 +10,7 @@ def replay_stream(model, ids, batch_size):
     calls = capture_block_calls(model, ids, batch_size=batch_size)
     stream = calls.hidden
     for b, block in enumerate(decoder_blocks(model)):
-        stream = run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, batch_size=batch_size)
+        stream = calls.runner(b, block).run(stream)
     return stream
 
 
@@ -49,6 +49,6 @@ def test_replay_of_a_perturbed_stream_changes_block_output(tiny):
     ids = random_windows(n=2, seqlen=16)
     calls = capture_block_calls(tiny.model, ids)
     block = decoder_blocks(tiny.model)[0]
-    a = run_block(block, calls.hidden, calls.kwargs[0], calls.hidden_as_kwarg)
-    b = run_block(block, calls.hidden + 0.1, calls.kwargs[0], calls.hidden_as_kwarg)
+    a = calls.runner(0, block).run(calls.hidden)
+    b = calls.runner(0, block).run(calls.hidden + 0.1)
     assert (a - b).abs().max() > 1e-3

@@ -62,5 +62,5 @@ def test_merge_has_exact_sparsity_and_equals_the_wrapped_forward(sparsity):
 
 def test_adapters_off_is_the_masked_base_weight():
     base, layer = elastic_layer()
-    layer.set_state(0.4, 2, use_adapters=False)
+    layer.set_state(0.4, 0, group1_adapter=False)
     torch.testing.assert_close(layer.effective_weight(), base.weight * (layer.ranks < kept_per_row(40, 0.4)))

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import epts.reconstruct as reconstruct
+from epts.checkpoint import save_checkpoint
 from conftest import random_windows, tiny_model, tiny_model_folder
 from epts.artifact import ArtifactError, ElasticModel
 from epts.config import CalibConfig, EPTSConfig
@@ -65,7 +66,7 @@ def test_another_command_on_an_unfinished_folder_is_refused(tmp_path, text_file)
     calls = reconstruct.capture_block_calls(loaded.model, random_windows(2, 32), 8)
     state, dense, elastic = reconstruct.compress_block(loaded.model, reconstruct.decoder_blocks(loaded.model)[0], 0,
                                                        calls, calls.hidden, calls.hidden.clone(), config, False)
-    reconstruct.save_checkpoint(out, "some-other-run", [state], dense, elastic)
+    save_checkpoint(out, "some-other-run", [state], dense, elastic)
     with pytest.raises(ArtifactError, match="unfinished run of another compress command"):
         reconstruct.compress(loaded, random_windows(2, 32), config, out=out, progress=False)
 

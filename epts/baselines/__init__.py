@@ -12,14 +12,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..arch import decoder_blocks, prunable_linears
 from ..allocation import outlier_ratio, owl_sparsities
-from ..blocks import BlockCalls, capture_block_calls, run_block
+from ..blocks import BlockCalls, BlockRunner, capture_block_calls
 from ..config import PruneConfig
 from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
 from ..importance import Pattern, wanda_scores
 from ..models import LoadedModel, check_context
+from ..offload import resident
 from ..reconstruct import dense_pass
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
@@ -66,6 +68,26 @@ class PruneReport:
         return asdict(self)
 
 
+def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner | None,
+                 stream: torch.Tensor | None) -> torch.Tensor | None:
+    """Prune one block in place from its inputs `stream` (None for magnitude); returns its outputs."""
+    pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
+    if runner is None:
+        for p in pruners.values():
+            p.layer.weight.data = p.pruned_weight(pattern)
+        return None
+    handles = [p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()]
+    try:
+        runner.run(stream)
+    finally:
+        for h in handles:
+            h.remove()
+    for p in pruners.values():
+        p.reduce()
+        p.layer.weight.data = p.pruned_weight(pattern)
+    return runner.run(stream)
+
+
 @torch.no_grad()
 def prune(
     loaded: LoadedModel,
@@ -87,32 +109,28 @@ def prune(
     model = loaded.model
     check_pattern(model, config.pattern)
     blocks = decoder_blocks(model)[:num_blocks]
+    calls = stream = None
     if needs_inputs:
         if calib is None:
             raise ValueError(f"{config.method}{' with OWL allocation' * (config.allocation == 'owl')} needs "
                              f"calibration text")
         check_context(model, cc.seqlen)
         windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+        # Under torchrun each process takes its share of the windows; the statistics are reduced.
+        if len(windows) % distributed.world_size():
+            raise ValueError(f"{distributed.world_size()} processes need --nsamples ({len(windows)}) to be a multiple "
+                             f"of {distributed.world_size()}")
+        windows = windows[distributed.shard(len(windows), distributed.world_size())]
         calls = capture_block_calls(model, windows, cc.batch_size)
         stream = calls.hidden
     patterns = [config.pattern] * len(blocks)
     if config.allocation == "owl":
         patterns = [Pattern(sparsity=s) for s in owl_plan(model, blocks, calls, config)]
     for b, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.pattern}", disable=not progress)):
-        pruners = {name: pruner_cls(layer) for name, layer in prunable_linears(model, block).items()}
-        if pruner_cls.needs_inputs:
-            handles = [
-                p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()
-            ]
-            try:
-                run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
-            finally:
-                for h in handles:
-                    h.remove()
-        for p in pruners.values():
-            p.layer.weight.data = p.pruned_weight(patterns[b])
-        if pruner_cls.needs_inputs:
-            stream = run_block(block, stream, calls.kwargs[b], calls.hidden_as_kwarg, cc.batch_size)
+        # A streamed block is loaded, pruned, and kept pruned in a scratch file (`offload.resident`).
+        with resident(block, keep=True):
+            stream = _prune_block(model, block, pruner_cls, patterns[b],
+                                  calls.runner(b, block) if pruner_cls.needs_inputs else None, stream)
     seconds = time.perf_counter() - start
     log.info("%s %s pruned in %.1f s", config.method, config.pattern, seconds)
     return PruneReport(
@@ -138,7 +156,8 @@ def owl_plan(model: torch.nn.Module, blocks: list[torch.nn.Module], calls: Block
     ratios, stream = [], calls.hidden
     for b, block in enumerate(blocks):
         layers = prunable_linears(model, block)
-        stream, norms = dense_pass(block, layers, stream, calls, b, config.calib.batch_size)
-        ratios.append(outlier_ratio([wanda_scores(l.weight, norms[n]) for n, l in layers.items()], config.owl_m))
-    sizes = [sum(l.weight.numel() for l in prunable_linears(model, blk).values()) for blk in blocks]
+        with resident(block):
+            stream, norms = dense_pass(calls.runner(b, block), layers, stream)
+            ratios.append(outlier_ratio([wanda_scores(l.weight, norms[n]) for n, l in layers.items()], config.owl_m))
+    sizes = [sum(l.in_features * l.out_features for l in prunable_linears(model, blk).values()) for blk in blocks]
     return owl_sparsities(ratios, config.pattern.sparsity, config.owl_lambda, 0.0, 0.99, sizes)

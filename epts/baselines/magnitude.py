@@ -16,6 +16,9 @@ class MagnitudePruner:
     def add_batch(self, inputs: torch.Tensor) -> None:
         pass
 
+    def reduce(self) -> None:
+        pass
+
     def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         w = self.layer.weight.data
         return w * pattern_mask(magnitude_scores(w), pattern)

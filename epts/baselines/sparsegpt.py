@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from .. import distributed
 from ..importance import Pattern, kept_per_row
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,15 @@ class SparseGPTPruner:
         total = self.tokens + x.shape[0]
         self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
         self.tokens = total
+
+    def reduce(self) -> None:
+        """The Hessian over every process's tokens (torchrun); every process then solves the same
+        layer from the same reduced Hessian, so all hold the same pruned weights."""
+        if distributed.world_size() == 1:
+            return
+        tokens = distributed.sum_(torch.tensor(float(self.tokens), dtype=torch.float64))
+        self.hessian = distributed.sum_(self.hessian.double() * self.tokens).div_(tokens).float()
+        self.tokens = int(tokens)
 
     def _inverse_hessian_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the dampened H^-1, and the dead input channels (zero in every

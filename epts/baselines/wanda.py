@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..importance import InputNormStats, Pattern, pattern_mask, wanda_scores
 
 
@@ -16,6 +17,10 @@ class WandaPruner:
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         self.stats.add_batch(inputs)
+
+    def reduce(self) -> None:
+        """Sum the input statistics of every process (torchrun)."""
+        distributed.sum_(self.stats.sum_sq)
 
     def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         w = self.layer.weight.data

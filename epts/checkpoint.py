@@ -1,0 +1,83 @@
+"""Checkpoints of an unfinished compress run, and the key that says which run a folder holds.
+
+After every finished block: the blocks so far and both calibration streams. Nothing else is
+needed to continue: each block draws from its own seeded generator and starts a fresh optimiser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .artifact import FORMAT_VERSION, MANIFEST, ArtifactError, BlockState, blocks_from_tensors, blocks_to_tensors
+from .config import EPTSConfig
+from .io import save_tensors_atomic, write_json_atomic
+
+
+def run_key(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) -> str:
+    """What makes two compress runs the same run: config, base weights and calibration windows."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(base_fingerprint.encode())
+    digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+CHECKPOINT = "checkpoint.json"
+
+
+def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense: torch.Tensor,
+                    elastic: torch.Tensor) -> None:
+    """Write the checkpoint after `len(blocks)` finished blocks; only the latest one is kept."""
+    name = f"checkpoint-{len(blocks):05d}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters, norms = blocks_to_tensors(blocks)
+    tensors = {"stream.dense": dense, "stream.elastic": elastic}
+    tensors.update({f"adapter.{k}": v for k, v in adapters.items()})
+    tensors.update({f"norm.{k}": v for k, v in norms.items()})
+    save_tensors_atomic(tensors, folder / name)
+    write_json_atomic(folder / CHECKPOINT, {
+        "format_version": FORMAT_VERSION,
+        "run_key": run_key,
+        "next_block": len(blocks),
+        "tensors": name,
+        "layers": list(blocks[0].adapters),
+        "blocks": [s.info() for s in blocks],
+    })
+    for old in folder.glob("checkpoint-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(folder: Path, run_key: str, num_groups: int
+                    ) -> tuple[list[BlockState], torch.Tensor, torch.Tensor] | None:
+    """The finished blocks and both streams of an unfinished run of the same command, or None."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("run_key") != run_key:
+        raise ArtifactError(f"{folder} holds an unfinished run of another compress command (model, config or "
+                            f"calibration differ): rerun that command, or pass --overwrite to start over")
+    try:
+        tensors = load_file(str(folder / meta["tensors"]))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ArtifactError(f"checkpoint {folder / meta['tensors']} is damaged ({err}): pass --overwrite to "
+                            f"start over") from err
+    adapters = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+    norms = {k.removeprefix("norm."): v for k, v in tensors.items() if k.startswith("norm.")}
+    blocks = blocks_from_tensors(meta["blocks"], meta["layers"], num_groups, adapters, norms)
+    return blocks, tensors["stream.dense"], tensors["stream.elastic"]
+
+
+def clear_checkpoint(folder: Path) -> None:
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    for old in folder.glob("checkpoint-*.safetensors"):
+        old.unlink()
+
+
+def is_unfinished_run(folder: Path) -> bool:
+    return (folder / CHECKPOINT).is_file() and not (folder / MANIFEST).is_file()

@@ -1,0 +1,100 @@
+"""Block-streamed models: the same numbers as a model in memory, with one block in memory at a time."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, random_windows, tiny_model_folder
+from epts.arch import decoder_blocks
+from epts.config import CalibConfig, EPTSConfig
+from epts.evaluate import mean_nll
+from epts.models import fingerprint, load_model
+from epts.reconstruct import compress
+
+
+def resident_blocks(model) -> int:
+    return sum(any(not p.is_meta for p in block.parameters()) for block in decoder_blocks(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_compress_equals_the_in_memory_one_with_one_block_resident(tmp_path, family):
+    folder = tiny_model_folder(tmp_path / "model", family)
+    whole, streamed = load_model(folder), load_model(folder, stream=True)
+    assert resident_blocks(streamed.model) == 0 and resident_blocks(whole.model) == 3
+    assert fingerprint(streamed.model) == fingerprint(whole.model)
+    windows = random_windows(4, 32, vocab=250)
+    assert mean_nll(streamed.model, windows) == mean_nll(whole.model, windows)
+
+    most = []
+    for block in decoder_blocks(streamed.model):
+        block.register_forward_pre_hook(lambda *_: most.append(resident_blocks(streamed.model)))
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
+                        calib=CalibConfig(nsamples=4, seqlen=32))
+    expected = compress(whole, windows, config, progress=False)
+    got = compress(streamed, windows, config, progress=False)
+    assert most and max(most) == 1, "more than one block held in memory at once"
+    assert resident_blocks(streamed.model) == 0, "a block was left in memory"
+    assert got.base_fingerprint == expected.base_fingerprint
+    for mine, theirs in zip(got.blocks, expected.blocks):
+        assert mine.adapters.keys() == theirs.adapters.keys() and mine.group1_adapter == theirs.group1_adapter
+        for name, (a, b) in mine.adapters.items():
+            assert all(torch.equal(x, y) for x, y in zip(a + b, theirs.adapters[name][0] + theirs.adapters[name][1]))
+            assert torch.equal(mine.input_norms[name], theirs.input_norms[name])
+
+
+def test_a_checkpoint_missing_a_block_tensor_is_refused_when_streamed_too(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from epts.models import ModelLoadError
+
+    folder = tiny_model_folder(tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks tensors its config needs: model.layers.1.mlp.up_proj.weight"):
+        load_model(folder, stream=True)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_streamed_prune_saves_block_by_block_the_same_model(tmp_path, method):
+    from safetensors.torch import load_file
+
+    from epts import Pattern, PruneConfig, prune, save_model
+
+    folder = tiny_model_folder(tmp_path / "model", "llama")
+    config = PruneConfig(method, Pattern(sparsity=0.5), CalibConfig(nsamples=4, seqlen=32))
+    windows = random_windows(4, 32, vocab=250)
+    whole, streamed = load_model(folder), load_model(folder, stream=True)
+    expected, got = prune(whole, windows, config, progress=False), prune(streamed, windows, config, progress=False)
+    assert resident_blocks(streamed.model) == 0
+    assert mean_nll(streamed.model, windows) == mean_nll(whole.model, windows)
+    assert got.layer_sparsity == expected.layer_sparsity and got.total_sparsity == pytest.approx(0.5, abs=0.01)
+    save_model(whole, tmp_path / "whole")
+    save_model(streamed, tmp_path / "streamed")
+    shards = sorted((tmp_path / "streamed").glob("model-*.safetensors"))
+    assert len(shards) == 4  # one per block and one for the rest
+    mine = {k: v for shard in shards for k, v in load_file(shard).items()}
+    theirs = load_file(tmp_path / "whole" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    reloaded = load_model(tmp_path / "streamed")
+    assert mean_nll(reloaded.model, windows) == mean_nll(whole.model, windows)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+def test_export_streams_the_base_and_writes_the_same_weights_block_by_block(tmp_path, allocation):
+    from safetensors.torch import load_file
+
+    from epts import export
+    from epts.artifact import ElasticModel
+
+    folder = tiny_model_folder(tmp_path / "model", "llama")
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
+                        calib=CalibConfig(nsamples=4, seqlen=32))
+    compress(load_model(folder), random_windows(4, 32, vocab=250), config, out=tmp_path / "art", progress=False)
+    meta = export(tmp_path / "art", 0.6, tmp_path / "exp", allocation=allocation)
+    shards = sorted((tmp_path / "exp").glob("model-*.safetensors"))
+    assert len(shards) == 4
+    got = {k: v for shard in shards for k, v in load_file(shard).items()}
+    plan = dict(enumerate(meta["block_sparsity"]))
+    expected = ElasticModel.load(tmp_path / "art").materialize(plan).model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert meta["total_sparsity"] == pytest.approx(0.6, abs=0.01)
