@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +20,7 @@ from .api import export
 from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel
-from .checkpoint import is_unfinished_run
+from .checkpoint import CHECKPOINT, is_unfinished_run
 from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
@@ -34,16 +36,20 @@ log = logging.getLogger("epts")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, .gguf file or built-in alias")
     _add_dtype_arg(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    _add_device_arg(p)
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, mps or auto")
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weights' dtype: auto (default) keeps the checkpoint's own, or the one an artifact was "
-                        "made in; a GGUF file loads as float32")
+                   help="weights' dtype: auto keeps the checkpoint's own, or the one an artifact was made in; a "
+                        "GGUF file loads as float32")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, data_flag: str, seqlen_flag: str, required: bool) -> None:
@@ -59,6 +65,15 @@ def _add_format_arg(p: argparse.ArgumentParser) -> None:
                         "sparse-bitmask (values + bitmask), smaller on disk, loaded back by epts")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, except where there is none to show (unset, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -67,7 +82,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epts", description="Elastic post-training sparsity for causal LMs")
+    parser = argparse.ArgumentParser(prog="epts", description="Elastic post-training sparsity for causal LMs",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"epts {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
@@ -75,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="single-sparsity one-shot pruning (magnitude, Wanda, SparseGPT)")
     _add_model_args(p)
-    p.add_argument("--method", default="wanda", choices=sorted(METHODS))
+    p.add_argument("--method", default="wanda", choices=sorted(METHODS),
+                   help="magnitude (no calibration), wanda, or sparsegpt (with a weight update)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", help="unstructured sparsity per output row, in [0, 1) (default 0.5)")
     target.add_argument("--pattern", help="N:M pattern, e.g. 2:4 or 4:8")
@@ -86,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-lambda", type=float, default=PruneConfig.owl_lambda,
                    help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
-    p.add_argument("--nsamples", type=_positive_int, default=CalibConfig.nsamples)
-    p.add_argument("--seqlen", type=_positive_int, default=CalibConfig.seqlen)
-    p.add_argument("--seed", type=int, default=CalibConfig.seed)
-    p.add_argument("--batch-size", type=_positive_int, default=CalibConfig.batch_size)
+    p.add_argument("--nsamples", type=_positive_int, default=CalibConfig.nsamples, help="calibration windows")
+    p.add_argument("--seqlen", type=_positive_int, default=CalibConfig.seqlen, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=CalibConfig.seed, help="seed of the calibration window draw")
+    p.add_argument("--batch-size", type=_positive_int, default=CalibConfig.batch_size,
+                   help="calibration windows per forward pass while collecting activations")
     p.add_argument("--out", help="write the pruned model here (a plain transformers folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_format_arg(p)
@@ -101,23 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--calib", required=True, help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
     p.add_argument("--config", help="YAML or JSON file of EPTSConfig fields (flags below override it)")
-    for flag, kind in (("--nsamples", _positive_int), ("--seqlen", _positive_int), ("--seed", int),
-                       ("--epochs", _positive_int), ("--lr", float), ("--batch-size", _positive_int)):
-        p.add_argument(flag, type=kind, default=None)
-    p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None)
+    defaults, calib = EPTSConfig(), CalibConfig()
+    # default=None: an unset flag leaves the --config file's value, else the default named in the help.
+    for flag, kind, text in (
+            ("--nsamples", _positive_int, f"calibration windows (default {calib.nsamples})"),
+            ("--seqlen", _positive_int, f"tokens per calibration window (default {calib.seqlen})"),
+            ("--seed", int, f"seed of the window draw and of every block's adapter initialisation (default "
+                            f"{calib.seed})"),
+            ("--epochs", _positive_int, f"passes over the calibration windows, per block (default {defaults.epochs})"),
+            ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
+            ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size}; "
+                                            f"not prune's --batch-size, windows per forward pass)")):
+        p.add_argument(flag, type=kind, default=None, help=text + ", unless --config sets it")
+    p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
+                   help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
+                        f"--config sets it")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out (rerunning the same command does this too)")
 
     p = sub.add_parser("export", help="materialise an artifact at one sparsity into a plain transformers folder")
-    p.add_argument("artifact")
-    p.add_argument("--sparsity", required=True, type=float)
-    p.add_argument("--out", required=True)
+    p.add_argument("artifact", help="an EPTS artifact folder (written by epts compress)")
+    p.add_argument("--sparsity", required=True, type=float,
+                   help="global budget: the fraction of prunable weights set to zero, inside the trained range")
+    p.add_argument("--out", required=True, help="folder to write: a transformers model with a README.md model card")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_format_arg(p)
     p.add_argument("--allocation", choices=["uniform", "owl", "search"], default="uniform",
-                   help="per-block sparsities for the global --sparsity budget (default uniform)")
+                   help="per-block sparsities for the global --sparsity budget")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="search: calibration text whose loss scores allocations")
@@ -127,17 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-start", choices=["uniform", "owl"], default="owl", help="search: starting allocation")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     _add_dtype_arg(p)
-    p.add_argument("--device", default="cpu")
+    _add_device_arg(p)
     _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
 
     p = sub.add_parser("generate", help="switch an artifact between sparsities in memory and generate at each")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="an EPTS artifact folder (written by epts compress)")
     p.add_argument("--sparsity", required=True, help="comma-separated sparsities, e.g. 0.3,0.5,0.7")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48,
+                   help="tokens generated at each sparsity (greedy)")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     _add_dtype_arg(p)
-    p.add_argument("--device", default="cpu")
+    _add_device_arg(p)
 
     p = sub.add_parser("eval", help="perplexity of a model, or of an artifact at several sparsities")
     p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model is evaluated)")
@@ -150,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="with --tasks: the first N documents of each task only")
     p.add_argument("--report", help="also write the results as JSON to this file")
+    for p in sub.choices.values():
+        p.formatter_class = _HelpFormatter
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as TQDM_DISABLE=1 does)")
     return parser
 
 
@@ -184,6 +218,10 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(f"cannot write to {folder}: {err.strerror or err}; choose another --out") from None
 
 
+def _ppl(loaded, args) -> float:
+    return evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows, progress=args.progress)
+
+
 def _cmd_prune(args) -> None:
     config = PruneConfig(
         method=args.method,
@@ -207,16 +245,16 @@ def _cmd_prune(args) -> None:
         check_context(loaded.model, args.eval_seqlen, "--eval-seqlen")
     result: dict = {"model": args.model}
     if args.eval_data and not args.no_dense_eval:
-        result["ppl_dense"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+        result["ppl_dense"] = _ppl(loaded, args)
         print(f"dense perplexity: {result['ppl_dense']:.3f}")
-    report = prune(loaded, args.calib, config, progress=distributed.is_main())
+    report = prune(loaded, args.calib, config, progress=args.progress and distributed.is_main())
     if not distributed.is_main():  # under torchrun: rank 0 holds the same pruned model, and reports it
         return
     result.update(report.to_dict())
     print(f"{config.method} {config.pattern}: total sparsity {report.total_sparsity:.4f}, "
           f"{report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MiB")
     if args.eval_data:
-        result["ppl"] = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+        result["ppl"] = _ppl(loaded, args)
         result["eval"] = {"data": args.eval_data, "seqlen": args.eval_seqlen, "max_windows": args.max_windows}
         print(f"{config.method} {config.pattern} perplexity: {result['ppl']:.3f}")
     result["command"] = " ".join(["epts", *sys.argv[1:]])
@@ -269,12 +307,26 @@ def _cmd_compress(args) -> None:
     _check_writable(out.parent)
     distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
-    elastic = compress(loaded, args.calib, config, out=out, progress=distributed.is_main(),
+    elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
                        metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
           f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")
+    _print_compress_summary(elastic, out)
+
+
+def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
+    config = elastic.config
+    lo, hi = config.boundaries[0], config.boundaries[-1]
+    kept = sum(state.group1_adapter for state in elastic.blocks)
+    why = (f"dropped where the pruned weights alone reconstructed the block better at sparsity "
+           f"{config.group1_check_sparsity:g}" if config.group1_check else "the group-1 check is off")
+    inside = [s for s in (0.3, 0.5, 0.7) if lo < s <= hi] or [hi]
+    print(f"  trained sparsity range: {lo:g} to {hi:g} ({config.num_groups} groups)")
+    print(f"  group-1 adapters kept: {kept}/{len(elastic.blocks)} blocks ({why})")
+    print(f"  next: epts eval {out} --sparsity {','.join(f'{s:g}' for s in inside)} --data TEXT")
+    print(f"        epts export {out} --sparsity {inside[len(inside) // 2]:g} --out FOLDER")
 
 
 def _cmd_export(args) -> None:
@@ -288,7 +340,7 @@ def _cmd_export(args) -> None:
                   owl_lambda=args.owl_lambda, calib=args.calib, search_seconds=args.search_seconds,
                   search_samples=args.search_samples, search_seqlen=args.search_seqlen,
                   search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
-                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]))
+                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress)
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "
@@ -331,6 +383,28 @@ def _cmd_generate(args) -> None:
         print(args.prompt + tokenizer.decode(new, skip_special_tokens=True), flush=True)
 
 
+def _accuracy(loaded, args) -> list[dict]:
+    return zero_shot(loaded, args.tasks, limit=args.limit, progress=args.progress)
+
+
+def _describe_folder(spec: str) -> str | None:
+    """What a folder that epts wrote is, from the record it left there; None for any other model."""
+    folder = Path(spec)
+    if (folder / "manifest.json").is_file() and not (folder / "config.json").is_file():
+        raise ValueError(f"{spec} is an EPTS artifact, not a model folder: evaluate it at chosen sparsities with "
+                         f"`epts eval {spec} --sparsity 0.3,0.5,0.7 ...`")
+    if (folder / "epts_export.json").is_file():
+        meta = json.loads((folder / "epts_export.json").read_text(encoding="utf-8"))
+        return (f"{spec}: exported by epts export from the artifact {meta.get('artifact')} at sparsity "
+                f"{meta['sparsity']:g} ({meta['allocation']} allocation; {meta['total_sparsity']:.4f} of the pruned "
+                f"layers' weights are zero)")
+    if (folder / "epts_report.json").is_file():
+        report = json.loads((folder / "epts_report.json").read_text(encoding="utf-8"))
+        return (f"{spec}: pruned by epts prune from {report.get('model')} with {report.get('method')} at "
+                f"{report.get('pattern')} ({report['total_sparsity']:.4f} of the pruned layers' weights are zero)")
+    return None
+
+
 def _cmd_eval(args) -> None:
     _check_report(args.report, {"artifact": args.artifact, "--model": args.model, "--base": args.base,
                                 "--data": args.eval_data})
@@ -343,14 +417,17 @@ def _cmd_eval(args) -> None:
     if args.artifact is None:
         if args.sparsity:
             raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
+        described = _describe_folder(args.model)
+        if described:
+            print(described)
         # lm-eval's harness wants the whole model; perplexity streams it block by block.
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=not args.tasks)
         if args.eval_data:
-            ppl = evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+            ppl = _ppl(loaded, args)
             print(f"perplexity: {ppl:.3f}")
             rows = [{"model": args.model, "ppl": ppl}]
         if args.tasks:
-            accuracy = [{"model": args.model, **row} for row in zero_shot(loaded, args.tasks, limit=args.limit)]
+            accuracy = [{"model": args.model, **row} for row in _accuracy(loaded, args)]
     else:
         elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype)
         sparsities = _sparsity_list(args.sparsity, elastic)
@@ -363,12 +440,12 @@ def _cmd_eval(args) -> None:
             runtime.set_sparsity(s)
             seconds = time.perf_counter() - start
             if args.eval_data:
-                ppl = evaluate_ppl(runtime.loaded, args.eval_data, args.eval_seqlen, args.max_windows)
+                ppl = _ppl(runtime.loaded, args)
                 print(f"| {s:g} | {ppl:.3f} | {seconds:.2f} |", flush=True)
                 rows.append({"artifact": args.artifact, "sparsity": s, "ppl": ppl, "switch_seconds": seconds})
             if args.tasks:
                 accuracy += [{"artifact": args.artifact, "sparsity": s, **row}
-                             for row in zero_shot(runtime.loaded, args.tasks, limit=args.limit)]
+                             for row in _accuracy(runtime.loaded, args)]
     if accuracy:
         first = "model" if args.artifact is None else "sparsity"
         print(f"| {first} | task | acc | acc_norm | documents |\n|---|---|---|---|---|")
@@ -396,13 +473,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed.init()  # under torchrun only
+    args.progress = not (args.quiet or _env_flag("TQDM_DISABLE"))
+    if not args.progress:
+        _silence_progress_bars()
     try:
         COMMANDS[args.command](args)
     except _USER_ERRORS as err:
         message = " ".join(str(err).split())  # one line, whatever the library underneath wrote
         print(f"epts {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nepts {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _silence_progress_bars() -> None:
+    """--quiet for the libraries underneath too: tqdm bars made without an explicit `disable` read
+    TQDM_DISABLE; transformers and huggingface_hub have switches of their own."""
+    from transformers.utils import logging as hf_logging
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf_logging.disable_progress_bar()
+
+
+def _resume_hint(args) -> str:
+    """After Ctrl-C: what was kept and how to continue (compress checkpoints after every block)."""
+    if args.command != "compress":
+        return ""
+    out = Path(args.out)
+    if not is_unfinished_run(out):
+        return f"; interrupted before the first block finished, so nothing was saved in {out}"
+    done = json.loads((out / CHECKPOINT).read_text(encoding="utf-8"))["next_block"]
+    again = ("rerun the same command without --overwrite, or with --resume," if args.overwrite
+             else "rerun the same command (or add --resume)")
+    return f"; {done} finished blocks are checkpointed in {out}: {again} to continue from block {done + 1}"
 
 
 if __name__ == "__main__":

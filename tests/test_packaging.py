@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"yaml": "pyyaml", "lm_eval": "lm-eval"}
-# Declared but never imported by epts itself: transformers needs them to read GGUF files.
-RUNTIME_ONLY = {"accelerate", "gguf"}
+# Declared but never imported by epts itself: transformers needs it to read GGUF files.
+RUNTIME_ONLY = {"gguf"}
 
 
 def _norm(name: str) -> str:
