@@ -21,7 +21,7 @@ from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel
 from .checkpoint import CHECKPOINT, is_unfinished_run
-from .config import CalibConfig, EPTSConfig, PruneConfig, load_config_file
+from .config import PRESETS, CalibConfig, EPTSConfig, PruneConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
 from .importance import Pattern
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="one EPTS optimisation: write an elastic artifact")
     _add_model_args(p)
     p.add_argument("--calib", required=True, help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="starting recipe: default (docs/RECIPE.md), paper (METHOD.md exactly: 10 epochs at lr "
+                        "1e-3) or demo (16 windows, 1 epoch); --config and the flags below go on top")
     p.add_argument("--config", help="YAML or JSON file of EPTSConfig fields (flags below override it)")
     defaults, calib = EPTSConfig(), CalibConfig()
     # default=None: an unset flag leaves the --config file's value, else the default named in the help.
@@ -130,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
             ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size}; "
                                             f"not prune's --batch-size, windows per forward pass)")):
-        p.add_argument(flag, type=kind, default=None, help=text + ", unless --config sets it")
+        p.add_argument(flag, type=kind, default=None, help=text + ", unless --preset or --config sets it")
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
-                        f"--config sets it")
+                        f"--preset or --config sets it")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true",
@@ -290,7 +293,7 @@ def _cmd_compress(args) -> None:
     for name in ("epochs", "lr", "batch_size", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    config = EPTSConfig.from_dict({**fields, "calib": calib})
+    config = EPTSConfig.preset(args.preset, **fields, calib=calib)
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on the built-in default model (SmolLM2-135M), set-up included: ONE elastic
-# `epts compress` with the small preset configs/demo.yaml, then that one elastic model evaluated on
+# `epts compress` with the small preset `--preset demo` (epts/config.py: 16 windows, 1 epoch), then that one elastic model evaluated on
 # WikiText-2 at several sparsities, switched in place (sparsity 0 is the dense base model): a table
 # and a plot of perplexity against sparsity. About 10 minutes on 2 CPU cores.
 # The one-shot Wanda baseline demo is scripts/demo_wanda.sh.
@@ -24,7 +24,7 @@ fresh=()
 [ -f "$artifact/manifest.json" ] && fresh=(--overwrite)
 
 start=$SECONDS
-.venv/bin/epts compress --model "$model" --calib "$data/wiki.valid.tokens" --config configs/demo.yaml \
+.venv/bin/epts compress --model "$model" --calib "$data/wiki.valid.tokens" --preset demo \
   --out "$artifact" "${fresh[@]}" "$@"
 compress_s=$((SECONDS - start))
 .venv/bin/epts eval "$artifact" --sparsity "$sparsities" --data "$data/wiki.test.raw" --seqlen 512 \

@@ -130,3 +130,21 @@ def test_bad_compress_config_is_refused_before_any_work(content, message, text_f
              "--out", str(tmp_path / "art"))
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "art").exists()
+
+
+def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, model_dir):
+    """--preset paper trains METHOD.md's 10 epochs at lr 1e-3; a flag overrides a preset field, and
+    the default preset is the recipe of the dataclass defaults."""
+    from epts.config import EPTSConfig
+
+    assert (EPTSConfig.preset("paper").epochs, EPTSConfig.preset("paper").lr) == (10, 1e-3)
+    assert EPTSConfig.preset("default") == EPTSConfig()
+    assert EPTSConfig.preset("demo", calib={"seqlen": 32}).calib.nsamples == 16
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        EPTSConfig.preset("fast")
+    out = tmp_path / "art"
+    r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--preset", "paper", "--epochs", "1",
+             "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["epochs"], config["lr"], config["calib"]["nsamples"]) == (1, 1e-3, 2)

@@ -88,7 +88,7 @@ class _PoisonFirstCalls:
 
 def test_non_finite_loss_retries_the_block_with_a_lower_lr(monkeypatch, tmp_path):
     monkeypatch.setattr(reconstruct, "call_block", _PoisonFirstCalls(1))
-    config = EPTSConfig(epochs=1, calib=CalibConfig(nsamples=2, seqlen=32))
+    config = EPTSConfig(epochs=1, lr=1e-3, calib=CalibConfig(nsamples=2, seqlen=32))
     elastic = reconstruct.compress(tiny_model("llama"), random_windows(2, 32), config, out=tmp_path / "a", progress=False)
     retries = elastic.blocks[0].retries
     assert len(retries) == 1 and retries[0]["lr"] == pytest.approx(1e-3) and "non-finite loss" in retries[0]["reason"]
@@ -101,7 +101,7 @@ def test_non_finite_loss_retries_the_block_with_a_lower_lr(monkeypatch, tmp_path
 
 def test_a_block_that_keeps_diverging_stops_the_run_without_an_artifact(monkeypatch, tmp_path):
     monkeypatch.setattr(reconstruct, "call_block", _PoisonFirstCalls(10**9))
-    config = EPTSConfig(epochs=1, max_retries=2, calib=CalibConfig(nsamples=2, seqlen=32))
+    config = EPTSConfig(epochs=1, lr=1e-3, max_retries=2, calib=CalibConfig(nsamples=2, seqlen=32))
     with pytest.raises(reconstruct.NonFiniteError, match="kept diverging \\(3 tries, last lr 1e-05\\)"):
         reconstruct.compress(tiny_model("llama"), random_windows(2, 32), config, out=tmp_path / "a", progress=False)
     assert not (tmp_path / "a" / "manifest.json").exists()
