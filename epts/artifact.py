@@ -280,3 +280,7 @@ class ElasticModel:
         norms = load_file(str(folder / IMPORTANCE)) if IMPORTANCE in manifest["files"] else {}
         blocks = blocks_from_tensors(manifest["blocks"], manifest["layers"], config.num_groups, adapters, norms)
         return cls(base, config, blocks, expected, manifest.get("stats"), manifest.get("calibration"))
+
+    # The transformers / peft names, for users who think in from_pretrained / save_pretrained.
+    save_pretrained = save
+    from_pretrained = load

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive_int, default=CalibConfig.nsamples, help="calibration windows")
     p.add_argument("--seqlen", type=_positive_int, default=CalibConfig.seqlen, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=CalibConfig.seed, help="seed of the calibration window draw")
-    p.add_argument("--batch-size", type=_positive_int, default=CalibConfig.batch_size,
+    p.add_argument("--forward-batch-size", type=_positive_int, default=CalibConfig.batch_size,
                    help="calibration windows per forward pass while collecting activations")
     p.add_argument("--out", help="write the pruned model here (a plain transformers folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -131,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{calib.seed})"),
             ("--epochs", _positive_int, f"passes over the calibration windows, per block (default {defaults.epochs})"),
             ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
-            ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size}; "
-                                            f"not prune's --batch-size, windows per forward pass)")):
+            ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})")):
         p.add_argument(flag, type=kind, default=None, help=text + ", unless --preset or --config sets it")
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
@@ -229,7 +228,7 @@ def _cmd_prune(args) -> None:
     config = PruneConfig(
         method=args.method,
         pattern=Pattern.parse(args.pattern or args.sparsity or "0.5"),
-        calib=CalibConfig(args.nsamples, args.seqlen, args.seed, args.batch_size),
+        calib=CalibConfig(args.nsamples, args.seqlen, args.seed, args.forward_batch_size),
         allocation=args.allocation,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,

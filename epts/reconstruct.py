@@ -110,7 +110,7 @@ def train_block(
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     epoch_losses = torch.zeros(K, dtype=torch.float64)
-    with tqdm(total=total, desc=runner.name, disable=not progress) as bar:
+    with tqdm(total=total, desc=runner.name, disable=not progress, leave=False) as bar:
         for step in range(total):
             if step % steps_per_epoch == 0:
                 epoch_losses.zero_()
@@ -145,7 +145,9 @@ def train_block(
             scheduler.step()
             if progress and (step % steps_per_epoch == steps_per_epoch - 1 or step == total - 1):
                 done = step % steps_per_epoch + 1
-                bar.set_postfix_str(" ".join(f"{v / done:.2e}" for v in epoch_losses.tolist()))
+                # Each group's mean loss so far this epoch, labelled by its sparsity range.
+                bar.set_postfix_str(" ".join(f"{lo:g}-{hi:g}:{v / done:.2e}"
+                                             for (lo, hi), v in zip(config.groups, epoch_losses.tolist())))
             bar.update()
     return (epoch_losses / steps_per_epoch).tolist()
 
@@ -254,14 +256,18 @@ def compress(
         else:
             states, dense, elastic = resumed[0], resumed[1][mine], resumed[2][mine]
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
+        overall = tqdm(total=len(blocks), initial=len(states), desc="compress: blocks", unit="block",
+                       disable=not progress)
         for b in range(len(states), len(blocks)):
             with resident(blocks[b]):  # a streamed block's weights: loaded, used, released
                 state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
             states.append(state)
+            overall.update()
             if folder is not None and b + 1 < len(blocks):
                 streams = [distributed.gather(s, mine, len(windows)) for s in (dense, elastic)]
                 if distributed.is_main():
                     save_checkpoint(folder, key, states, *streams)
+        overall.close()
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])

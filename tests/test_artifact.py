@@ -120,3 +120,11 @@ def test_runtime_switching_equals_a_fresh_materialisation(saved):
     # The base model is never touched by a switch.
     base_w = prunable_linears(elastic.base.model, decoder_blocks(elastic.base.model)[0])["mlp.up_proj"].weight
     assert torch.count_nonzero(base_w == 0) == 0
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(saved, tmp_path):
+    elastic, _ = saved
+    path = elastic.save_pretrained(tmp_path / "again")
+    reloaded = ElasticModel.from_pretrained(path, base=tiny_model("llama"))
+    a, b = weights(elastic.materialize(0.55)), weights(reloaded.materialize(0.55))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -82,3 +82,21 @@ def test_materialised_model_reconstructs_better_than_plain_masking(elastic_llama
         tuned = elastic_llama.materialize(0.7).model(ids).logits
         bare = bare_model.materialize(0.7).model(ids).logits
     assert (tuned - dense).pow(2).mean() < 0.9 * (bare - dense).pow(2).mean()
+
+
+def test_shared_full_rank_update_trains_under_the_mask_and_survives_the_artifact(tmp_path):
+    """EPTSConfig.delta_lr > 0: a full-rank update `delta` per layer trains (non-zero), every
+    materialised weight stays exactly sparse, and a reload materialises the same weights."""
+    from epts.importance import kept_per_row
+
+    loaded = tiny_model("llama")
+    config = EPTSConfig(epochs=1, delta_lr=1e-4, calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2))
+    elastic = compress(loaded, random_windows(4, 32), config, progress=False)
+    deltas = elastic.blocks[0].deltas
+    assert set(deltas) == set(elastic.blocks[0].adapters) and all(d.abs().max() > 0 for d in deltas.values())
+    reloaded = ElasticModel.load(elastic.save(tmp_path / "art"), base=tiny_model("llama"))
+    a, b = elastic.materialize(0.6).model, reloaded.materialize(0.6).model
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+    down = a.model.layers[0].mlp.down_proj.weight
+    assert torch.all((down != 0).sum(1) == kept_per_row(down.shape[1], 0.6))
