@@ -13,14 +13,15 @@ from conftest import tiny_model_folder
 # Two processes sum the same gradients and statistics in another order, so the adapters agree to
 # float32 rounding carried through Adam: the largest difference over all A (or all B) matrices is at
 # most this fraction of the largest entry of the A (or B) matrices. Measured on this test: 1.2e-6 for
-# A (entries up to 0.13), 5.8e-5 for B (up to 2.5e-3, grown from zero).
+# A (entries up to 0.13), 5.8e-5 for B (up to 2.5e-3, grown from zero), at lr 1e-3 (pinned here: at
+# the default 3e-3 the rounding carried through Adam grows to 1.15e-3 of the largest B entry).
 ADAPTER_RTOL = 1e-3
 
 
 def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(tmp_path, text_file):
     model = tiny_model_folder(tmp_path / "model")
     args = ["--threads", "1", "compress", "--model", str(model), "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "32", "--epochs", "2", "--batch-size", "2"]
+            "--seqlen", "32", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "epts.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True)
