@@ -104,12 +104,15 @@ def run(args) -> None:
     base = load_model(args.model)
     cc = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen)
     valid = tokenize(base.tokenizer, args.calib, role="calib")
-    windows = calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed)
-    texts = {"heldout": heldout_windows(valid, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen,
-                                        args.heldout_windows)}
+    variants = [load_variant(path) for path in args.variants]
+    counts = {name: (fields.get("calib") or {}).get("nsamples", cc.nsamples) for name, _, fields in variants}
+    # Held-out windows avoid every window any variant here calibrates on (the sampler's windows for
+    # n samples are the first n of those for more), so a 64-window variant is not scored on its own data.
+    exclude = max([cc.nsamples, *counts.values()])
+    texts = {"heldout": heldout_windows(valid, exclude, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)}
     if args.test:
         texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, 64)
-    scope = f"blocks={args.blocks or 'all'}"
+    scope = f"blocks={args.blocks or 'all'}" + (f",heldout-excludes={exclude}" if exclude != cc.nsamples else "")
 
     def row(variant, sparsity, ppl, seconds, extra=None):
         return {"key": f"{variant}|{scope}|{sparsity}|{','.join(sorted(texts))}", "variant": variant, "scope": scope,
@@ -123,19 +126,22 @@ def run(args) -> None:
             if store.has(row(method, s, {}, None)["key"]):
                 continue
             pruned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec)
-            report = prune(pruned, windows, PruneConfig(method, Pattern(sparsity=s), cc), num_blocks=args.blocks)
+            report = prune(pruned, calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed),
+                           PruneConfig(method, Pattern(sparsity=s), cc), num_blocks=args.blocks)
             store.add([row(method, s, evaluate(pruned, texts), report.seconds)])
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
-    for path in args.variants:
-        name, description, fields = load_variant(path)
+    for name, description, fields in variants:
         if all(store.has(row(name, s, {}, None)["key"]) for s in args.sparsities):
             continue
-        config = EPTSConfig.from_dict({**fields, "calib": {**fields.get("calib", {}), "nsamples": cc.nsamples,
-                                                            "seqlen": cc.seqlen}})
+        config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
+                                                            "nsamples": counts[name]}})
+        windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
         start = time.perf_counter()
         elastic = compress(base, windows, config, progress=not args.quiet, num_blocks=args.blocks)
         seconds = time.perf_counter() - start
+        if args.keep_artifacts:
+            elastic.save(args.out / "artifacts" / name)
         runtime = elastic.to_runtime()
         marks = sum(b.group1_adapter for b in elastic.blocks)
         rows = []
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-windows", type=int, default=32)
     p.add_argument("--test", action="store_true", help="also evaluate on WikiText-2 test (final table only)")
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
+    p.add_argument("--keep-artifacts", action="store_true", help="save each variant's artifact in OUT/artifacts/NAME")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
