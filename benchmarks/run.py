@@ -1,7 +1,7 @@
 """The benchmark suite: EPTS against single-sparsity methods on PROTOCOL.md's protocol.
 
     python -m benchmarks.run --suite quick       # ~53 min here; results in benchmarks/results/
-    python -m benchmarks.run --suite standard    # every eval window, 10 epochs; run it in the background
+    python -m benchmarks.run --suite standard    # --preset paper (METHOD.md, 10 epochs), every eval window; long
     python -m benchmarks.run --suite smoke --model DIR --calib FILE --eval FILE --out DIR   # CI
 
 Runs dense; magnitude, Wanda and SparseGPT once per sparsity (and 2:4); one EPTS compress run
@@ -44,6 +44,7 @@ class Suite:
     methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     single: tuple[float, ...] = (0.5, 0.7)  # single-sparsity LoRA reconstruction targets
     epochs: int = 2
+    preset: str = "default"  # epts compress --preset: the recipe of docs/RECIPE.md, or "paper" (METHOD.md)
     nsamples: int = 32
     seqlen: int = 256
     eval_seqlen: int = 512
@@ -52,7 +53,7 @@ class Suite:
 
 SUITES = {
     "quick": Suite(),
-    "standard": Suite(epochs=10, max_windows=None),  # METHOD.md's 10 epochs, PROTOCOL.md's full evaluation
+    "standard": Suite(epochs=10, preset="paper", max_windows=None),  # METHOD.md as written, PROTOCOL.md's full evaluation
     "smoke": Suite(sparsities=(0.3, 0.6), patterns=(), single=(0.6,), epochs=1, nsamples=4, seqlen=64,
                    eval_seqlen=64, max_windows=4),
 }
@@ -161,7 +162,8 @@ def run_suite(suite: Suite, model: str, calib: Path, eval_data: Path, out: Path,
 
     def elastic(name: str, method: str, sparsities, config: Path | None):
         artifact = work / name
-        cmd = ["compress", "--model", model, *calib_args, "--epochs", str(suite.epochs), "--out", str(artifact),
+        cmd = ["compress", "--model", model, *calib_args, "--preset", suite.preset, "--epochs", str(suite.epochs),
+               "--out", str(artifact),
                "--overwrite", *(["--config", str(config)] if config else [])]
         runner.process(f"{name}-compress", epts_argv(*cmd))
         stats = json.loads((artifact / "manifest.json").read_text())["stats"]
