@@ -25,12 +25,14 @@ from .config import PRESETS, CalibConfig, EPTSConfig, PruneConfig, load_config_f
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
 from .importance import Pattern
-from .io import refuse_inputs, write_json_atomic
+from .io import atomic_path, refuse_inputs, write_json_atomic
 from .blocks import NonFiniteActivationError
 from .modelcard import render
 from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
 from .reconstruct import NonFiniteError, compress
-from .zeroshot import parse_tasks, zero_shot
+from .report import plot as report_plot
+from .report import table as report_table
+from .zeroshot import parse_tasks, write_continuation_task, zero_shot
 
 log = logging.getLogger("epts")
 
@@ -515,6 +517,51 @@ def _resume_hint(args) -> str:
     again = ("rerun the same command without --overwrite, or with --resume," if args.overwrite
              else "rerun the same command (or add --resume)")
     return f"; {done} finished blocks are checkpointed in {out}: {again} to continue from block {done + 1}"
+
+
+# ---- the helper commands `python -m epts.report` and `python -m epts.zeroshot` (printing stays in the CLI) ----
+
+def report_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epts.report", description="Table and plot of an `epts eval --report` file",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("report", help="JSON written by `epts eval ARTIFACT --sparsity ... --report FILE`")
+    parser.add_argument("--table", help="also write the markdown table to this file")
+    parser.add_argument("--plot", help="write the perplexity-against-sparsity PNG to this file")
+    parser.add_argument("--title", default=None, help="plot title")
+    args = parser.parse_args(argv)
+    try:
+        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        text = report_table(report)
+        if args.table:
+            with atomic_path(args.table) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        if args.plot:
+            report_plot(report, args.plot, args.title)
+    except (OSError, ValueError) as err:
+        print(f"epts.report: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
+
+
+def task_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m epts.zeroshot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a local multiple-choice task (the true next sentence among distractors) for "
+                    "`epts eval --tasks`.")
+    parser.add_argument("text", help="text to draw it from: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    parser.add_argument("folder", help="folder to write the task's YAML and JSON lines into")
+    parser.add_argument("--docs", type=int, default=200, help="documents (questions)")
+    parser.add_argument("--choices", type=int, default=4, help="choices per document (one is right)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
+    args = parser.parse_args(argv)
+    try:
+        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
+    except (OSError, ValueError) as err:
+        print(f"epts.zeroshot: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ Sparsity 0 of an elastic artifact is the dense base model, so its row is the ref
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -83,28 +81,7 @@ def plot(report: dict, path: str | os.PathLike, title: str | None = None) -> Pat
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epts.report", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("report", help="JSON written by `epts eval ARTIFACT --sparsity ... --report FILE`")
-    parser.add_argument("--table", help="also write the markdown table to this file")
-    parser.add_argument("--plot", help="write the perplexity-against-sparsity PNG to this file")
-    parser.add_argument("--title", default=None, help="plot title")
-    args = parser.parse_args(argv)
-    try:
-        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
-        text = table(report)
-        if args.table:
-            with atomic_path(args.table) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        if args.plot:
-            plot(report, args.plot, args.title)
-    except (OSError, ValueError) as err:
-        print(f"epts.report: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    return 0
+if __name__ == "__main__":  # the command itself lives with the other commands, in epts/cli.py
+    from .cli import report_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_main())

@@ -11,7 +11,6 @@ or local task YAML files and folders (lm-eval's custom-task format), which work 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -227,25 +226,7 @@ def write_continuation_task(
     return yaml_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m epts.zeroshot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a local multiple-choice task (the true next sentence among distractors) for "
-                    "`epts eval --tasks`.")
-    parser.add_argument("text", help="text to draw it from: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
-    parser.add_argument("folder", help="folder to write the task's YAML and JSON lines into")
-    parser.add_argument("--docs", type=int, default=200, help="documents (questions)")
-    parser.add_argument("--choices", type=int, default=4, help="choices per document (one is right)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
-    args = parser.parse_args(argv)
-    try:
-        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
-    except (OSError, ValueError) as err:
-        print(f"epts.zeroshot: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
-    return 0
+if __name__ == "__main__":  # the command itself lives with the other commands, in epts/cli.py
+    from .cli import task_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(task_main())

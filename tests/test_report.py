@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from epts.report import main, table
+from epts.cli import report_main as main
+from epts.report import table
 
 REPORT = {
     "rows": [{"artifact": "a", "sparsity": 0.7, "ppl": 60.0, "switch_seconds": 1.5},
