@@ -67,7 +67,10 @@ class SparseGPTPruner:
         raise ValueError(f"SparseGPT: the Hessian of a {h.shape[0]}-input layer cannot be factored even with 100x "
                          f"the dampening: its calibration activations are degenerate; use more calibration text")
 
-    def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
+    def pruned_weight(self, pattern: Pattern, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's weight (d_out, d_in), in its dtype, pruned to `pattern` with OBS updates of the
+        weights kept. With `mask` (bool, d_out x d_in, True = pruned) the mask is given instead of
+        chosen: the same sweep then only refits the kept weights (`epts.refit`)."""
         w = self.layer.weight.data.clone().float()
         rows, cols = w.shape
         blocksize = self.blocksize
@@ -92,13 +95,15 @@ class SparseGPTPruner:
             diag1 = torch.diag(hinv1)
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
             dead1 = dead[i1:i2]
-            if not pattern.is_nm:
+            if mask is not None:
+                prune1 = mask[:, i1:i2].to(w.device)
+            elif not pattern.is_nm:
                 k = pruned_before(i2) - pruned_before(i1)
                 if k:
                     saliency = (w1.pow(2) / diag1.pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
                     prune1.scatter_(1, torch.topk(saliency, k, dim=1, largest=False).indices, True)
             for i in range(count):
-                if pattern.is_nm and i % pattern.m == 0:
+                if mask is None and pattern.is_nm and i % pattern.m == 0:
                     saliency = w1[:, i : i + pattern.m].pow(2) / diag1[i : i + pattern.m].pow(2).unsqueeze(0)
                     saliency = saliency.masked_fill(dead1[i : i + pattern.m], -1.0)
                     idx = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
