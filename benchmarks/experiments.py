@@ -95,7 +95,9 @@ def run(args) -> None:
     from epts.data import calibration_windows, eval_windows, tokenize
     from epts.importance import Pattern
     from epts.models import LoadedModel, load_model
+    from epts.artifact import ElasticModel
     from epts.reconstruct import compress
+    from epts.refit import refit
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     store = Store(args.out)
@@ -132,26 +134,42 @@ def run(args) -> None:
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
     for name, description, fields in variants:
-        if all(store.has(row(name, s, {}, None)["key"]) for s in args.sparsities):
+        names = [name] + [f"{name}+refit-{mode}" + (f"-{args.refit_iters}" if args.refit_iters != 20 else "")
+                          for mode in args.refit]
+        if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
                                                             "nsamples": counts[name]}})
         windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
-        start = time.perf_counter()
-        elastic = compress(base, windows, config, progress=not args.quiet, num_blocks=args.blocks)
-        seconds = time.perf_counter() - start
-        if args.keep_artifacts:
-            elastic.save(args.out / "artifacts" / name)
+        kept = args.out / "artifacts" / name
+        if args.keep_artifacts and (kept / "manifest.json").is_file():
+            elastic = ElasticModel.load(kept, base=base)  # a rerun (e.g. with --refit) reuses the kept artifact
+            seconds = elastic.stats["compress_seconds"]
+        else:
+            start = time.perf_counter()
+            elastic = compress(base, windows, config, progress=not args.quiet, num_blocks=args.blocks)
+            seconds = time.perf_counter() - start
+            if args.keep_artifacts:
+                elastic.save(kept)
         runtime = elastic.to_runtime()
         marks = sum(b.group1_adapter for b in elastic.blocks)
-        rows = []
-        for s in args.sparsities:
-            runtime.set_sparsity(s)
-            rows.append(row(name, s, evaluate(runtime.loaded, texts), seconds,
-                            {"description": description, "config": fields, "group1_kept": marks,
-                             "losses": [b.losses for b in elastic.blocks]}))
-            log.info("%s %g: %s", name, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})
-        store.add(rows)
+        extra = {"description": description, "config": fields, "group1_kept": marks,
+                 "losses": [b.losses for b in elastic.blocks]}
+        for variant, mode in zip(names, ["none", *args.refit]):
+            rows = []
+            for s in args.sparsities:
+                if store.has(row(variant, s, {}, None)["key"]):
+                    continue
+                runtime.set_sparsity(s)
+                info = {}
+                if mode != "none":
+                    plan = {b: s for b in range(args.blocks or len(elastic.blocks))}
+                    report = refit(elastic, runtime.loaded, plan, windows, mode, args.refit_iters,
+                                   progress=not args.quiet)
+                    info = {"refit": report.to_dict()}
+                rows.append(row(variant, s, evaluate(runtime.loaded, texts), seconds, {**extra, **info}))
+                log.info("%s %g: %s", variant, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})
+            store.add(rows)
         del runtime, elastic
     write_table(store.rows, args.out / "results.md", args.sparsities)
 
@@ -209,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-windows", type=int, default=32)
     p.add_argument("--test", action="store_true", help="also evaluate on WikiText-2 test (final table only)")
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
-    p.add_argument("--keep-artifacts", action="store_true", help="save each variant's artifact in OUT/artifacts/NAME")
+    p.add_argument("--keep-artifacts", action="store_true",
+                   help="save each variant's artifact in OUT/artifacts/NAME (and reuse it when it is there)")
+    p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
+                   help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
+    p.add_argument("--refit-iters", type=int, default=20, help="refit: least-squares steps")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))

@@ -24,6 +24,9 @@ from .io import refuse_inputs
 from .models import LoadedModel, check_context, load_model, save_model
 from .modelcard import render
 from .reconstruct import compress as _compress
+from .refit import MODES as REFIT_MODES
+from .refit import artifact_calibration
+from .refit import refit as _refit
 
 ModelLike = str | os.PathLike | LoadedModel | torch.nn.Module
 
@@ -99,11 +102,16 @@ def export(
     max_windows: int | None = None,
     command: str | None = None,
     progress: bool = True,
+    refit: str = "none",
+    refit_iters: int = 20,
 ) -> dict:
     """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
 
     `allocation` spreads the budget over blocks: "uniform", "owl" (`owl_m`, `owl_lambda`) or
     "search" (needs `calib`, text whose loss scores allocations; `search_*` set its budget).
+    `refit` ("none", "auto", "all") re-solves the kept weights on the calibration windows with the
+    masks fixed (`epts.refit`, `refit_iters` least-squares steps): from `calib` when given, else
+    the artifact's own recorded text.
     `format` is "dense" (zeros in dense tensors, for any transformers) or "compressed"
     (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
     `eval_data`, the export's perplexity is measured and recorded in its model card. The folder
@@ -115,6 +123,9 @@ def export(
     """
     if format not in ("dense", "compressed"):
         raise ValueError(f"format {format!r} is not dense or compressed")
+    if refit not in REFIT_MODES or refit_iters < 0:
+        raise ValueError(f"refit {refit!r} with {refit_iters} steps: choose one of {', '.join(REFIT_MODES)} and "
+                         f"a number of steps >= 0")
     if allocation not in ("uniform", "owl", "search"):
         raise ValueError(f"allocation {allocation!r} is not uniform, owl or search")
     if allocation == "search" and calib is None:
@@ -148,6 +159,9 @@ def export(
     start = time.perf_counter()
     model = elastic.materialize(plan)
     seconds = time.perf_counter() - start
+    if refit != "none":
+        extra["refit"] = _refit(elastic, model, plan, artifact_calibration(elastic, calib), refit,
+                                refit_iters, elastic.config.calib.batch_size, progress).to_dict()
     source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
     meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
             "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,

@@ -122,8 +122,13 @@ def calibration_record(source: str | os.PathLike | torch.Tensor, windows: torch.
                 digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
                 _sha256(file, digest)
             record["sha256"] = digest.hexdigest()
-    record["windows_sha256"] = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    record["windows_sha256"] = windows_sha256(windows)
     return record
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """sha256 of calibration windows (token ids as int64), as the manifest records it."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 class ElasticModel:

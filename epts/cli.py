@@ -154,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-block sparsities for the global --sparsity budget")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
-    p.add_argument("--calib", help="search: calibration text whose loss scores allocations")
+    p.add_argument("--calib", help="search: calibration text whose loss scores allocations; refit: calibration "
+                                   "text (default: the artifact's own, reread and checked)")
+    p.add_argument("--refit", choices=["none", "auto", "all"], default="none",
+                   help="re-solve the kept weights on the calibration with the masks fixed (OBS sweep, then least "
+                        "squares), per block where it lowers the block's error (auto) or everywhere (all)")
+    p.add_argument("--refit-iters", type=int, default=20,
+                   help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
     p.add_argument("--search-seconds", type=float, default=120.0, help="search: time budget")
     p.add_argument("--search-samples", type=_positive_int, default=8, help="search: calibration windows")
     p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
@@ -344,7 +350,12 @@ def _cmd_export(args) -> None:
                   owl_lambda=args.owl_lambda, calib=args.calib, search_seconds=args.search_seconds,
                   search_samples=args.search_samples, search_seqlen=args.search_seqlen,
                   search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
-                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress)
+                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress,
+                  refit=args.refit, refit_iters=args.refit_iters)
+    if "refit" in meta:
+        done = meta["refit"]
+        print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
+              f"in {done['seconds']:.0f} s")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

@@ -1,0 +1,194 @@
+"""Fixed-mask OBS refit at export: an epts extension of METHOD.md's deployment step (issue 13).
+
+The elastic model serves every sparsity from one set of base weights, nested importance masks and
+low-rank adapters. At low sparsity the group-1 check drops the group-1 adapter in most blocks, so
+those sparsities run on bare masks, while SparseGPT re-solves the kept weights of every layer (an
+OBS update) for its one target. A refit gives an export the same update: with the elastic mask
+M(s) fixed, SparseGPT's column sweep (`SparseGPTPruner.pruned_weight(mask=...)`) re-solves the
+kept base weights of each layer against the Hessian of its inputs, block by block on the exported
+model's own activations, as SparseGPT does. Per block, the refit weights replace the merged ones
+(`M(s) * (W + sum B A)`) only where they lower the block's output error against METHOD.md's target
+(the dense block on the dense stream) on the calibration windows ("auto"), or everywhere ("all").
+
+The calibration windows are the ones the artifact was trained on, recomputed from its recorded
+source and checked against its recorded sha256 (`artifact.calibration_record`), so a refit needs no
+extra data stored. It changes only the exported weights: switching a served model in place
+(`epts.runtime`) stays adapter-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import decoder_blocks, prunable_linears
+from .artifact import ElasticModel, windows_sha256
+from .baselines.sparsegpt import SparseGPTPruner
+from .blocks import capture_block_calls
+from .data import calibration_set
+from .importance import Pattern, mask_from_ranks
+from .models import LoadedModel
+from .offload import resident
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "auto", "all")
+
+
+@dataclass
+class RefitReport:
+    """What a refit did: per block, "refit", "adapters" (merged weights kept) or "dense" (sparsity
+    0, untouched), and the block's output error (mean squared, float32) with the merged and with
+    the refit weights against the dense target on the calibration windows."""
+
+    mode: str
+    choices: list[str] = field(default_factory=list)
+    errors: list[tuple[float, float]] = field(default_factory=list)  # (merged, refit) per block
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
+                "refit_blocks": self.choices.count("refit"), "seconds": self.seconds}
+
+
+def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
+    """The calibration windows (nsamples, seqlen) for a refit: drawn from `calib` (text source or
+    ready windows) when given, else the artifact's own, recomputed from its recorded source with its
+    recorded sampling and checked against its recorded sha256. Raises ValueError, naming the
+    source, when the artifact was calibrated on windows passed as a tensor, or when the recorded
+    file is missing or no longer gives the same windows."""
+    cc = elastic.config.calib
+    if calib is not None:
+        return calibration_set(elastic.base.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+    record = elastic.calibration or {}
+    source = record.get("source")
+    if source in (None, "tensor"):
+        raise ValueError("the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
+                         "pass the calibration text for the refit (--calib) or --refit none")
+    try:
+        windows = calibration_set(elastic.base.tokenizer, source, cc.nsamples, cc.seqlen, cc.seed)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot reread the artifact's calibration text {source} for the refit ({err}): pass it "
+                         f"with --calib or use --refit none") from None
+    recorded = record.get("windows_sha256")
+    if recorded and windows_sha256(windows) != recorded:
+        raise ValueError(f"the calibration text {source} no longer gives the windows the artifact was trained on "
+                         f"(sha256 differs): pass the original text with --calib, or --refit none")
+    return windows
+
+
+def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, start: torch.Tensor,
+                         iters: int, percdamp: float = 0.01) -> torch.Tensor:
+    """Minimise sum_i (w_i - x_i) H (w_i - x_i)^T over x supported off `pruned`, every row at once,
+    by `iters` steps of Jacobi-preconditioned conjugate gradients from `start` (the OBS sweep's
+    result, which is a sequential approximation of this least-squares optimum). H is dampened as
+    SparseGPT dampens it. Shapes: weight, pruned, start (d_out, d_in); hessian (d_in, d_in); all on
+    one device; float32 result. Hand-written: batched CG over rows with per-row masks is not in torch."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    keep = (~pruned).float()
+    precond = 1.0 / torch.diag(h)
+    x = start.float() * keep
+    residual = ((weight.float() - x) @ h) * keep  # minus half the gradient
+    z = residual * precond
+    direction = z.clone()
+    rz = (residual * z).sum(1)
+    for _ in range(iters):
+        hd = (direction @ h) * keep
+        curvature = (direction * hd).sum(1)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
+        x += alpha[:, None] * direction
+        residual -= alpha[:, None] * hd
+        z = residual * precond
+        rz_next = (residual * z).sum(1)
+        direction = z + (rz_next / rz.clamp_min(1e-30))[:, None] * direction
+        rz = rz_next
+    return x * keep
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor) -> float:
+    return float((out.float() - target.float()).pow(2).mean())
+
+
+@torch.no_grad()
+def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
+          mode: str = "auto", iters: int = 20, batch_size: int = 8, progress: bool = True) -> RefitReport:
+    """Refit, in place, the prunable weights of `model`, the elastic model materialised at `plan`
+    ({block: sparsity}, `ElasticModel.materialize`), on calibration `windows` (n, seqlen) token ids.
+
+    `mode`: "auto" keeps, per block, whichever of the merged and the refit weights gives the lower
+    output error against the dense target; "all" refits every block at a nonzero sparsity; "none"
+    does nothing. Streamed models are processed one resident block at a time. The result keeps
+    exactly the masks M(s) of the plan. `iters` conjugate-gradient steps (`masked_least_squares`)
+    take each layer from the OBS sweep towards the exact least-squares solution on its mask (0: the
+    sweep alone). Raises ValueError for an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"refit mode {mode!r} is not one of {', '.join(MODES)}")
+    report = RefitReport(mode)
+    if mode == "none":
+        return report
+    start = time.perf_counter()
+    blocks = decoder_blocks(model.model)
+    base_blocks = decoder_blocks(elastic.base.model)
+    calls = capture_block_calls(model.model, windows, batch_size)
+    dense = elastic_stream = calls.hidden
+    for b, block in enumerate(tqdm(blocks, desc=f"refit ({mode})", disable=not progress)):
+        sparsity = plan.get(b, 0.0)
+        with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
+            base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
+            target = base_runner.run(dense)
+            if sparsity == 0:
+                report.choices.append("dense")
+                report.errors.append((0.0, 0.0))
+                elastic_stream, dense = runner.run(elastic_stream), target
+                continue
+            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters)
+            layers = prunable_linears(model.model, block)
+            merged = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+            out_merged = runner.run(elastic_stream)
+            for name, layer in layers.items():
+                layer.weight.copy_(refitted[name])
+            out_refit = runner.run(elastic_stream)
+            errors = (_mse(out_merged, target), _mse(out_refit, target))
+            keep_refit = mode == "all" or errors[1] < errors[0]
+            if not keep_refit:
+                for name, layer in layers.items():
+                    layer.weight.copy_(merged[name])
+            report.choices.append("refit" if keep_refit else "adapters")
+            report.errors.append(errors)
+            elastic_stream, dense = (out_refit if keep_refit else out_merged), target
+    report.seconds = time.perf_counter() - start
+    log.info("refit (%s): %d of %d blocks refit in %.1f s", mode, report.choices.count("refit"), len(blocks),
+             report.seconds)
+    return report
+
+
+def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner, stream: torch.Tensor,
+                 iters: int) -> dict[str, torch.Tensor]:
+    """The refit weights of every prunable layer of block `index`: Hessians of the layers' inputs
+    when the base block runs on `stream` (SparseGPT's convention: the unpruned block on the pruned
+    model's activations), then the OBS sweep with the elastic mask M(sparsity) given."""
+    layers = prunable_linears(elastic.base.model, base_runner.block)
+    pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    handles = [p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0]))
+               for p in pruners.values()]
+    try:
+        base_runner.run(stream)
+    finally:
+        for h in handles:
+            h.remove()
+    pattern = Pattern(sparsity=sparsity)
+    weights = {}
+    for name, p in pruners.items():
+        pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
+        swept = p.pruned_weight(pattern, mask=pruned)
+        solved = masked_least_squares(p.layer.weight, p.hessian, pruned, swept, iters) if iters else swept
+        weights[name] = solved.to(p.layer.weight.dtype)
+    return weights
