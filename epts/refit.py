@@ -82,16 +82,14 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
 
 
 def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, start: torch.Tensor,
-                         iters: int, percdamp: float = 0.01) -> torch.Tensor:
+                         iters: int) -> torch.Tensor:
     """Minimise sum_i (w_i - x_i) H (w_i - x_i)^T over x supported off `pruned`, every row at once,
     by `iters` steps of Jacobi-preconditioned conjugate gradients from `start` (the OBS sweep's
-    result, which is a sequential approximation of this least-squares optimum). H is dampened as
-    SparseGPT dampens it. Shapes: weight, pruned, start (d_out, d_in); hessian (d_in, d_in); all on
-    one device; float32 result. Hand-written: batched CG over rows with per-row masks is not in torch."""
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    result, which is a sequential approximation of this least-squares optimum). `hessian` comes
+    dampened (`SparseGPTPruner.dampened_hessian`). Shapes: weight, pruned, start (d_out, d_in);
+    hessian (d_in, d_in); one device; float32 result. Written here: batched conjugate gradients
+    over rows with per-row masks is not in torch."""
+    h = hessian.float()
     keep = (~pruned).float()
     precond = 1.0 / torch.diag(h)
     x = start.float() * keep
@@ -189,6 +187,7 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
     for name, p in pruners.items():
         pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
         swept = p.pruned_weight(pattern, mask=pruned)
-        solved = masked_least_squares(p.layer.weight, p.hessian, pruned, swept, iters) if iters else swept
+        solved = (masked_least_squares(p.layer.weight, p.dampened_hessian()[0], pruned, swept, iters)
+                  if iters else swept)
         weights[name] = solved.to(p.layer.weight.dtype)
     return weights

@@ -48,13 +48,21 @@ class SparseGPTPruner:
         self.hessian = distributed.sum_(self.hessian.double() * self.tokens).div_(tokens).float()
         self.tokens = int(tokens)
 
+    def dampened_hessian(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """H (d_in, d_in, float32) with dead input channels (zero in every calibration token) given a
+        unit diagonal and `scale` x the relative dampening added, and the dead channels (bool, d_in)."""
+        h = self.hessian.clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        if scale:
+            h += scale * self.percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+        return h, dead
+
     def _inverse_hessian_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the dampened H^-1, and the dead input channels (zero in every
         calibration token). A Hessian too ill-conditioned to factor gets 10x, then 100x the dampening.
         Raises ValueError when even that fails."""
-        h = self.hessian.clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
+        h, dead = self.dampened_hessian(scale=0.0)
         damp = self.percdamp * torch.mean(torch.diag(h))
         eye = torch.eye(h.shape[0], device=h.device)
         for scale in (1.0, 10.0, 100.0):
