@@ -30,6 +30,7 @@ from .blocks import NonFiniteActivationError
 from .modelcard import render
 from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
 from .reconstruct import NonFiniteError, compress
+from .refit import artifact_calibration, refit
 from .report import plot as report_plot
 from .report import table as report_table
 from .zeroshot import parse_tasks, write_continuation_task, zero_shot
@@ -80,6 +81,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -156,11 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="search: calibration text whose loss scores allocations; refit: calibration "
                                    "text (default: the artifact's own, reread and checked)")
-    p.add_argument("--refit", choices=["none", "auto", "all"], default="none",
-                   help="re-solve the kept weights on the calibration with the masks fixed (OBS sweep, then least "
-                        "squares), per block where it lowers the block's error (auto) or everywhere (all)")
-    p.add_argument("--refit-iters", type=int, default=20,
-                   help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
+    _add_refit_args(p)
     p.add_argument("--search-seconds", type=float, default=120.0, help="search: time budget")
     p.add_argument("--search-samples", type=_positive_int, default=8, help="search: calibration windows")
     p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
     p.add_argument("--base", help="with an artifact: base model, if not the artifact's recorded spec")
+    _add_refit_args(p)
+    p.add_argument("--calib", help="refit: calibration text (default: the artifact's own, reread and checked)")
     _add_eval_args(p, "--data", "--seqlen", required=False)
     p.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness: comma-separated lm-eval task "
                                    "names (e.g. arc_easy,hellaswag; the hub), local task YAML files or folders")
@@ -339,6 +345,14 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
     print(f"        epts export {out} --sparsity {inside[len(inside) // 2]:g} --out FOLDER")
 
 
+def _add_refit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refit", choices=["none", "auto", "all"], default="none",
+                   help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
+                        "then least squares), per block where it lowers the block's error (auto) or everywhere (all)")
+    p.add_argument("--refit-iters", type=_nonnegative_int, default=20,
+                   help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
+
+
 def _cmd_export(args) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite, {"artifact": args.artifact, "--base": args.base, "--calib": args.calib,
@@ -450,9 +464,13 @@ def _cmd_eval(args) -> None:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
         runtime = elastic.to_runtime()
+        windows = artifact_calibration(elastic, args.calib) if args.refit != "none" else None
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)
+            if windows is not None:  # what `epts export --refit` gives, measured without writing a folder
+                refit(elastic, runtime.loaded, {b: s for b in range(len(elastic.blocks))}, windows, args.refit,
+                      args.refit_iters, elastic.config.calib.batch_size, args.progress)
             seconds = time.perf_counter() - start
             if args.eval_data:
                 ppl = _ppl(runtime.loaded, args)

@@ -89,6 +89,16 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 0.")]
     assert len(rows) == 2 and all(float(row.split("|")[2]) > 1 for row in rows)
+    # The refit: export and in-place eval give the same model, hence the same perplexity.
+    r = epts("export", str(art), "--sparsity", "0.6", "--refit", "all", "--eval-data", str(text_file),
+             "--eval-seqlen", "64", "--out", str(tmp_path / "refit"))
+    assert r.returncode == 0, r.stderr
+    assert "refit (all): 3 of 3 blocks re-solved" in r.stdout
+    meta = json.loads((tmp_path / "refit" / "epts_export.json").read_text())
+    r = epts("eval", str(art), "--sparsity", "0.6", "--refit", "all", "--data", str(text_file), "--seqlen", "64")
+    assert r.returncode == 0, r.stderr
+    row = [line for line in r.stdout.splitlines() if line.startswith("| 0.6")][0]
+    assert float(row.split("|")[2]) == pytest.approx(meta["ppl"], abs=2e-3)
     r = epts("export", str(art), "--sparsity", "0.5", "--allocation", "owl", "--out", str(tmp_path / "owl"))
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "owl" / "epts_export.json").read_text())
