@@ -83,6 +83,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epts", description="Elastic post-training sparsity for causal LMs",
                                      formatter_class=_HelpFormatter)
@@ -138,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
                         f"--preset or --config sets it")
+    p.add_argument("--stream-memory", type=_non_negative_float, default=None, metavar="MB",
+                   help="RAM budget in MiB for the two calibration streams (dense and elastic, nsamples x seqlen x "
+                        "hidden each, per process); past it they are memory-mapped scratch files in TMPDIR, removed "
+                        "at the end (default: no limit), unless --config sets it; the result is the same")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true",
@@ -294,6 +305,8 @@ def _cmd_compress(args) -> None:
     for name in ("epochs", "lr", "batch_size", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.stream_memory is not None:
+        fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
