@@ -32,6 +32,7 @@ from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context,
 from .reconstruct import NonFiniteError, compress
 from .report import plot as report_plot
 from .report import table as report_table
+from .streams import ScratchSpaceError
 from .zeroshot import parse_tasks, write_continuation_task, zero_shot
 
 log = logging.getLogger("epts")
@@ -480,7 +481,7 @@ def _cmd_eval(args) -> None:
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
             "generate": _cmd_generate}
 _USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
-                UnsupportedArchitectureError, FileNotFoundError, PermissionError)
+                UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError)
 
 
 def main(argv: list[str] | None = None) -> int:

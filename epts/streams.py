@@ -21,6 +21,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class ScratchSpaceError(OSError):
+    """The scratch folder's disk cannot hold a stream."""
+
+
 class StreamStore:
     """Allocates the stream tensors of one run. `budget_mb` None: no limit, every stream an ordinary
     tensor. Otherwise, when two streams (dense and elastic) of the size asked for exceed `budget_mb`
@@ -59,7 +63,20 @@ class StreamStore:
             log.info("streams past %g MiB: memory-mapped from %s", self.budget_mb, self.scratch)
         self._count += 1
         path = self.scratch / f"stream-{self._count}.bin"
-        tensor = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=dtype).view(shape)
+        numel = torch.Size(shape).numel()
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        # Reserve the blocks now: a mapped file that outgrows its disk kills the process (SIGBUS) with no message.
+        with path.open("wb") as f:
+            if nbytes and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                except OSError as err:
+                    path.unlink()
+                    raise ScratchSpaceError(
+                        f"no room for a {nbytes / 2**20:.0f} MiB calibration stream in {self.scratch} "
+                        f"({err.strerror}): free space there, set TMPDIR to a larger disk, or raise "
+                        f"--stream-memory") from None
+        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
         # The file goes with the tensor: its disk space is reclaimed as the run moves on.
         weakref.finalize(tensor, _unlink, path)
         return tensor

@@ -122,10 +122,11 @@ def test_two_processes_solve_each_sparsegpt_layer_once_on_its_owner_and_share_th
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
-    solves = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one-rank0", "two-rank0", "two-rank1")}
+    names = ("one-rank0", "two-rank0", "two-rank1")
+    solves = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
     # 3 blocks of 7 layers: one process solves all 21; rank 0 owns layers 0, 2, 4, 6 of each block, rank 1 the rest.
     assert solves == {"one-rank0": 21, "two-rank0": 12, "two-rank1": 9}
-    one_w, rank0, rank1 = (load_file(tmp_path / f"{name}.safetensors") for name in ("one-rank0", "two-rank0", "two-rank1"))
+    one_w, rank0, rank1 = (load_file(tmp_path / f"{name}.safetensors") for name in names)
     pruned = [k for k in one_w if ".layers." in k and "proj" in k]
     assert len(pruned) == 21
     for key in one_w:
@@ -175,8 +176,8 @@ def test_two_processes_killed_after_a_block_resume_to_the_artifact_of_an_uninter
     def compress(out, **extra):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                str(script), "--threads", "1", "compress", "--model", str(model), "--calib",
-                               str(text_file), "--nsamples", "4", "--seqlen", "32", "--epochs", "2", "--batch-size", "2",
-                               "--out", str(out), "--quiet"],
+                               str(text_file), "--nsamples", "4", "--seqlen", "32", "--epochs", "2",
+                               "--batch-size", "2", "--out", str(out), "--quiet"],
                               env=dict(env, WRITES_LOG=str(tmp_path / f"{out.name}.log"), **extra), capture_output=True,
                               text=True, timeout=300)
 

@@ -117,3 +117,21 @@ def test_a_run_resumes_under_another_budget():
     windows = random_windows(2, 8)
     assert run_key(EPTSConfig(stream_memory_mb=0), "fp", windows) == run_key(EPTSConfig(), "fp", windows)
     assert run_key(EPTSConfig(epochs=3), "fp", windows) != run_key(EPTSConfig(), "fp", windows)
+
+
+def test_a_full_scratch_disk_is_a_one_line_error_not_a_crash(scratch, monkeypatch):
+    import errno
+    import os
+
+    from epts.streams import ScratchSpaceError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with StreamStore(0) as store:
+        with pytest.raises(ScratchSpaceError, match=r"no room for a 2 MiB calibration stream in .*epts-streams-.* "
+                                                    r"\(No space left on device\): .*raise --stream-memory"):
+            store.empty((8, 256, 256), torch.float32)
+        assert not list(store.scratch.iterdir())
+    assert not list(scratch.glob("epts-streams-*"))
