@@ -4,7 +4,8 @@ Two streams of hidden states flow block by block: the dense stream H (untouched 
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
 and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
 stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
-Only the current block's adapters live on the compute device; both streams stay on the CPU. A
+Only the current block's adapters live on the compute device; both streams stay on the CPU (in
+memory-mapped scratch files past `EPTSConfig.stream_memory_mb`, see `epts.streams`). A
 streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
 """
 
