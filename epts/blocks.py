@@ -10,13 +10,14 @@ broadcast over a larger batch of windows of the same length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .arch import decoder_blocks
+from .streams import StreamStore
 
 
 class _StopForward(Exception):
@@ -52,14 +53,15 @@ def check_finite(hidden: torch.Tensor, where: str) -> None:
 class BlockCalls:
     """What the model feeds its blocks: the first block's hidden states and each block's kwargs."""
 
-    hidden: torch.Tensor  # (n, seqlen, hidden) on the CPU: the stream entering block 0
+    hidden: torch.Tensor | None  # (n, seqlen, hidden) on the CPU: the stream entering block 0 (None once taken)
     kwargs: list[BlockKwargs]  # per block, the keyword arguments of its call (batch of one)
     hidden_as_kwarg: bool  # whether the model passes hidden states by keyword
     batch_size: int = 8  # windows per forward pass
+    store: StreamStore = field(default_factory=StreamStore)  # where the streams live (RAM, or mapped files)
 
     def runner(self, index: int, block: nn.Module, device: torch.device | None = None) -> "BlockRunner":
         """The replay of block `index` (0-based), which is `block`, on `device` (default: its weights')."""
-        return BlockRunner(block, self.kwargs[index], self.hidden_as_kwarg, self.batch_size, device)
+        return BlockRunner(block, self.kwargs[index], self.hidden_as_kwarg, self.batch_size, device, self.store)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -74,9 +76,11 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict, bool]:
 
 
 @torch.no_grad()
-def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> BlockCalls:
-    """Record the input of block 0 for every window and the call arguments of every block.
-    Raises NonFiniteActivationError if the input of block 0 holds inf or NaN."""
+def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
+                        store: StreamStore | None = None) -> BlockCalls:
+    """Record the input of block 0 for every window (in `store`, default RAM) and the call arguments
+    of every block. Raises NonFiniteActivationError if the input of block 0 holds inf or NaN."""
+    store = store or StreamStore()
     blocks = decoder_blocks(model)
     device = _model_device(model)
     per_block: list[dict[str, Any] | None] = [None] * len(blocks)
@@ -99,10 +103,14 @@ def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: i
     if any(k is None for k in per_block):
         raise RuntimeError(f"{type(model).__name__} did not call every decoder block in its forward pass")
 
-    chunks: list[torch.Tensor] = []
+    hidden: torch.Tensor | None = None
 
     def record_hidden(module, args, kwargs):
-        chunks.append(_split_hidden(args, kwargs)[0].detach().to("cpu"))
+        nonlocal hidden
+        chunk = _split_hidden(args, kwargs)[0].detach()
+        if hidden is None:  # each batch written in place: never the stream twice in memory
+            hidden = store.empty((input_ids.shape[0], *chunk.shape[1:]), chunk.dtype)
+        hidden[start : start + chunk.shape[0]] = chunk.to("cpu")
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(record_hidden, with_kwargs=True)
@@ -114,9 +122,8 @@ def capture_block_calls(model: nn.Module, input_ids: torch.Tensor, batch_size: i
                 pass
     finally:
         handle.remove()
-    hidden = torch.cat(chunks)
     check_finite(hidden, "the embedding layer (the input of block 1)")
-    return BlockCalls(hidden, per_block, hidden_as_kwarg, batch_size)
+    return BlockCalls(hidden, per_block, hidden_as_kwarg, batch_size, store)
 
 
 def _detach(value):
@@ -139,14 +146,15 @@ def _to_device(value, device):
 class BlockRunner:
     """One decoder block replayed on streams of hidden states: the block, the keyword arguments of
     its captured call, whether the model passes hidden states by keyword, the windows per forward
-    pass, and the device it computes on. Streams stay on the CPU; each batch moves to `device`
-    and its result back."""
+    pass, the device it computes on, and the store its output streams come from. Streams stay on
+    the CPU; each batch moves to `device` and its result back."""
 
     block: nn.Module
     kwargs: dict[str, Any]  # a captured BlockKwargs names its block in errors
     hidden_as_kwarg: bool = False
     batch_size: int = 8
     device: torch.device | None = None  # None: the device of the block's weights
+    store: StreamStore = field(default_factory=StreamStore)
 
     def __post_init__(self):
         if self.device is None:
@@ -163,7 +171,7 @@ class BlockRunner:
         """The block over a whole stream (n, seqlen, hidden), batch by batch; the result (same shape
         and dtype) stays on the stream's device. Raises NonFiniteActivationError at the first batch
         whose output holds inf or NaN (an overflow of the model's dtype), naming the block."""
-        out = torch.empty_like(stream)
+        out = self.store.empty_like(stream)
         for start in range(0, stream.shape[0], self.batch_size):
             result = call_block(self, stream[start : start + self.batch_size].to(self.device))
             check_finite(result, self.name)

@@ -19,8 +19,10 @@ from .io import save_tensors_atomic, write_json_atomic
 
 
 def run_key(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) -> str:
-    """What makes two compress runs the same run: config, base weights and calibration windows."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    """What makes two compress runs the same run: config, base weights and calibration windows.
+    Where the streams live (`stream_memory_mb`) is no part of it: a run may resume under another budget."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "stream_memory_mb"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     digest.update(base_fingerprint.encode())
     digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()

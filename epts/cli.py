@@ -33,6 +33,7 @@ from .reconstruct import NonFiniteError, compress
 from .refit import artifact_calibration, refit
 from .report import plot as report_plot
 from .report import table as report_table
+from .streams import ScratchSpaceError
 from .zeroshot import parse_tasks, write_continuation_task, zero_shot
 
 log = logging.getLogger("epts")
@@ -84,10 +85,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonnegative_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -146,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
                         f"--preset or --config sets it")
+    p.add_argument("--stream-memory", type=_non_negative_float, default=None, metavar="MB",
+                   help="RAM budget in MiB for the two calibration streams (dense and elastic, nsamples x seqlen x "
+                        "hidden each, per process); past it they are memory-mapped scratch files in TMPDIR, removed "
+                        "at the end (default: no limit), unless --config sets it; the result is the same")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true",
@@ -306,6 +318,8 @@ def _cmd_compress(args) -> None:
     for name in ("epochs", "lr", "batch_size", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.stream_memory is not None:
+        fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
@@ -349,7 +363,7 @@ def _add_refit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", choices=["none", "auto", "all"], default="none",
                    help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
                         "then least squares), per block where it lowers the block's error (auto) or everywhere (all)")
-    p.add_argument("--refit-iters", type=_nonnegative_int, default=20,
+    p.add_argument("--refit-iters", type=_non_negative_int, default=20,
                    help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
 
 
@@ -496,7 +510,7 @@ def _cmd_eval(args) -> None:
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
             "generate": _cmd_generate}
 _USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
-                UnsupportedArchitectureError, FileNotFoundError, PermissionError)
+                UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError)
 
 
 def main(argv: list[str] | None = None) -> int:

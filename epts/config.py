@@ -92,6 +92,9 @@ class EPTSConfig:
     max_retries: int = 3  # a block whose loss or gradient turns non-finite restarts, this many times at most,
     retry_lr_factor: float = 0.1  # each time with its learning rate multiplied by this
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+    # MiB of RAM for the dense and elastic streams together, per process; past it they are memory-mapped
+    # scratch files in TMPDIR (epts.streams). None: no limit. Where they live changes no result.
+    stream_memory_mb: float | None = None
 
     def __post_init__(self):
         self.boundaries = tuple(float(b) for b in self.boundaries)
@@ -129,6 +132,8 @@ class EPTSConfig:
         if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:
             raise ValueError(f"need max_retries >= 0 and 0 < retry_lr_factor < 1, got {self.max_retries}, "
                              f"{self.retry_lr_factor}")
+        if self.stream_memory_mb is not None and not self.stream_memory_mb >= 0:
+            raise ValueError(f"stream_memory_mb must be >= 0 MiB (or None: no limit), got {self.stream_memory_mb}")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 

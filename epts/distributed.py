@@ -68,6 +68,20 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def reduce_to_(tensor: torch.Tensor, dst: int) -> torch.Tensor:
+    """In place: the sum of `tensor` over the ranks, on rank `dst` only (elsewhere undefined)."""
+    if world_size() > 1:
+        dist.reduce(tensor, dst)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """In place: rank `src`'s `tensor` on every rank."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src)
+    return tensor
+
+
 def mean_grads_(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients over the ranks, in one collective (as DDP's bucket does)."""
     if world_size() == 1:

@@ -28,7 +28,7 @@ def mix_features(
 ) -> torch.Tensor:
     """sum_k w_k * block_{s_k, k}(stream), each group k with the adapters `hilora.active_adapters`
     gives it (none for group 1 when `group1_adapter` is False)."""
-    mixed = torch.zeros_like(stream)
+    mixed = runner.store.empty_like(stream).zero_()
     for k, (s, w) in enumerate(zip(sparsities, weights)):
         if w == 0:
             continue

@@ -4,7 +4,8 @@ Two streams of hidden states flow block by block: the dense stream H (untouched 
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
 and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
 stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
-Only the current block's adapters live on the compute device; both streams stay on the CPU. A
+Only the current block's adapters live on the compute device; both streams stay on the CPU (in
+memory-mapped scratch files past `EPTSConfig.stream_memory_mb`, see `epts.streams`). A
 streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
 """
 
@@ -33,6 +34,7 @@ from .importance import InputNormStats, importance_scores, row_ranks
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, check_context, fingerprint
 from .offload import resident
+from .streams import StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +249,19 @@ def compress(
     model.requires_grad_(False)
     blocks = decoder_blocks(model)[:num_blocks]
     mine = distributed.shard(len(windows), config.batch_size)  # this process's windows (all of them in one)
+    store = StreamStore(config.stream_memory_mb)  # RAM, or scratch files past the budget
     try:
         with torch.no_grad():
-            calls = capture_block_calls(model, windows[mine], cc.batch_size)
-        resumed = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
-        if resumed is None:
-            states, dense, elastic = [], calls.hidden, calls.hidden.clone()
+            calls = capture_block_calls(model, windows[mine], cc.batch_size, store)
+        checkpoint = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
+        resumed = checkpoint is not None
+        if checkpoint is None:
+            states, dense, elastic = [], calls.hidden, store.clone(calls.hidden)
         else:
-            states, dense, elastic = resumed[0], resumed[1][mine], resumed[2][mine]
+            states, dense, elastic = checkpoint[0], store.keep(checkpoint[1][mine]), store.keep(checkpoint[2][mine])
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
+        # The pipeline alone holds the streams from here, so the captured one is freed after block 1.
+        checkpoint = calls.hidden = None
         overall = tqdm(total=len(blocks), initial=len(states), desc="compress: blocks", unit="block",
                        disable=not progress)
         for b in range(len(states), len(blocks)):
@@ -269,10 +275,11 @@ def compress(
                     save_checkpoint(folder, key, states, *streams)
         overall.close()
     finally:
+        store.close()
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
     stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
-             "world_size": distributed.world_size(), "resumed": resumed is not None, **(metadata or {})}
+             "world_size": distributed.world_size(), "resumed": resumed, **(metadata or {})}
     elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration_record(calib, windows))
     if folder is not None and distributed.is_main():
         elastic_model.save(folder)

@@ -82,10 +82,35 @@ def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner
     finally:
         for h in handles:
             h.remove()
-    for p in pruners.values():
-        p.reduce()
-        p.layer.weight.data = p.pruned_weight(pattern)
+    solve(list(pruners.values()), pattern)
     return runner.run(stream)
+
+
+def solve(pruners: list, pattern: Pattern) -> None:
+    """Set every pruner's layer to its pruned weight, from the statistics of every process.
+
+    In one process, or for a method cheap to solve, each process reduces the statistics to every
+    rank and prunes every layer. A `weight_parallel` method (SparseGPT) under torchrun is solved as
+    llm-compressor's distributed oneshot does it: the block's layers are dealt round-robin to the
+    ranks, each layer's Hessian is reduced to its owner only, each owner solves its own layers, and
+    the pruned weights are broadcast from their owners, so every layer is solved once."""
+    world = distributed.world_size()
+    if world == 1 or not all(p.weight_parallel for p in pruners):
+        for p in pruners:
+            p.reduce()
+            p.layer.weight.data = p.pruned_weight(pattern)
+        return
+    owners = [i % world for i in range(len(pruners))]
+    for p, owner in zip(pruners, owners):  # every reduction first, so that the owners then solve at once
+        p.reduce(owner)
+    mine = distributed.rank()
+    for p, owner in zip(pruners, owners):
+        if owner == mine:
+            p.layer.weight.data = p.pruned_weight(pattern)
+    for p, owner in zip(pruners, owners):
+        # Received into a fresh tensor: a streamed block's weight may be mapped from a read-only file.
+        weight = p.layer.weight.data if owner == mine else torch.empty_like(p.layer.weight.data)
+        p.layer.weight.data = distributed.broadcast_(weight, owner)
 
 
 @torch.no_grad()

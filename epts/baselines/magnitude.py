@@ -9,6 +9,7 @@ from ..importance import Pattern, magnitude_scores, pattern_mask
 
 class MagnitudePruner:
     needs_inputs = False
+    weight_parallel = False
 
     def __init__(self, layer: torch.nn.Linear):
         self.layer = layer

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 class SparseGPTPruner:
     needs_inputs = True
+    weight_parallel = True  # under torchrun each layer is solved once, on its owner rank (`baselines.solve`)
 
     def __init__(self, layer: torch.nn.Linear, blocksize: int = 128, percdamp: float = 0.01):
         self.layer = layer
@@ -39,13 +40,16 @@ class SparseGPTPruner:
         self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
         self.tokens = total
 
-    def reduce(self) -> None:
-        """The Hessian over every process's tokens (torchrun); every process then solves the same
-        layer from the same reduced Hessian, so all hold the same pruned weights."""
+    def reduce(self, owner: int = 0) -> None:
+        """The Hessian over every process's tokens (torchrun), on rank `owner` only: that rank solves
+        the layer and broadcasts the pruned weight; the other ranks drop their share of the Hessian."""
         if distributed.world_size() == 1:
             return
-        tokens = distributed.sum_(torch.tensor(float(self.tokens), dtype=torch.float64))
-        self.hessian = distributed.sum_(self.hessian.double() * self.tokens).div_(tokens).float()
+        device = self.hessian.device
+        tokens = distributed.sum_(torch.tensor(float(self.tokens), dtype=torch.float64, device=device))
+        # Token-weighted sum in float64, so the order of the ranks' sums barely moves the result.
+        hessian = distributed.reduce_to_(self.hessian.double() * self.tokens, owner)
+        self.hessian = hessian.div_(tokens).float() if distributed.rank() == owner else None
         self.tokens = int(tokens)
 
     def dampened_hessian(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

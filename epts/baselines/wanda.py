@@ -10,6 +10,7 @@ from ..importance import InputNormStats, Pattern, pattern_mask, wanda_scores
 
 class WandaPruner:
     needs_inputs = True
+    weight_parallel = False  # cheap to solve: every rank prunes every layer from the all-reduced norms
 
     def __init__(self, layer: torch.nn.Linear):
         self.layer = layer
