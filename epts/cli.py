@@ -360,9 +360,10 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
 
 
 def _add_refit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refit", choices=["none", "auto", "all"], default="none",
+    p.add_argument("--refit", choices=["none", "bare", "auto", "all"], default="none",
                    help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
-                        "then least squares), per block where it lowers the block's error (auto) or everywhere (all)")
+                        "then least squares): in blocks that serve the sparsity with no adapter (bare), per block "
+                        "where it lowers the block's error (auto), or everywhere (all)")
     p.add_argument("--refit-iters", type=_non_negative_int, default=20,
                    help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
 

@@ -30,13 +30,14 @@ from .artifact import ElasticModel, windows_sha256
 from .baselines.sparsegpt import SparseGPTPruner
 from .blocks import capture_block_calls
 from .data import calibration_set
+from .hilora import active_adapters
 from .importance import Pattern, mask_from_ranks
 from .models import LoadedModel
 from .offload import resident
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "auto", "all")
+MODES = ("none", "bare", "auto", "all")
 
 
 @dataclass
@@ -120,9 +121,11 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     """Refit, in place, the prunable weights of `model`, the elastic model materialised at `plan`
     ({block: sparsity}, `ElasticModel.materialize`), on calibration `windows` (n, seqlen) token ids.
 
-    `mode`: "auto" keeps, per block, whichever of the merged and the refit weights gives the lower
-    output error against the dense target; "all" refits every block at a nonzero sparsity; "none"
-    does nothing. Streamed models are processed one resident block at a time. The result keeps
+    `mode`: "bare" refits only the blocks that serve their sparsity with no learnt update (group 1
+    where the group-1 check dropped the adapter: bare masks) and keeps the adapters elsewhere;
+    "auto" keeps, per block, whichever of the merged and the refit weights gives the lower output
+    error against the dense target; "all" refits every block at a nonzero sparsity; "none" does
+    nothing. Streamed models are processed one resident block at a time. The result keeps
     exactly the masks M(s) of the plan. `iters` conjugate-gradient steps (`masked_least_squares`)
     take each layer from the OBS sweep towards the exact least-squares solution on its mask (0: the
     sweep alone). Raises ValueError for an unknown mode.
@@ -142,10 +145,11 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
             target = base_runner.run(dense)
-            if sparsity == 0:
-                report.choices.append("dense")
-                report.errors.append((0.0, 0.0))
-                elastic_stream, dense = runner.run(elastic_stream), target
+            if sparsity == 0 or (mode == "bare" and _has_adapters(elastic, b, sparsity)):
+                out = runner.run(elastic_stream)
+                report.choices.append("dense" if sparsity == 0 else "adapters")
+                report.errors.append((_mse(out, target), float("nan")))
+                elastic_stream, dense = out, target
                 continue
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters)
             layers = prunable_linears(model.model, block)
@@ -155,7 +159,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                 layer.weight.copy_(refitted[name])
             out_refit = runner.run(elastic_stream)
             errors = (_mse(out_merged, target), _mse(out_refit, target))
-            keep_refit = mode == "all" or errors[1] < errors[0]
+            keep_refit = mode != "auto" or errors[1] < errors[0]
             if not keep_refit:
                 for name, layer in layers.items():
                     layer.weight.copy_(merged[name])
@@ -166,6 +170,12 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     log.info("refit (%s): %d of %d blocks refit in %.1f s", mode, report.choices.count("refit"), len(blocks),
              report.seconds)
     return report
+
+
+def _has_adapters(elastic: ElasticModel, index: int, sparsity: float) -> bool:
+    """Whether block `index` serves `sparsity` with any learnt update (adapters or a shared delta)."""
+    state = elastic.blocks[index]
+    return bool(active_adapters(elastic.config.group_of(sparsity), state.group1_adapter)) or bool(state.deltas)
 
 
 def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner, stream: torch.Tensor,

@@ -87,13 +87,33 @@ def test_refit_keeps_the_elastic_masks_and_chooses_the_lower_error(elastic_tiny,
             assert torch.equal(layer.weight, merged[(b, n)]) == (report.choices[b] == "adapters")
 
 
+def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_tiny):
+    elastic, windows = elastic_tiny
+    marks = [b.group1_adapter for b in elastic.blocks]
+    elastic.blocks[0].group1_adapter, elastic.blocks[1].group1_adapter = False, True
+    try:
+        plan = {0: 0.3, 1: 0.3, 2: 0.6}  # group 1, group 1, group 2 of boundaries (0, .5, .7)
+        model = elastic.materialize(plan)
+        before = [[l.weight.detach().clone() for l in prunable_linears(model.model, blk).values()]
+                  for blk in decoder_blocks(model.model)]
+        report = refit(elastic, model, plan, windows, mode="bare", progress=False)
+        after = [[l.weight for l in prunable_linears(model.model, blk).values()] for blk in decoder_blocks(model.model)]
+    finally:
+        for state, mark in zip(elastic.blocks, marks):
+            state.group1_adapter = mark
+    assert report.choices == ["refit", "adapters", "adapters"]
+    assert not any(torch.equal(x, y) for x, y in zip(before[0], after[0]))
+    assert all(torch.equal(x, y) for b in (1, 2) for x, y in zip(before[b], after[b]))
+    assert all(torch.equal(x == 0, y == 0) for x, y in zip(before[0], after[0]))
+
+
 def test_refit_none_leaves_the_model_alone_and_a_bad_mode_is_refused(elastic_tiny):
     elastic, windows = elastic_tiny
     model = elastic.materialize(0.5)
     before = [p.detach().clone() for p in model.model.parameters()]
     assert refit(elastic, model, {b: 0.5 for b in range(3)}, windows, mode="none").choices == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.model.parameters()))
-    with pytest.raises(ValueError, match="refit mode 'best' is not one of none, auto, all"):
+    with pytest.raises(ValueError, match="refit mode 'best' is not one of none, bare, auto, all"):
         refit(elastic, model, {0: 0.5}, windows, mode="best")
 
 
