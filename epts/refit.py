@@ -153,12 +153,13 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                 continue
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters)
             layers = prunable_linears(model.model, block)
-            merged = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-            out_merged = runner.run(elastic_stream)
+            # Only "auto" compares: the other modes need neither the merged weights nor their output.
+            merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if mode == "auto" else {}
+            out_merged = runner.run(elastic_stream) if mode == "auto" else None
             for name, layer in layers.items():
                 layer.weight.copy_(refitted[name])
             out_refit = runner.run(elastic_stream)
-            errors = (_mse(out_merged, target), _mse(out_refit, target))
+            errors = (float("nan") if out_merged is None else _mse(out_merged, target), _mse(out_refit, target))
             keep_refit = mode != "auto" or errors[1] < errors[0]
             if not keep_refit:
                 for name, layer in layers.items():
