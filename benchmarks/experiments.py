@@ -91,7 +91,7 @@ def evaluate(loaded, texts: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def run(args) -> None:
     from epts.baselines import prune
-    from epts.config import CalibConfig, EPTSConfig, PruneConfig
+    from epts.config import CalibConfig, EPTSConfig, PruneConfig, RefitConfig
     from epts.data import calibration_windows, eval_windows, tokenize
     from epts.importance import Pattern
     from epts.models import LoadedModel, load_model
@@ -134,8 +134,9 @@ def run(args) -> None:
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
     for name, description, fields in variants:
-        names = [name] + [f"{name}+refit-{mode}" + (f"-{args.refit_iters}" if args.refit_iters != 20 else "")
-                          for mode in args.refit]
+        refits = [RefitConfig(mode, args.refit_iters, args.refit_margin) for mode in args.refit]
+        names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
+                          + (f"-m{r.margin:g}" if r.mode == "auto" else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -155,17 +156,16 @@ def run(args) -> None:
         marks = sum(b.group1_adapter for b in elastic.blocks)
         extra = {"description": description, "config": fields, "group1_kept": marks,
                  "losses": [b.losses for b in elastic.blocks]}
-        for variant, mode in zip(names, ["none", *args.refit]):
+        for variant, refit_config in zip(names, [None, *refits]):
             rows = []
             for s in args.sparsities:
                 if store.has(row(variant, s, {}, None)["key"]):
                     continue
                 runtime.set_sparsity(s)
                 info = {}
-                if mode != "none":
+                if refit_config is not None:
                     plan = {b: s for b in range(args.blocks or len(elastic.blocks))}
-                    report = refit(elastic, runtime.loaded, plan, windows, mode, args.refit_iters,
-                                   progress=not args.quiet)
+                    report = refit(elastic, runtime.loaded, plan, windows, refit_config, progress=not args.quiet)
                     info = {"refit": report.to_dict()}
                 rows.append(row(variant, s, evaluate(runtime.loaded, texts), seconds, {**extra, **info}))
                 log.info("%s %g: %s", variant, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
     p.add_argument("--refit-iters", type=int, default=20, help="refit: least-squares steps")
+    p.add_argument("--refit-margin", type=float, default=0.05, help="refit auto: error drop to replace adapters")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))

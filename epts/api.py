@@ -16,7 +16,7 @@ from .arch import decoder_blocks
 from .artifact import ElasticModel
 from .baselines import PruneReport
 from .baselines import prune as _prune
-from .config import EPTSConfig, PruneConfig
+from .config import EPTSConfig, PruneConfig, RefitConfig
 from .data import calibration_set
 from .evaluate import evaluate_ppl as _evaluate_ppl
 from .evaluate import total_sparsity
@@ -24,7 +24,6 @@ from .io import refuse_inputs
 from .models import LoadedModel, check_context, load_model, save_model
 from .modelcard import render
 from .reconstruct import compress as _compress
-from .refit import MODES as REFIT_MODES
 from .refit import artifact_calibration
 from .refit import refit as _refit
 
@@ -102,15 +101,14 @@ def export(
     max_windows: int | None = None,
     command: str | None = None,
     progress: bool = True,
-    refit: str = "none",
-    refit_iters: int = 20,
+    refit: str | RefitConfig = "none",
 ) -> dict:
     """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
 
     `allocation` spreads the budget over blocks: "uniform", "owl" (`owl_m`, `owl_lambda`) or
     "search" (needs `calib`, text whose loss scores allocations; `search_*` set its budget).
-    `refit` ("none", "auto", "all") re-solves the kept weights on the calibration windows with the
-    masks fixed (`epts.refit`, `refit_iters` least-squares steps): from `calib` when given, else
+    `refit` (a `RefitConfig` or its mode: "none", "bare", "auto", "all") re-solves the kept weights
+    on the calibration windows with the masks fixed (`epts.refit`): from `calib` when given, else
     the artifact's own recorded text.
     `format` is "dense" (zeros in dense tensors, for any transformers) or "compressed"
     (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
@@ -123,9 +121,7 @@ def export(
     """
     if format not in ("dense", "compressed"):
         raise ValueError(f"format {format!r} is not dense or compressed")
-    if refit not in REFIT_MODES or refit_iters < 0:
-        raise ValueError(f"refit {refit!r} with {refit_iters} steps: choose one of {', '.join(REFIT_MODES)} and "
-                         f"a number of steps >= 0")
+    refit = RefitConfig(refit) if isinstance(refit, str) else refit
     if allocation not in ("uniform", "owl", "search"):
         raise ValueError(f"allocation {allocation!r} is not uniform, owl or search")
     if allocation == "search" and calib is None:
@@ -159,9 +155,9 @@ def export(
     start = time.perf_counter()
     model = elastic.materialize(plan)
     seconds = time.perf_counter() - start
-    if refit != "none":
+    if refit.mode != "none":
         extra["refit"] = _refit(elastic, model, plan, artifact_calibration(elastic, calib), refit,
-                                refit_iters, elastic.config.calib.batch_size, progress).to_dict()
+                                elastic.config.calib.batch_size, progress).to_dict()
     source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
     meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
             "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,

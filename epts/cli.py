@@ -21,7 +21,7 @@ from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel
 from .checkpoint import CHECKPOINT, is_unfinished_run
-from .config import PRESETS, CalibConfig, EPTSConfig, PruneConfig, load_config_file
+from .config import PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, PruneConfig, RefitConfig, load_config_file
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
 from .importance import Pattern
@@ -360,12 +360,19 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
 
 
 def _add_refit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refit", choices=["none", "bare", "auto", "all"], default="none",
+    p.add_argument("--refit", choices=list(REFIT_MODES), default="none",
                    help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
-                        "then least squares): in blocks that serve the sparsity with no adapter (bare), per block "
-                        "where it lowers the block's error (auto), or everywhere (all)")
-    p.add_argument("--refit-iters", type=_non_negative_int, default=20,
+                        "then least squares): in blocks that serve the sparsity with no adapter (bare), there and "
+                        "in blocks where it lowers the block's error by more than --refit-margin (auto), or "
+                        "everywhere (all)")
+    p.add_argument("--refit-iters", type=_non_negative_int, default=RefitConfig.iters,
                    help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
+    p.add_argument("--refit-margin", type=float, default=RefitConfig.margin,
+                   help="refit auto: the relative drop of a block's error needed to replace its adapters")
+
+
+def _refit_config(args) -> RefitConfig:
+    return RefitConfig(args.refit, args.refit_iters, args.refit_margin)
 
 
 def _cmd_export(args) -> None:
@@ -380,7 +387,7 @@ def _cmd_export(args) -> None:
                   search_samples=args.search_samples, search_seqlen=args.search_seqlen,
                   search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
                   max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress,
-                  refit=args.refit, refit_iters=args.refit_iters)
+                  refit=_refit_config(args))
     if "refit" in meta:
         done = meta["refit"]
         print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
@@ -484,8 +491,8 @@ def _cmd_eval(args) -> None:
             start = time.perf_counter()
             runtime.set_sparsity(s)
             if windows is not None:  # what `epts export --refit` gives, measured without writing a folder
-                refit(elastic, runtime.loaded, {b: s for b in range(len(elastic.blocks))}, windows, args.refit,
-                      args.refit_iters, elastic.config.calib.batch_size, args.progress)
+                refit(elastic, runtime.loaded, {b: s for b in range(len(elastic.blocks))}, windows,
+                      _refit_config(args), elastic.config.calib.batch_size, args.progress)
             seconds = time.perf_counter() - start
             if args.eval_data:
                 ppl = _ppl(runtime.loaded, args)

@@ -45,6 +45,28 @@ class PruneConfig:
             raise ValueError(f"OWL allocation needs an unstructured sparsity, not the N:M pattern {self.pattern}")
 
 
+REFIT_MODES = ("none", "bare", "auto", "all")
+
+
+@dataclass
+class RefitConfig:
+    """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
+    calibration with the masks fixed ("none", "bare", "auto", "all"); the conjugate-gradient steps
+    from the OBS sweep towards the exact least-squares weights (0: the sweep alone); and, for
+    "auto", the relative drop of a block's output error the refit must bring before it replaces
+    that block's adapters (a block served with no adapter is always refit)."""
+
+    mode: str = "auto"
+    iters: int = 20
+    margin: float = 0.05
+
+    def __post_init__(self):
+        if self.mode not in REFIT_MODES:
+            raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
+        if self.iters < 0 or not 0 <= self.margin < 1:
+            raise ValueError(f"refit needs iters >= 0 and a margin in [0, 1), got {self.iters} and {self.margin}")
+
+
 def load_config_file(path: str | Path) -> dict:
     """A YAML or JSON mapping of config fields."""
     path = Path(path)

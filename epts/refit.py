@@ -29,6 +29,7 @@ from .arch import decoder_blocks, prunable_linears
 from .artifact import ElasticModel, windows_sha256
 from .baselines.sparsegpt import SparseGPTPruner
 from .blocks import capture_block_calls
+from .config import RefitConfig
 from .data import calibration_set
 from .hilora import active_adapters
 from .importance import Pattern, mask_from_ranks
@@ -37,7 +38,6 @@ from .offload import resident
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "bare", "auto", "all")
 
 
 @dataclass
@@ -117,21 +117,23 @@ def _mse(out: torch.Tensor, target: torch.Tensor) -> float:
 
 @torch.no_grad()
 def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
-          mode: str = "auto", iters: int = 20, batch_size: int = 8, progress: bool = True) -> RefitReport:
+          config: RefitConfig | str = "auto", batch_size: int = 8, progress: bool = True) -> RefitReport:
     """Refit, in place, the prunable weights of `model`, the elastic model materialised at `plan`
     ({block: sparsity}, `ElasticModel.materialize`), on calibration `windows` (n, seqlen) token ids.
 
-    `mode`: "bare" refits only the blocks that serve their sparsity with no learnt update (group 1
-    where the group-1 check dropped the adapter: bare masks) and keeps the adapters elsewhere;
-    "auto" keeps, per block, whichever of the merged and the refit weights gives the lower output
-    error against the dense target; "all" refits every block at a nonzero sparsity; "none" does
-    nothing. Streamed models are processed one resident block at a time. The result keeps
-    exactly the masks M(s) of the plan. `iters` conjugate-gradient steps (`masked_least_squares`)
-    take each layer from the OBS sweep towards the exact least-squares solution on its mask (0: the
-    sweep alone). Raises ValueError for an unknown mode.
+    `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
+    sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
+    masks) and keeps the adapters elsewhere; "auto" also refits a block with adapters where that
+    lowers its output error against the dense target by more than `config.margin` (relative):
+    later blocks' adapters were trained on the adapted outputs, so a small gain in one block does
+    not pay for changing them; "all" refits every block at a nonzero sparsity; "none" does nothing.
+    `config.iters` conjugate-gradient steps (`masked_least_squares`) take each layer from the OBS
+    sweep towards the exact least-squares solution on its mask. Streamed models are processed one
+    resident block at a time. The result keeps exactly the masks M(s) of the plan. Raises
+    ValueError for an unknown mode.
     """
-    if mode not in MODES:
-        raise ValueError(f"refit mode {mode!r} is not one of {', '.join(MODES)}")
+    config = RefitConfig(config) if isinstance(config, str) else config
+    mode = config.mode
     report = RefitReport(mode)
     if mode == "none":
         return report
@@ -151,16 +153,17 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                 report.errors.append((_mse(out, target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
-            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters)
+            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters)
             layers = prunable_linears(model.model, block)
-            # Only "auto" compares: the other modes need neither the merged weights nor their output.
-            merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if mode == "auto" else {}
-            out_merged = runner.run(elastic_stream) if mode == "auto" else None
+            # Only "auto" compares, in blocks with adapters: elsewhere the merged weights are not needed.
+            compare = mode == "auto" and _has_adapters(elastic, b, sparsity)
+            merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
+            out_merged = runner.run(elastic_stream) if compare else None
             for name, layer in layers.items():
                 layer.weight.copy_(refitted[name])
             out_refit = runner.run(elastic_stream)
             errors = (float("nan") if out_merged is None else _mse(out_merged, target), _mse(out_refit, target))
-            keep_refit = mode != "auto" or errors[1] < errors[0]
+            keep_refit = not compare or errors[1] < (1 - config.margin) * errors[0]
             if not keep_refit:
                 for name, layer in layers.items():
                     layer.weight.copy_(merged[name])

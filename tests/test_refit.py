@@ -70,13 +70,16 @@ def test_refit_keeps_the_elastic_masks_and_chooses_the_lower_error(elastic_tiny,
     model = elastic.materialize(plan)
     merged = {(b, n): l.weight.detach().clone() for b, blk in enumerate(decoder_blocks(model.model))
               for n, l in prunable_linears(model.model, blk).items()}
-    report = refit(elastic, model, plan, windows, mode=mode, progress=False)
+    report = refit(elastic, model, plan, windows, mode, progress=False)
     assert report.choices[2] == "dense"
     if mode == "all":
         assert report.choices[:2] == ["refit", "refit"]
     else:
-        for choice, (err_merged, err_refit) in zip(report.choices[:2], report.errors[:2]):
-            assert choice == ("refit" if err_refit < err_merged else "adapters")
+        for b, (choice, (err_merged, err_refit)) in enumerate(zip(report.choices[:2], report.errors[:2])):
+            if not elastic.blocks[b].group1_adapter and plan[b] <= 0.5:  # bare masks: always refit
+                assert choice == "refit" and err_merged != err_merged  # not compared: NaN
+            else:
+                assert choice == ("refit" if err_refit < 0.95 * err_merged else "adapters")
     for b, blk in enumerate(decoder_blocks(model.model)):
         for n, layer in prunable_linears(model.model, blk).items():
             if plan[b] == 0:
@@ -96,7 +99,7 @@ def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_ti
         model = elastic.materialize(plan)
         before = [[l.weight.detach().clone() for l in prunable_linears(model.model, blk).values()]
                   for blk in decoder_blocks(model.model)]
-        report = refit(elastic, model, plan, windows, mode="bare", progress=False)
+        report = refit(elastic, model, plan, windows, "bare", progress=False)
         after = [[l.weight for l in prunable_linears(model.model, blk).values()] for blk in decoder_blocks(model.model)]
     finally:
         for state, mark in zip(elastic.blocks, marks):
@@ -111,10 +114,10 @@ def test_refit_none_leaves_the_model_alone_and_a_bad_mode_is_refused(elastic_tin
     elastic, windows = elastic_tiny
     model = elastic.materialize(0.5)
     before = [p.detach().clone() for p in model.model.parameters()]
-    assert refit(elastic, model, {b: 0.5 for b in range(3)}, windows, mode="none").choices == []
+    assert refit(elastic, model, {b: 0.5 for b in range(3)}, windows, "none").choices == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.model.parameters()))
     with pytest.raises(ValueError, match="refit mode 'best' is not one of none, bare, auto, all"):
-        refit(elastic, model, {0: 0.5}, windows, mode="best")
+        refit(elastic, model, {0: 0.5}, windows, "best")
 
 
 def test_the_artifact_calibration_is_reread_and_checked(tmp_path, text_file):
@@ -151,3 +154,16 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
     for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(x == 0, y == 0) or "proj" not in name, name
     assert any(not torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_the_auto_margin_keeps_adapters_unless_the_refit_clearly_wins(elastic_tiny):
+    from epts.config import RefitConfig
+
+    elastic, windows = elastic_tiny
+    plan = {b: 0.6 for b in range(3)}  # group 2: every block serves it with adapters
+    strict = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", margin=0.999), progress=False)
+    assert strict.choices == ["adapters"] * 3
+    loose = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", margin=0.0), progress=False)
+    assert loose.choices == ["refit" if r < m else "adapters" for m, r in loose.errors]
+    with pytest.raises(ValueError, match="margin in"):
+        RefitConfig("auto", margin=1.0)
