@@ -6,9 +6,11 @@ those sparsities run on bare masks, while SparseGPT re-solves the kept weights o
 OBS update) for its one target. A refit gives an export the same update: with the elastic mask
 M(s) fixed, SparseGPT's column sweep (`SparseGPTPruner.pruned_weight(mask=...)`) re-solves the
 kept base weights of each layer against the Hessian of its inputs, block by block on the exported
-model's own activations, as SparseGPT does. Per block, the refit weights replace the merged ones
-(`M(s) * (W + sum B A)`) only where they lower the block's output error against METHOD.md's target
-(the dense block on the dense stream) on the calibration windows ("auto"), or everywhere ("all").
+model's own activations, as SparseGPT does; conjugate gradients then take it to the exact
+least-squares weights on the mask. Blocks served with no adapter are always refit; in a block with
+adapters the refit weights replace the merged ones (`M(s) * (W + sum B A)`) only where they lower
+the block's output error against METHOD.md's target (the dense block on the dense stream) on the
+calibration windows by more than a margin ("auto"; `RefitConfig`), or everywhere ("all").
 
 The calibration windows are the ones the artifact was trained on, recomputed from its recorded
 source and checked against its recorded sha256 (`artifact.calibration_record`), so a refit needs no
@@ -39,12 +41,11 @@ from .offload import resident
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class RefitReport:
     """What a refit did: per block, "refit", "adapters" (merged weights kept) or "dense" (sparsity
     0, untouched), and the block's output error (mean squared, float32) with the merged and with
-    the refit weights against the dense target on the calibration windows."""
+    the refit weights against the dense target on the calibration windows (NaN where not run)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
