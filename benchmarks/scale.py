@@ -513,6 +513,10 @@ def extrapolate(jobs: dict[str, dict], settings: list[Setting], dtype_bytes: int
             fp_per_byte = hi["fingerprint_s"] / job["measured_bytes"]
             epts_block_measured = hi["block_s"]
             epts_rss = max(r["rss_peak"] for r in job["epts"])
+        elif reference is None:  # nothing measured to scale from: no EPTS figures
+            fit = workset_lo = act = epts_block_measured = epts_rss = None
+            fp_per_byte = 0.0
+            epts_measured = "not measured, and no measured block to scale from"
         else:
             ref = measured[reference]
             fit = epts_fit(ref["epts"], ref["shapes"]["block_params"], ref["shapes"]["attn_width"]).scaled(P, d)
@@ -534,6 +538,10 @@ def extrapolate(jobs: dict[str, dict], settings: list[Setting], dtype_bytes: int
             solve_factor = max(sg["workset"] - hessian_bytes(sh["linears"]), 0) / (4 * widest**2)
             sg_block_measured, sg_rss = sg["block_s"], sg["rss_peak"]
             sg_note = f"{sg['nsamples']}x{sg['seqlen']}"
+        elif sgpt_ref is None:
+            solve_s = token_s = sg_setting = solve_factor = sg_block_measured = sg_rss = None
+            widest = max(i for *_, i in sh["linears"])
+            sg_note = "not measured, and no measured random-shape block to scale from"
         else:
             ref = jobs[sgpt_ref]["sparsegpt"]
             rsh = jobs[sgpt_ref]["shapes"]
@@ -554,22 +562,25 @@ def extrapolate(jobs: dict[str, dict], settings: list[Setting], dtype_bytes: int
                "layers": L, "block_params": P, "total_params": sh["total_params"], "block_bytes": block_b,
                "embed_head_bytes": embed_b, "dense_bytes": total_bytes, "dense_bf16_bytes": sh["total_params"] * 2,
                "fixed_rss": fixed, "epts_measured_at": epts_measured, "epts_block_s": epts_block_measured,
-               "epts_fit": asdict(fit), "epts_workset": workset_lo, "epts_act_per_token": act,
+               "epts_fit": asdict(fit) if fit else None, "epts_workset": workset_lo, "epts_act_per_token": act,
                "epts_peak_rss_measured": epts_rss, "sparsegpt_measured_at": sg_note,
                "sparsegpt_block_s": sg_block_measured, "sparsegpt_solve_s": solve_s,
                "sparsegpt_peak_rss_measured": sg_rss, "sparsegpt_solve_factor": solve_factor,
                "fingerprint_s": fp_s, "notes": notes, "settings": {}}
         for s in settings:
             stream = stream_bytes(s, sh["hidden"], dtype_bytes)
-            epts_block = fit.block_seconds(s)
-            sg_block = sparsegpt_block_seconds(solve_s, token_s, sg_setting, s, d, P)
-            row["settings"][s.name] = {
-                "setting": asdict(s), "stream_bytes": stream,
-                "epts_block_s": epts_block, "epts_model_s": whole_model_seconds(epts_block, L, fp_s),
-                "epts_peak_bytes": epts_peak_bytes(fixed, embed_b, block_b, workset_lo, act, SEQLENS[0], s, stream),
-                "sparsegpt_block_s": sg_block, "sparsegpt_model_s": whole_model_seconds(sg_block, L, 0.0),
-                "sparsegpt_peak_bytes": sparsegpt_peak_bytes(fixed, embed_b, block_b, hessian_bytes(sh["linears"]),
-                                                             solve_factor, widest, stream)}
+            x = row["settings"][s.name] = {"setting": asdict(s), "stream_bytes": stream, "epts_block_s": None,
+                                           "epts_model_s": None, "epts_peak_bytes": None, "sparsegpt_block_s": None,
+                                           "sparsegpt_model_s": None, "sparsegpt_peak_bytes": None}
+            if fit is not None:
+                x["epts_block_s"] = fit.block_seconds(s)
+                x["epts_model_s"] = whole_model_seconds(x["epts_block_s"], L, fp_s)
+                x["epts_peak_bytes"] = epts_peak_bytes(fixed, embed_b, block_b, workset_lo, act, SEQLENS[0], s, stream)
+            if solve_s is not None:
+                x["sparsegpt_block_s"] = sparsegpt_block_seconds(solve_s, token_s, sg_setting, s, d, P)
+                x["sparsegpt_model_s"] = whole_model_seconds(x["sparsegpt_block_s"], L, 0.0)
+                x["sparsegpt_peak_bytes"] = sparsegpt_peak_bytes(fixed, embed_b, block_b, hessian_bytes(sh["linears"]),
+                                                                 solve_factor, widest, stream)
         if "validation" in job:
             v = job["validation"]
             vs = Setting("validation", v["nsamples"], v["seqlen"], v["epochs"])
