@@ -437,6 +437,10 @@ def run_job(args) -> dict:
     """Everything measured for one model, in this process."""
     import torch
 
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (their import is overhead)
+
+    import epts.baselines  # noqa: F401
+    import epts.reconstruct  # noqa: F401
     from epts.arch import decoder_blocks
     from epts.models import resolve_device
 
