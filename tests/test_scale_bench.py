@@ -62,6 +62,29 @@ def test_epts_fit_recovers_the_cost_model_and_scales_as_stated():
     assert doubled.step_fixed_s == pytest.approx(2 * a) and doubled.ranks_s == pytest.approx(2 * ranks)
 
 
+def test_step_cost_per_token_from_the_forward_passes_and_a_long_run():
+    P, d = 1_000_000, 256
+    a, b, c, e = 0.5, 1e-3, 0.2, 4e-4
+
+    def run(n, T, epochs=1):
+        u = sc.effective_tokens(T, d, P)
+        # A stalled step (others' work) among them: the median ignores it.
+        steps = [9.0] + [a + b * u] * (epochs * n - 2) + [50.0]
+        fwd = c * math.ceil(n / sc.FORWARD_BATCH) + e * n * u
+        return {"seqlen": T, "nsamples": n, "step_s": steps, "train_s": sum(steps), "ranks_s": 1.0,
+                "block_s": 1.0 + sum(steps) + fwd}
+
+    short = [run(4, 32), run(4, 128)]
+    rho = sc.train_forward_ratio(short, run(32, 256, 2), P, d)
+    assert rho == pytest.approx(b / e)
+    fit = sc.epts_fit(short, P, d, rho)
+    assert fit.step_per_token_s == pytest.approx(b) and fit.step_fixed_s == pytest.approx(a)
+    # Another shape: its own forward cost per token, times the same ratio.
+    wide = [dict(r, block_s=r["block_s"] + 3 * e * r["nsamples"] * sc.effective_tokens(r["seqlen"], d, P))
+            for r in short]
+    assert sc.epts_fit(wide, P, d, rho).step_per_token_s == pytest.approx(4 * b)
+
+
 def test_fit_two_clamps_noise_to_non_negative_costs():
     assert sc.fit_two(1, 2.0, 3, 6.0) == pytest.approx((0.0, 2.0))
     assert sc.fit_two(1, 5.0, 3, 4.0) == (4.0, 0.0)  # a longer window measured faster: noise, no negative slope
