@@ -776,6 +776,7 @@ def run_all(args, names: list[str], settings: list[Setting]) -> None:
         jobs[name] = json.loads(job_file.read_text())
         print(f"{name}: measured in {time.perf_counter() - job_start:.0f} s", flush=True)
     meta["seconds"] = time.perf_counter() - start
+    meta["threads"] = ",".join(sorted({str(j["threads"]) for j in jobs.values()}))  # the jobs' own, under --resume too
     dtype_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     rows, fits = extrapolate(jobs, settings, dtype_bytes)
     write_json_atomic(out / "scale.json", {**meta, "settings": [asdict(s) for s in settings], "fits": fits,
