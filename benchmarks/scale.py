@@ -491,7 +491,7 @@ def run_job(args) -> dict:
     widest = max(o * i for _, o, i in shapes["linears"])
     need = block_params * (2 * dtype_bytes + 10) + 12 * widest
     if need > args.ram_budget_gb * GiB:
-        out["skipped"].append(f"epts: needs ~{need / GiB:.1f} GiB over the {args.ram_budget_gb:g} GiB budget")
+        out["skipped"].append(f"epts: needs ~{need / GiB:.1f} GiB over the {args.ram_budget_gb:.1f} GiB budget")
     else:
         if block_params <= BIG_BLOCK:  # one-time set-up (threads, kernels) out of the measured runs
             measure_epts(loaded, args.job, 1, 8, 1, device)
