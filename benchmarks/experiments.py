@@ -136,7 +136,7 @@ def run(args) -> None:
     for name, description, fields in variants:
         refits = [RefitConfig(mode, args.refit_iters, args.refit_margin) for mode in args.refit]
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
-                          + (f"-m{r.margin:g}" if r.mode == "auto" else "") for r in refits]
+                          + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
     p.add_argument("--refit-iters", type=int, default=20, help="refit: least-squares steps")
-    p.add_argument("--refit-margin", type=float, default=0.05, help="refit auto: error drop to replace adapters")
+    p.add_argument("--refit-margin", type=float, default=0.0, help="refit auto: error drop to replace adapters")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))

@@ -54,11 +54,12 @@ class RefitConfig:
     calibration with the masks fixed ("none", "bare", "auto", "all"); the conjugate-gradient steps
     from the OBS sweep towards the exact least-squares weights (0: the sweep alone); and, for
     "auto", the relative drop of a block's output error the refit must bring before it replaces
-    that block's adapters (a block served with no adapter is always refit)."""
+    that block's adapters (a block served with no adapter is always refit). Defaults chosen on
+    held-out calibration-file windows (docs/RECIPE.md): a margin of 0.05 was worse than 0 overall."""
 
     mode: str = "auto"
     iters: int = 20
-    margin: float = 0.05
+    margin: float = 0.0
 
     def __post_init__(self):
         if self.mode not in REFIT_MODES:

@@ -125,9 +125,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
     sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
     masks) and keeps the adapters elsewhere; "auto" also refits a block with adapters where that
-    lowers its output error against the dense target by more than `config.margin` (relative):
-    later blocks' adapters were trained on the adapted outputs, so a small gain in one block does
-    not pay for changing them; "all" refits every block at a nonzero sparsity; "none" does nothing.
+    lowers its output error against the dense target by more than `config.margin` (relative; 0 by
+    default: any drop); "all" refits every block at a nonzero sparsity; "none" does nothing.
     `config.iters` conjugate-gradient steps (`masked_least_squares`) take each layer from the OBS
     sweep towards the exact least-squares solution on its mask. Streamed models are processed one
     resident block at a time. The result keeps exactly the masks M(s) of the plan. Raises
