@@ -101,15 +101,16 @@ def export(
     max_windows: int | None = None,
     command: str | None = None,
     progress: bool = True,
-    refit: str | RefitConfig = "none",
+    refit: str | RefitConfig = "auto",
 ) -> dict:
     """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
 
     `allocation` spreads the budget over blocks: "uniform", "owl" (`owl_m`, `owl_lambda`) or
     "search" (needs `calib`, text whose loss scores allocations; `search_*` set its budget).
     `refit` (a `RefitConfig` or its mode: "none", "bare", "auto", "all") re-solves the kept weights
-    on the calibration windows with the masks fixed (`epts.refit`): from `calib` when given, else
-    the artifact's own recorded text.
+    on the calibration windows with the masks fixed (`epts.refit`; default "auto"): from `calib`
+    when given, else the artifact's own recorded text ("none": the adapter merge alone, what
+    in-place switching serves).
     `format` is "dense" (zeros in dense tensors, for any transformers) or "compressed"
     (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
     `eval_data`, the export's perplexity is measured and recorded in its model card. The folder
@@ -172,6 +173,9 @@ def export(
     if command:
         meta["command"] = command
     details = {"artifact": source} if source else {}
+    if "refit" in extra:
+        details["refit (kept weights re-solved on the calibration)"] = (
+            f"{refit.mode}: {extra['refit']['refit_blocks']} of {len(plan)} blocks")
     if "search" in extra:
         details["search (calibration loss)"] = f"{found.start_loss:.4f} -> {found.loss:.4f}"
     card = render(elastic.base.spec, "epts", f"{sparsity:g}", meta["total_sparsity"], allocation,

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="search: calibration text whose loss scores allocations; refit: calibration "
                                    "text (default: the artifact's own, reread and checked)")
-    _add_refit_args(p)
+    _add_refit_args(p, RefitConfig.mode)
     p.add_argument("--search-seconds", type=float, default=120.0, help="search: time budget")
     p.add_argument("--search-samples", type=_positive_int, default=8, help="search: calibration windows")
     p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
     p.add_argument("--base", help="with an artifact: base model, if not the artifact's recorded spec")
-    _add_refit_args(p)
+    _add_refit_args(p, "none")  # in place by default: what a served model switches to
     p.add_argument("--calib", help="refit: calibration text (default: the artifact's own, reread and checked)")
     _add_eval_args(p, "--data", "--seqlen", required=False)
     p.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness: comma-separated lm-eval task "
@@ -359,8 +359,8 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
     print(f"        epts export {out} --sparsity {inside[len(inside) // 2]:g} --out FOLDER")
 
 
-def _add_refit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refit", choices=list(REFIT_MODES), default="none",
+def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--refit", choices=list(REFIT_MODES), default=default,
                    help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
                         "then least squares): in blocks that serve the sparsity with no adapter (bare), there and "
                         "in blocks where it lowers the block's error by more than --refit-margin (auto), or "

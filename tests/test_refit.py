@@ -147,13 +147,16 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
     compress(load_model(folder), text_file, config, out=tmp_path / "art", progress=False)
     meta = export(tmp_path / "art", 0.5, tmp_path / "out", refit="all", progress=False)
     assert meta["refit"]["choices"] == ["refit"] * 3 and meta["refit"]["refit_blocks"] == 3
-    plain = export(tmp_path / "art", 0.5, tmp_path / "plain", progress=False)
+    plain = export(tmp_path / "art", 0.5, tmp_path / "plain", progress=False, refit="none")
     assert "refit" not in plain
     assert meta["total_sparsity"] == pytest.approx(plain["total_sparsity"], abs=1e-12)
     a, b = load_model(tmp_path / "out"), load_model(tmp_path / "plain")
     for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(x == 0, y == 0) or "proj" not in name, name
     assert any(not torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+    assert "| refit (kept weights re-solved on the calibration) | all: 3 of 3 blocks |" in (
+        tmp_path / "out" / "README.md").read_text()
+    assert export(tmp_path / "art", 0.5, tmp_path / "default", progress=False)["refit"]["mode"] == "auto"
 
 
 def test_the_auto_margin_keeps_adapters_unless_the_refit_clearly_wins(elastic_tiny):
