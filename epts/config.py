@@ -86,6 +86,8 @@ class EPTSConfig:
     delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
     mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
+    propagate: str = "msfm"  # next elastic stream: msfm (the mixer) or dense (P <- H, the paper's ablation)
+    inherit_adapters: bool = True  # False: group k uses only its own adapter, not 1..k (the paper's ablation)
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
     criterion: str = "wanda"  # importance: wanda or magnitude
@@ -129,6 +131,8 @@ class EPTSConfig:
         if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:
             raise ValueError(f"need max_retries >= 0 and 0 < retry_lr_factor < 1, got {self.max_retries}, "
                              f"{self.retry_lr_factor}")
+        if self.propagate not in ("msfm", "dense"):
+            raise ValueError(f"propagate {self.propagate!r} is not msfm or dense")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 
