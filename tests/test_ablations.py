@@ -114,3 +114,8 @@ def test_dense_propagation_feeds_the_next_block_the_dense_stream(monkeypatch):
         return all(torch.equal(x, y) for n in msfm[b][0] for x, y in zip(sum(msfm[b][0][n], []), sum(dense[b][0][n], [])))
 
     assert same_adapters(0) and not same_adapters(1) and not same_adapters(2)
+
+
+def test_unknown_propagation_is_refused():
+    with pytest.raises(ValueError, match="propagate 'lowest' is not msfm or dense"):
+        EPTSConfig(propagate="lowest")
