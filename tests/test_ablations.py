@@ -1,6 +1,8 @@
 """The paper's two structural ablations as config options: independent per-group adapters
 (EPTSConfig.inherit_adapters False) and dense-feature propagation (EPTSConfig.propagate "dense")."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,13 @@ def test_dense_propagation_feeds_the_next_block_the_dense_stream(monkeypatch):
 def test_unknown_propagation_is_refused():
     with pytest.raises(ValueError, match="propagate 'lowest' is not msfm or dense"):
         EPTSConfig(propagate="lowest")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "experiments").rglob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_variant_file_is_a_valid_config(path):
+    from benchmarks.experiments import load_variant
+
+    name, description, fields = load_variant(path)
+    assert name == path.stem and description, "every variant says what it changes"
+    EPTSConfig.from_dict(fields)
