@@ -165,14 +165,14 @@ class ElasticModel:
         return importance_scores(layer.weight, self.blocks[block].input_norms.get(name))
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
-        """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model, in the base weight's
-        dtype; at sparsity 0, the base weight itself (a copy), as the authors' code leaves it dense."""
+        """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model (B_k A_k alone for an
+        artifact trained without inheritance), in the base weight's dtype; at sparsity 0, the base weight itself (a copy), as the authors' code leaves it dense."""
         if sparsity == 0:
             return layer.weight.detach().clone()
         state = self.blocks[block]
         group = self.config.group_of(sparsity)
         a, b = state.adapters[name]
-        active = active_adapters(group, state.group1_adapter)
+        active = active_adapters(group, state.group1_adapter, self.config.inherit_adapters)
         device = layer.weight.device
         delta = state.deltas.get(name)
         return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,

@@ -109,6 +109,8 @@ class EPTSConfig:
     delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
     mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
+    propagate: str = "msfm"  # next elastic stream: msfm (the mixer) or dense (P <- H, the paper's ablation)
+    inherit_adapters: bool = True  # False: group k uses only its own adapter, not 1..k (the paper's ablation)
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
     criterion: str = "wanda"  # importance: wanda or magnitude
@@ -157,6 +159,8 @@ class EPTSConfig:
                              f"{self.retry_lr_factor}")
         if self.stream_memory_mb is not None and not self.stream_memory_mb >= 0:
             raise ValueError(f"stream_memory_mb must be >= 0 MiB (or None: no limit), got {self.stream_memory_mb}")
+        if self.propagate not in ("msfm", "dense"):
+            raise ValueError(f"propagate {self.propagate!r} is not msfm or dense")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 

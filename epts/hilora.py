@@ -5,7 +5,8 @@ A frozen linear with K low-rank adapter pairs. At sparsity s in group k it compu
     W_eff = M(s) * (W + sum_{j <= k} B_j A_j)
 
 so group k inherits the adapters of every lower group, and the mask multiplies the update too, so
-the merged weight has exactly the sparsity of M(s).
+the merged weight has exactly the sparsity of M(s). Without inheritance (the paper's ablation,
+EPTSConfig.inherit_adapters False) group k computes with its own adapter B_k A_k only.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from torch import nn
 from .importance import float_mask
 
 
-def active_adapters(group: int, group1_adapter: bool = True) -> range:
+def active_adapters(group: int, group1_adapter: bool = True, inherit: bool = True) -> range:
     """The adapters group `group` (0-based) computes with, stated once for training, the mixer,
-    the group-1 check and the artifact's merge: adapters 0..group (the hierarchy), except group 0
-    of a block whose group-1 check dropped its adapter (`group1_adapter` False), which uses none."""
-    return range(group + 1) if group > 0 or group1_adapter else range(0)
+    the group-1 check and the artifact's merge: adapters 0..group (the hierarchy), or only adapter
+    `group` when `inherit` is False (independent per-group adapters), except group 0 of a block
+    whose group-1 check dropped its adapter (`group1_adapter` False), which uses none."""
+    if group == 0 and not group1_adapter:
+        return range(0)
+    return range(0 if inherit else group, group + 1)
 
 
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
@@ -47,10 +51,11 @@ def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float,
 
 class ElasticLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
-                 generator: torch.Generator | None = None, shared_update: bool = False):
+                 generator: torch.Generator | None = None, shared_update: bool = False, inherit: bool = True):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
         pair per entry of `adapter_ranks`; `generator` draws the A initialisation. `shared_update`
-        adds a full-rank update `delta` (zeros) that every group uses, under its mask."""
+        adds a full-rank update `delta` (zeros) that every group uses, under its mask. `inherit`
+        False: each group uses only its own adapter (`active_adapters`)."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -69,6 +74,7 @@ class ElasticLinear(nn.Module):
             self.A.append(nn.Parameter(a.to(dev)))
             self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
         self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=dtype)) if shared_update else None
+        self.inherit = inherit
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
 
@@ -81,7 +87,7 @@ class ElasticLinear(nn.Module):
         if not 0 <= group < self.num_groups:
             raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
         self.sparsity = sparsity
-        self.adapters = active_adapters(group, group1_adapter)
+        self.adapters = active_adapters(group, group1_adapter, self.inherit)
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.ranks, self.sparsity,
@@ -103,9 +109,9 @@ class ElasticLinear(nn.Module):
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
            adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None,
-           shared_update: bool = False) -> dict[str, ElasticLinear]:
+           shared_update: bool = False, inherit: bool = True) -> dict[str, ElasticLinear]:
     """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
-    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update)
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update, inherit)
                for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)

@@ -3,7 +3,8 @@
 Two streams of hidden states flow block by block: the dense stream H (untouched model) and the
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
 and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
-stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P).
+stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P) (or P <- H,
+EPTSConfig.propagate "dense").
 Only the current block's adapters live on the compute device; both streams stay on the CPU (in
 memory-mapped scratch files past `EPTSConfig.stream_memory_mb`, see `epts.streams`). A
 streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
@@ -185,15 +186,19 @@ def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls
         # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(cc.seed, b)
-        layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0)
+        layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
+                               inherit=config.inherit_adapters)
         try:
             losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
                 check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)
                 group1_adapter = check[0] < check[1]
-            mixed = mix_features(runner, layers, elastic, draw_mix_sparsities(config.groups, gen), config.mix_weights,
-                                 group1_adapter)
+            if config.propagate == "dense":  # the ablation P <- H: the next block learns on dense features
+                mixed = targets
+            else:
+                mixed = mix_features(runner, layers, elastic, draw_mix_sparsities(config.groups, gen),
+                                     config.mix_weights, group1_adapter)
             break
         except NonFiniteError as err:
             retries.append({"attempt": attempt, "lr": lr, "reason": str(err)})

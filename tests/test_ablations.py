@@ -1,0 +1,133 @@
+"""The paper's two structural ablations as config options: independent per-group adapters
+(EPTSConfig.inherit_adapters False) and dense-feature propagation (EPTSConfig.propagate "dense")."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import random_windows, tiny_model
+from epts import reconstruct
+from epts.arch import decoder_blocks, prunable_linears
+from epts.artifact import ElasticModel
+from epts.config import CalibConfig, EPTSConfig
+from epts.hilora import ElasticLinear, active_adapters
+from epts.importance import kept_per_row, row_ranks
+
+GROUP3 = 0.48  # in (0.45, 0.50]: group 3 of the default groups, 0-based index 2
+
+
+def small_config(**kw):
+    return EPTSConfig(epochs=1, calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2), **kw)
+
+
+def test_active_adapters_hierarchy_by_default_own_adapter_when_independent():
+    assert [list(active_adapters(k)) for k in range(3)] == [[0], [0, 1], [0, 1, 2]]
+    assert [list(active_adapters(k, inherit=False)) for k in range(3)] == [[0], [1], [2]]
+    # A dropped group-1 adapter leaves group 1 bare either way, and does not touch the groups above.
+    for inherit in (True, False):
+        assert list(active_adapters(0, False, inherit)) == []
+    assert list(active_adapters(2, False)) == [0, 1, 2]
+    assert list(active_adapters(2, False, inherit=False)) == [2]
+
+
+def test_independent_layer_computes_and_trains_only_its_own_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    layer = ElasticLinear(base, row_ranks(base.weight.abs()), [3, 2, 4], inherit=False)
+    with torch.no_grad():
+        for b in layer.B:
+            b.normal_()
+    layer.set_state(0.5, 2)
+    mask = layer.ranks < kept_per_row(40, 0.5)
+    torch.testing.assert_close(layer.effective_weight(), (base.weight + layer.B[2] @ layer.A[2]) * mask)
+    layer(torch.randn(5, 40)).pow(2).sum().backward()
+    assert layer.A[2].grad.abs().sum() > 0 and layer.B[2].grad.abs().sum() > 0
+    assert all(layer.A[j].grad is None and layer.B[j].grad is None for j in (0, 1))
+
+
+def merged_and_expected(elastic, block, name, sparsity):
+    """The artifact's merged weight and M(s) * (W + [sum of] the listed adapters), for adapters 0..2 and 2."""
+    layer = prunable_linears(elastic.base.model, decoder_blocks(elastic.base.model)[block])[name]
+    a, b = elastic.blocks[block].adapters[name]
+    mask = elastic.ranks(block, name) < kept_per_row(layer.in_features, sparsity)
+    inherited = (layer.weight + sum(b[j] @ a[j] for j in range(3))) * mask
+    own = (layer.weight + b[2] @ a[2]) * mask
+    return elastic.merged_weight(block, name, layer, sparsity), inherited, own
+
+
+@pytest.fixture(scope="module")
+def independent(tmp_path_factory):
+    elastic = reconstruct.compress(tiny_model("llama"), random_windows(4, 32), small_config(inherit_adapters=False),
+                                   progress=False)
+    return ElasticModel.load(elastic.save(tmp_path_factory.mktemp("art") / "independent"), base=tiny_model("llama"))
+
+
+def test_independent_artifact_merges_only_the_group3_adapter(independent):
+    assert independent.config.inherit_adapters is False  # stored in the manifest, read back
+    for block in range(3):
+        merged, inherited, own = merged_and_expected(independent, block, "mlp.up_proj", GROUP3)
+        torch.testing.assert_close(merged, own, rtol=1e-6, atol=1e-6)
+        assert (merged - inherited).abs().max() > 1e-4, "adapters 1 and 2 must be left out"
+    # The runtime (in-place switching) merges by the same rule.
+    runtime = independent.to_runtime(GROUP3)
+    served = prunable_linears(runtime.model, decoder_blocks(runtime.model)[1])["mlp.up_proj"].weight
+    torch.testing.assert_close(served, merged_and_expected(independent, 1, "mlp.up_proj", GROUP3)[2],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_default_artifact_still_inherits():
+    elastic = reconstruct.compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
+    assert elastic.config.inherit_adapters is True and elastic.config.propagate == "msfm"
+    merged, inherited, own = merged_and_expected(elastic, 1, "mlp.up_proj", GROUP3)
+    torch.testing.assert_close(merged, inherited, rtol=1e-6, atol=1e-6)
+    assert (merged - own).abs().max() > 1e-4
+
+
+COMPRESS_BLOCK = reconstruct.compress_block
+
+
+def streams_of(config, monkeypatch):
+    """compress with `config`; returns per block the (adapters, next dense stream, next elastic stream)."""
+    seen = []
+    original = COMPRESS_BLOCK
+
+    def spy(*args, **kwargs):
+        state, dense, elastic = original(*args, **kwargs)
+        seen.append((state.adapters, dense, elastic))
+        return state, dense, elastic
+
+    monkeypatch.setattr(reconstruct, "compress_block", spy)
+    reconstruct.compress(tiny_model("llama"), random_windows(4, 32), config, progress=False)
+    return seen
+
+
+def test_dense_propagation_feeds_the_next_block_the_dense_stream(monkeypatch):
+    msfm = streams_of(small_config(), monkeypatch)
+    dense = streams_of(small_config(propagate="dense"), monkeypatch)
+    for _, h, p in dense:
+        assert torch.equal(p, h)
+    for _, h, p in msfm:  # the mixer's stream is not the dense one
+        assert (p - h).abs().max() > 1e-5
+    # Block 1 sees the same input (both streams start as the embeddings) and learns the same adapters;
+    # from block 2 on its input differs, and so do its adapters.
+    def same_adapters(b):
+        return all(torch.equal(x, y) for n in msfm[b][0] for x, y in zip(sum(msfm[b][0][n], []), sum(dense[b][0][n], [])))
+
+    assert same_adapters(0) and not same_adapters(1) and not same_adapters(2)
+
+
+def test_unknown_propagation_is_refused():
+    with pytest.raises(ValueError, match="propagate 'lowest' is not msfm or dense"):
+        EPTSConfig(propagate="lowest")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "experiments").rglob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_variant_file_is_a_valid_config(path):
+    from benchmarks.experiments import load_variant
+
+    name, description, fields = load_variant(path)
+    assert name == path.stem and description, "every variant says what it changes"
+    EPTSConfig.from_dict(fields)
