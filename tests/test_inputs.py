@@ -424,7 +424,7 @@ def test_written_files_get_the_umasks_permissions(tmp_path, model_dir, text_file
         assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(tmp_path / "pruned"),
                      "--report", str(tmp_path / "report.json")]) == 0
         assert main(["export", str(artifact), "--sparsity", "0.5", "--out", str(tmp_path / "export"), "--format",
-                     "compressed"]) == 0
+                     "compressed", "--refit", "none"]) == 0
         compress(load_model(model_dir), random_windows(4, 32), EPTSConfig(epochs=1, calib=CALIB),
                  out=tmp_path / "art", progress=False)
     finally:
