@@ -178,6 +178,17 @@ class BlockRunner:
             out[start : start + self.batch_size] = result.to(out.device)
         return out
 
+    def run_with_input_stats(self, stream: torch.Tensor, stats: dict[nn.Module, Any]) -> torch.Tensor:
+        """`run(stream)`, feeding every input batch of each module in `stats` to its statistic's
+        `add_batch` (Wanda's input norms, SparseGPT's Hessian)."""
+        handles = [module.register_forward_hook(lambda mod, inp, out, s=s: s.add_batch(inp[0]))
+                   for module, s in stats.items()]
+        try:
+            return self.run(stream)
+        finally:
+            for h in handles:
+                h.remove()
+
 
 def call_block(runner: BlockRunner, hidden: torch.Tensor) -> torch.Tensor:
     """The runner's block on one batch (b, seqlen, hidden) already on its device, with the captured

@@ -64,13 +64,7 @@ def dense_pass(runner: BlockRunner, layers: dict[str, nn.Linear], stream: torch.
     """The dense block on the dense stream: its outputs (targets, next dense stream) and the
     input-channel norms of its prunable linears (Wanda importance)."""
     stats = {name: InputNormStats(layer.in_features) for name, layer in layers.items()}
-    handles = [layer.register_forward_hook(lambda m, inp, out, s=stats[n]: s.add_batch(inp[0]))
-               for n, layer in layers.items()]
-    try:
-        out = runner.run(stream)
-    finally:
-        for h in handles:
-            h.remove()
+    out = runner.run_with_input_stats(stream, {layer: stats[name] for name, layer in layers.items()})
     for s in stats.values():
         distributed.sum_(s.sum_sq)
     return out, {name: s.norm() for name, s in stats.items()}

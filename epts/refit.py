@@ -190,13 +190,7 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
     model's activations), then the OBS sweep with the elastic mask M(sparsity) given."""
     layers = prunable_linears(elastic.base.model, base_runner.block)
     pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
-    handles = [p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0]))
-               for p in pruners.values()]
-    try:
-        base_runner.run(stream)
-    finally:
-        for h in handles:
-            h.remove()
+    base_runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
     pattern = Pattern(sparsity=sparsity)
     weights = {}
     for name, p in pruners.items():

@@ -76,12 +76,7 @@ def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner
         for p in pruners.values():
             p.layer.weight.data = p.pruned_weight(pattern)
         return None
-    handles = [p.layer.register_forward_hook(lambda mod, inp, out, p=p: p.add_batch(inp[0])) for p in pruners.values()]
-    try:
-        runner.run(stream)
-    finally:
-        for h in handles:
-            h.remove()
+    runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
     solve(list(pruners.values()), pattern)
     return runner.run(stream)
 
