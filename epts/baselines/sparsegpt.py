@@ -58,20 +58,18 @@ class SparseGPTPruner:
         h = self.hessian.clone()
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
-        if scale:
-            h += scale * self.percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+        damp = self.percdamp * torch.mean(torch.diag(h))
+        h += scale * damp * torch.eye(h.shape[0], device=h.device)
         return h, dead
 
     def _inverse_hessian_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the dampened H^-1, and the dead input channels (zero in every
         calibration token). A Hessian too ill-conditioned to factor gets 10x, then 100x the dampening.
         Raises ValueError when even that fails."""
-        h, dead = self.dampened_hessian(scale=0.0)
-        damp = self.percdamp * torch.mean(torch.diag(h))
-        eye = torch.eye(h.shape[0], device=h.device)
         for scale in (1.0, 10.0, 100.0):
+            h, dead = self.dampened_hessian(scale)
             try:
-                inverse = torch.cholesky_inverse(torch.linalg.cholesky(h + scale * damp * eye))
+                inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
                 return torch.linalg.cholesky(inverse, upper=True), dead
             except torch.linalg.LinAlgError:
                 log.warning("SparseGPT: the Hessian of a %d-input layer is not positive definite with %g x the "
