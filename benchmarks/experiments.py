@@ -164,8 +164,8 @@ def run(args) -> None:
                 runtime.set_sparsity(s)
                 info = {}
                 if refit_config is not None:
-                    plan = {b: s for b in range(args.blocks or len(elastic.blocks))}
-                    report = refit(elastic, runtime.loaded, plan, windows, refit_config, progress=not args.quiet)
+                    report = refit(elastic, runtime.loaded, runtime.sparsity, windows, refit_config,
+                                   progress=not args.quiet)
                     info = {"refit": report.to_dict()}
                 rows.append(row(variant, s, evaluate(runtime.loaded, texts), seconds, {**extra, **info}))
                 log.info("%s %g: %s", variant, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})

@@ -491,8 +491,8 @@ def _cmd_eval(args) -> None:
             start = time.perf_counter()
             runtime.set_sparsity(s)
             if windows is not None:  # what `epts export --refit` gives, measured without writing a folder
-                refit(elastic, runtime.loaded, {b: s for b in range(len(elastic.blocks))}, windows,
-                      _refit_config(args), elastic.config.calib.batch_size, args.progress)
+                refit(elastic, runtime.loaded, runtime.sparsity, windows, _refit_config(args),
+                      elastic.config.calib.batch_size, args.progress)
             seconds = time.perf_counter() - start
             if args.eval_data:
                 ppl = _ppl(runtime.loaded, args)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 class RefitReport:
     """What a refit did: per block, "refit", "adapters" (merged weights kept) or "dense" (sparsity
     0, untouched), and the block's output error (mean squared, float32) with the merged and with
-    the refit weights against the dense target on the calibration windows (NaN where not run)."""
+    the refit weights against the dense target on the calibration windows (NaN where not run: the
+    target is computed in "auto" only, which compares)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -112,7 +113,10 @@ def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, pruned: to
     return x * keep
 
 
-def _mse(out: torch.Tensor, target: torch.Tensor) -> float:
+def _mse(out: torch.Tensor | None, target: torch.Tensor | None) -> float:
+    """Mean squared error in float32; NaN when either was not computed."""
+    if out is None or target is None:
+        return float("nan")
     return float((out.float() - target.float()).pow(2).mean())
 
 
@@ -146,7 +150,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         sparsity = plan.get(b, 0.0)
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
-            target = base_runner.run(dense)
+            # METHOD.md's target (the dense block on the dense stream) decides only in "auto".
+            target = base_runner.run(dense) if mode == "auto" else None
             if sparsity == 0 or (mode == "bare" and _has_adapters(elastic, b, sparsity)):
                 out = runner.run(elastic_stream)
                 report.choices.append("dense" if sparsity == 0 else "adapters")
@@ -162,7 +167,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
             for name, layer in layers.items():
                 layer.weight.copy_(refitted[name])
             out_refit = runner.run(elastic_stream)
-            errors = (float("nan") if out_merged is None else _mse(out_merged, target), _mse(out_refit, target))
+            errors = (_mse(out_merged, target), _mse(out_refit, target))
             keep_refit = not compare or errors[1] < (1 - config.margin) * errors[0]
             if not keep_refit:
                 for name, layer in layers.items():
