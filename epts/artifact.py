@@ -166,7 +166,8 @@ class ElasticModel:
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
         """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model (B_k A_k alone for an
-        artifact trained without inheritance), in the base weight's dtype; at sparsity 0, the base weight itself (a copy), as the authors' code leaves it dense."""
+        artifact trained without inheritance), in the base weight's dtype; at sparsity 0, the base
+        weight itself (a copy), as the authors' code leaves it dense."""
         if sparsity == 0:
             return layer.weight.detach().clone()
         state = self.blocks[block]

@@ -573,7 +573,8 @@ def _resume_hint(args) -> str:
 # ---- the helper commands `python -m epts.report` and `python -m epts.zeroshot` (printing stays in the CLI) ----
 
 def report_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epts.report", description="Table and plot of an `epts eval --report` file",
+    parser = argparse.ArgumentParser(prog="python -m epts.report",
+                                     description="Table and plot of an `epts eval --report` file",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("report", help="JSON written by `epts eval ARTIFACT --sparsity ... --report FILE`")
     parser.add_argument("--table", help="also write the markdown table to this file")
