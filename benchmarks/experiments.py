@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.run import DATA, commit
+from epts.config import RefitConfig
 
 log = logging.getLogger("benchmarks.experiments")
 
@@ -91,7 +92,7 @@ def evaluate(loaded, texts: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def run(args) -> None:
     from epts.baselines import prune
-    from epts.config import CalibConfig, EPTSConfig, PruneConfig, RefitConfig
+    from epts.config import CalibConfig, EPTSConfig, PruneConfig
     from epts.data import calibration_windows, eval_windows, tokenize
     from epts.importance import Pattern
     from epts.models import LoadedModel, load_model
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="save each variant's artifact in OUT/artifacts/NAME (and reuse it when it is there)")
     p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
-    p.add_argument("--refit-iters", type=int, default=20, help="refit: least-squares steps")
+    p.add_argument("--refit-iters", type=int, default=RefitConfig.iters, help="refit: least-squares steps")
     p.add_argument("--refit-margin", type=float, default=0.0, help="refit auto: error drop to replace adapters")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")

@@ -85,13 +85,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -365,8 +358,8 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                         "then least squares): in blocks that serve the sparsity with no adapter (bare), there and "
                         "in blocks where it lowers the block's error by more than --refit-margin (auto), or "
                         "everywhere (all)")
-    p.add_argument("--refit-iters", type=_non_negative_int, default=RefitConfig.iters,
-                   help="refit: conjugate-gradient steps towards the exact least-squares weights (0: OBS sweep only)")
+    p.add_argument("--refit-iters", type=_positive_int, default=RefitConfig.iters,
+                   help="refit: conjugate-gradient steps towards the exact least-squares weights")
     p.add_argument("--refit-margin", type=float, default=RefitConfig.margin,
                    help="refit auto: the relative drop of a block's error needed to replace its adapters")
 

@@ -52,20 +52,23 @@ REFIT_MODES = ("none", "bare", "auto", "all")
 class RefitConfig:
     """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
     calibration with the masks fixed ("none", "bare", "auto", "all"); the conjugate-gradient steps
-    from the OBS sweep towards the exact least-squares weights (0: the sweep alone); and, for
-    "auto", the relative drop of a block's output error the refit must bring before it replaces
-    that block's adapters (a block served with no adapter is always refit). Defaults chosen on
-    held-out calibration-file windows (docs/RECIPE.md): a margin of 0.05 was worse than 0 overall."""
+    towards the exact least-squares weights; for "auto", the relative drop of a block's output
+    error the refit must bring before it replaces that block's adapters (a block served with no
+    adapter is always refit), and the calibration windows that error is measured on. Defaults
+    chosen on held-out calibration-file windows (docs/RECIPE.md): a margin of 0.05 was worse than 0
+    overall."""
 
     mode: str = "auto"
-    iters: int = 20
+    iters: int = 10
     margin: float = 0.0
+    compare_windows: int = 8
 
     def __post_init__(self):
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
-        if self.iters < 0 or not 0 <= self.margin < 1:
-            raise ValueError(f"refit needs iters >= 0 and a margin in [0, 1), got {self.iters} and {self.margin}")
+        if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:
+            raise ValueError(f"refit needs iters >= 1, a margin in [0, 1) and compare_windows >= 1, got {self.iters}, "
+                             f"{self.margin} and {self.compare_windows}")
 
 
 def load_config_file(path: str | Path) -> dict:

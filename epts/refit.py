@@ -1,15 +1,15 @@
-"""Fixed-mask OBS refit at export: an epts extension of METHOD.md's deployment step (issue 13).
+"""Fixed-mask least-squares refit at export: an epts extension of METHOD.md's deployment step (issue 13).
 
 The elastic model serves every sparsity from one set of base weights, nested importance masks and
 low-rank adapters. At low sparsity the group-1 check drops the group-1 adapter in most blocks, so
 those sparsities run on bare masks, while SparseGPT re-solves the kept weights of every layer (an
-OBS update) for its one target. A refit gives an export the same update: with the elastic mask
-M(s) fixed, SparseGPT's column sweep (`SparseGPTPruner.pruned_weight(mask=...)`) re-solves the
-kept base weights of each layer against the Hessian of its inputs, block by block on the exported
-model's own activations, as SparseGPT does; conjugate gradients then take it to the exact
-least-squares weights on the mask. Blocks served with no adapter are always refit; in a block with
-adapters the refit weights replace the merged ones (`M(s) * (W + sum B A)`) only where they lower
-the block's output error against METHOD.md's target (the dense block on the dense stream) on the
+OBS update) for its one target. A refit gives an export that update, taken to its optimum: with the
+elastic mask M(s) fixed, the kept weights of each layer are re-solved to the exact least-squares
+weights against the Hessian of its inputs (`masked_least_squares`), block by block on the exported
+model's own activations, with SparseGPT's convention for the Hessian (the unpruned block on the
+pruned model's stream). Blocks served with no adapter are always refit; in a block with adapters
+the refit weights replace the merged ones (`M(s) * (W + sum B A)`) only where they lower the block's
+output error against METHOD.md's target (the dense block on the dense stream) on the first
 calibration windows by more than a margin ("auto"; `RefitConfig`), or everywhere ("all").
 
 The calibration windows are the ones the artifact was trained on, recomputed from its recorded
@@ -34,7 +34,7 @@ from .blocks import capture_block_calls
 from .config import RefitConfig
 from .data import calibration_set
 from .hilora import active_adapters
-from .importance import Pattern, mask_from_ranks
+from .importance import mask_from_ranks
 from .models import LoadedModel
 from .offload import resident
 
@@ -84,20 +84,23 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
     return windows
 
 
-def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, start: torch.Tensor,
+def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor,
                          iters: int) -> torch.Tensor:
     """Minimise sum_i (w_i - x_i) H (w_i - x_i)^T over x supported off `pruned`, every row at once,
-    by `iters` steps of Jacobi-preconditioned conjugate gradients from `start` (the OBS sweep's
-    result, which is a sequential approximation of this least-squares optimum). `hessian` comes
-    dampened (`SparseGPTPruner.dampened_hessian`). Shapes: weight, pruned, start (d_out, d_in);
-    hessian (d_in, d_in); one device; float32 result. Written here: batched conjugate gradients
-    over rows with per-row masks is not in torch."""
-    h = hessian.float()
+    by `iters` steps of conjugate gradients from the bare mask (w with the pruned weights zeroed).
+    `hessian` and its `inverse` come dampened (`SparseGPTPruner.inverse_hessian`). The
+    preconditioner is H^-1 restricted to the kept weights: by the Schur complement it is the inverse
+    of the kept block H_KK up to a correction of rank at most the pruned count, so far fewer steps
+    are needed than with a diagonal one (measured on SmolLM2-135M layers at sparsity 0.5, mean
+    relative excess error over the optimum: 6.5e-4 after 10 steps and 2e-9 after 20, against
+    1.3e-2 and 1.8e-3 for Jacobi steps from SparseGPT's OBS sweep). Shapes: weight, pruned
+    (d_out, d_in); hessian, inverse (d_in, d_in); one device; float32 result. Written here: batched
+    conjugate gradients over rows with per-row masks is not in torch."""
+    h, hinv = hessian.float(), inverse.float()
     keep = (~pruned).float()
-    precond = 1.0 / torch.diag(h)
-    x = start.float() * keep
+    x = weight.float() * keep
     residual = ((weight.float() - x) @ h) * keep  # minus half the gradient
-    z = residual * precond
+    z = (residual @ hinv) * keep
     direction = z.clone()
     rz = (residual * z).sum(1)
     for _ in range(iters):
@@ -106,7 +109,7 @@ def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, pruned: to
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
         x += alpha[:, None] * direction
         residual -= alpha[:, None] * hd
-        z = residual * precond
+        z = (residual @ hinv) * keep
         rz_next = (residual * z).sum(1)
         direction = z + (rz_next / rz.clamp_min(1e-30))[:, None] * direction
         rz = rz_next
@@ -129,12 +132,12 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
     sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
     masks) and keeps the adapters elsewhere; "auto" also refits a block with adapters where that
-    lowers its output error against the dense target by more than `config.margin` (relative; 0 by
-    default: any drop); "all" refits every block at a nonzero sparsity; "none" does nothing.
-    `config.iters` conjugate-gradient steps (`masked_least_squares`) take each layer from the OBS
-    sweep towards the exact least-squares solution on its mask. Streamed models are processed one
-    resident block at a time. The result keeps exactly the masks M(s) of the plan. Raises
-    ValueError for an unknown mode.
+    lowers its output error against the dense target, on the first `config.compare_windows`
+    windows, by more than `config.margin` (relative; 0 by default: any drop); "all" refits every
+    block at a nonzero sparsity; "none" does nothing. `config.iters` conjugate-gradient steps
+    (`masked_least_squares`) solve each layer for the least-squares weights on its mask. Streamed
+    models are processed one resident block at a time. The result keeps exactly the masks M(s) of
+    the plan. Raises ValueError for an unknown mode.
     """
     config = RefitConfig(config) if isinstance(config, str) else config
     mode = config.mode
@@ -145,17 +148,20 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
     calls = capture_block_calls(model.model, windows, batch_size)
-    dense = elastic_stream = calls.hidden
+    elastic_stream = calls.hidden
+    # METHOD.md's target (the dense block on the dense stream) decides only in "auto", and only on
+    # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.
+    few = config.compare_windows
+    dense = elastic_stream[:few] if mode == "auto" else None
     for b, block in enumerate(tqdm(blocks, desc=f"refit ({mode})", disable=not progress)):
         sparsity = plan.get(b, 0.0)
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
-            # METHOD.md's target (the dense block on the dense stream) decides only in "auto".
-            target = base_runner.run(dense) if mode == "auto" else None
+            target = base_runner.run(dense) if dense is not None else None
             if sparsity == 0 or (mode == "bare" and _has_adapters(elastic, b, sparsity)):
                 out = runner.run(elastic_stream)
                 report.choices.append("dense" if sparsity == 0 else "adapters")
-                report.errors.append((_mse(out, target), float("nan")))
+                report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters)
@@ -163,18 +169,19 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
             # Only "auto" compares, in blocks with adapters: elsewhere the merged weights are not needed.
             compare = mode == "auto" and _has_adapters(elastic, b, sparsity)
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
-            out_merged = runner.run(elastic_stream) if compare else None
+            few_merged = runner.run(elastic_stream[:few]) if compare else None
             for name, layer in layers.items():
                 layer.weight.copy_(refitted[name])
-            out_refit = runner.run(elastic_stream)
-            errors = (_mse(out_merged, target), _mse(out_refit, target))
+            out = runner.run(elastic_stream)
+            errors = (_mse(few_merged, target), _mse(out[:few], target))
             keep_refit = not compare or errors[1] < (1 - config.margin) * errors[0]
             if not keep_refit:
                 for name, layer in layers.items():
                     layer.weight.copy_(merged[name])
+                out = runner.run(elastic_stream)
             report.choices.append("refit" if keep_refit else "adapters")
             report.errors.append(errors)
-            elastic_stream, dense = (out_refit if keep_refit else out_merged), target
+            elastic_stream, dense = out, target
     report.seconds = time.perf_counter() - start
     log.info("refit (%s): %d of %d blocks refit in %.1f s", mode, report.choices.count("refit"), len(blocks),
              report.seconds)
@@ -192,16 +199,13 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
                  iters: int) -> dict[str, torch.Tensor]:
     """The refit weights of every prunable layer of block `index`: Hessians of the layers' inputs
     when the base block runs on `stream` (SparseGPT's convention: the unpruned block on the pruned
-    model's activations), then the OBS sweep with the elastic mask M(sparsity) given."""
+    model's activations), then the least-squares weights on the elastic mask M(sparsity)."""
     layers = prunable_linears(elastic.base.model, base_runner.block)
     pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
     base_runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
-    pattern = Pattern(sparsity=sparsity)
     weights = {}
     for name, p in pruners.items():
         pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
-        swept = p.pruned_weight(pattern, mask=pruned)
-        solved = (masked_least_squares(p.layer.weight, p.dampened_hessian()[0], pruned, swept, iters)
-                  if iters else swept)
-        weights[name] = solved.to(p.layer.weight.dtype)
+        hessian, inverse, _ = p.inverse_hessian()
+        weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters).to(p.layer.weight.dtype)
     return weights

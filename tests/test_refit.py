@@ -1,4 +1,4 @@
-"""The fixed-mask OBS refit at export (epts.refit): SparseGPT's sweep with the elastic mask given."""
+"""The fixed-mask least-squares refit at export (epts.refit): the elastic masks kept, the kept weights re-solved."""
 
 import json
 
@@ -29,32 +29,51 @@ def _pruner(seed=0, d_out=24, d_in=64, tokens=256):
     return pruner, x
 
 
-def test_the_sweep_with_its_own_mask_given_reproduces_sparsegpt():
-    pruner, _ = _pruner()
-    chosen = pruner.pruned_weight(Pattern(sparsity=0.5))
-    again = pruner.pruned_weight(Pattern(sparsity=0.5), mask=chosen == 0)
-    assert torch.equal(again == 0, chosen == 0)
-    torch.testing.assert_close(again, chosen, rtol=0, atol=1e-5)
-
-
-def test_a_given_mask_is_kept_exactly_and_the_refit_beats_the_bare_mask():
+def test_the_least_squares_refit_keeps_the_mask_and_reaches_the_optimum():
     pruner, x = _pruner(seed=1)
     w = pruner.layer.weight.data
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) < 0.6  # True = pruned
-    refitted = pruner.pruned_weight(Pattern(sparsity=0.6), mask=mask)
-    assert torch.equal(refitted == 0, mask)
+    hessian, inverse, _ = pruner.inverse_hessian()
+    error = lambda v: ((w - v) @ hessian * (w - v)).sum().item()  # noqa: E731  the objective, dampened H
     bare = w.masked_fill(mask, 0.0)
-    error = lambda v: (x @ (w - v).t()).pow(2).mean().item()  # noqa: E731
-    hessian = x.t() @ x
+    few = masked_least_squares(w, hessian, inverse, mask, iters=3)
+    solved = masked_least_squares(w, hessian, inverse, mask, iters=20)
+    assert torch.equal(solved == 0, mask) and torch.equal(few == 0, mask)
+    # Monotone towards the optimum, and there (measured: 0.70, 0.061 and 0 relative excess).
+    assert error(_optimum(w, hessian, mask)) == pytest.approx(error(solved), rel=1e-5)
+    assert error(solved) < error(few) < 0.9 * error(bare)
+    # The output error on the calibration inputs follows: below SparseGPT's own sweep at its own mask.
+    output_error = lambda v: (x @ (w - v).t()).pow(2).mean().item()  # noqa: E731
+    sparsegpt = pruner.pruned_weight(Pattern(sparsity=0.6))
+    refit_own = masked_least_squares(w, hessian, inverse, sparsegpt == 0, iters=20)
+    assert output_error(refit_own) < output_error(sparsegpt)
+
+
+def test_the_inverse_hessian_preconditioner_converges_where_a_diagonal_one_does_not():
+    # Inputs dominated by a few shared directions, as LLM activations are: an ill-conditioned Hessian.
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(64, 24, bias=False)
+    layer.weight.data = torch.randn(24, 64, generator=g)
+    x = torch.randn(512, 4, generator=g) @ torch.randn(4, 64, generator=g) + 0.05 * torch.randn(512, 64, generator=g)
+    pruner = SparseGPTPruner(layer)
+    pruner.add_batch(x)
+    w = layer.weight.data
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) < 0.6
+    hessian, inverse, _ = pruner.inverse_hessian()
+    error = lambda v: ((w - v) @ hessian * (w - v)).sum().item()  # noqa: E731
+    best = error(_optimum(w, hessian, mask))
+    excess = lambda v: error(v) / best - 1  # noqa: E731
+    # Measured after 5 steps: 1e-6 with H^-1, 3e-2 with the diagonal.
+    assert excess(masked_least_squares(w, hessian, inverse, mask, iters=5)) < 1e-4
+    assert excess(masked_least_squares(w, hessian, torch.diag(1 / torch.diag(hessian)), mask, iters=5)) > 1e-2
+
+
+def _optimum(w, hessian, mask):
+    """The exact least-squares weights of each row on its mask (True = pruned)."""
     optimum = torch.zeros_like(w)
-    for i, row in enumerate(~mask):  # the exact least-squares weights of each row on its mask
+    for i, row in enumerate(~mask):
         optimum[i, row] = torch.linalg.solve(hessian[row][:, row], hessian[row] @ w[i])
-    solved = masked_least_squares(w, pruner.dampened_hessian()[0], mask, refitted, iters=20)
-    assert torch.equal(solved == 0, mask)
-    # The OBS sweep is a sequential approximation; conjugate gradients reach the optimum (up to the
-    # 1 % dampening): measured 662 (bare), 582 (sweep), 381.27 (20 steps), 381.12 (optimum).
-    assert error(optimum) < error(refitted) < 0.95 * error(bare)
-    assert error(solved) == pytest.approx(error(optimum), rel=2e-3)
+    return optimum
 
 
 @pytest.fixture(scope="module")

@@ -62,25 +62,25 @@ class SparseGPTPruner:
         h += scale * damp * torch.eye(h.shape[0], device=h.device)
         return h, dead
 
-    def _inverse_hessian_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upper Cholesky factor of the dampened H^-1, and the dead input channels (zero in every
-        calibration token). A Hessian too ill-conditioned to factor gets 10x, then 100x the dampening.
-        Raises ValueError when even that fails."""
+    def inverse_hessian(self, upper_factor: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dampened H (d_in, d_in, float32), its inverse (or, with `upper_factor`, the upper
+        Cholesky factor of the inverse, which the OBS sweep uses) and the dead input channels (bool,
+        d_in; zero in every calibration token). A Hessian too ill-conditioned to factor gets 10x, then
+        100x the dampening. Raises ValueError when even that fails."""
         for scale in (1.0, 10.0, 100.0):
             h, dead = self.dampened_hessian(scale)
             try:
                 inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-                return torch.linalg.cholesky(inverse, upper=True), dead
+                return h, torch.linalg.cholesky(inverse, upper=True) if upper_factor else inverse, dead
             except torch.linalg.LinAlgError:
                 log.warning("SparseGPT: the Hessian of a %d-input layer is not positive definite with %g x the "
                             "dampening", h.shape[0], scale)
         raise ValueError(f"SparseGPT: the Hessian of a {h.shape[0]}-input layer cannot be factored even with 100x "
                          f"the dampening: its calibration activations are degenerate; use more calibration text")
 
-    def pruned_weight(self, pattern: Pattern, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         """The layer's weight (d_out, d_in), in its dtype, pruned to `pattern` with OBS updates of the
-        weights kept. With `mask` (bool, d_out x d_in, True = pruned) the mask is given instead of
-        chosen: the same sweep then only refits the kept weights (`epts.refit`)."""
+        weights kept."""
         w = self.layer.weight.data.clone().float()
         rows, cols = w.shape
         blocksize = self.blocksize
@@ -88,7 +88,7 @@ class SparseGPTPruner:
             if cols % pattern.m:
                 raise ValueError(f"N:M pattern {pattern} needs the input size ({cols}) to be a multiple of {pattern.m}")
             blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # N:M groups never straddle two blocks
-        hinv, dead = self._inverse_hessian_factor()
+        _, hinv, dead = self.inverse_hessian(upper_factor=True)
         prune_per_row = 0 if pattern.is_nm else cols - kept_per_row(cols, pattern.sparsity)
 
         def pruned_before(col: int) -> int:
@@ -105,15 +105,13 @@ class SparseGPTPruner:
             diag1 = torch.diag(hinv1)
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
             dead1 = dead[i1:i2]
-            if mask is not None:
-                prune1 = mask[:, i1:i2].to(w.device)
-            elif not pattern.is_nm:
+            if not pattern.is_nm:
                 k = pruned_before(i2) - pruned_before(i1)
                 if k:
                     saliency = (w1.pow(2) / diag1.pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
                     prune1.scatter_(1, torch.topk(saliency, k, dim=1, largest=False).indices, True)
             for i in range(count):
-                if mask is None and pattern.is_nm and i % pattern.m == 0:
+                if pattern.is_nm and i % pattern.m == 0:
                     saliency = w1[:, i : i + pattern.m].pow(2) / diag1[i : i + pattern.m].pow(2).unsqueeze(0)
                     saliency = saliency.masked_fill(dead1[i : i + pattern.m], -1.0)
                     idx = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
