@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{calib.seed})"),
             ("--epochs", _positive_int, f"passes over the calibration windows, per block (default {defaults.epochs})"),
             ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
-            ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})")):
+            ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})"),
+            ("--groups-per-step", _positive_int, "sparsity groups trained per optimiser step, in turn (default: all, "
+                                                 "as METHOD.md; fewer is faster: docs/RECIPE.md)")):
         p.add_argument(flag, type=kind, default=None, help=text + ", unless --preset or --config sets it")
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
@@ -308,7 +310,7 @@ def _cmd_compress(args) -> None:
     for name in ("nsamples", "seqlen", "seed"):
         if getattr(args, name) is not None:
             calib[name] = getattr(args, name)
-    for name in ("epochs", "lr", "batch_size", "criterion"):
+    for name in ("epochs", "lr", "batch_size", "groups_per_step", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.stream_memory is not None:

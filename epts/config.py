@@ -111,6 +111,7 @@ class EPTSConfig:
     lr_ratio_b: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices train at lr * lr_ratio_b
     delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
+    groups_per_step: int | None = None  # None: every group at every step (METHOD.md); k: k groups in turn (faster)
     mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
     propagate: str = "msfm"  # next elastic stream: msfm (the mixer) or dense (P <- H, the paper's ablation)
     inherit_adapters: bool = True  # False: group k uses only its own adapter, not 1..k (the paper's ablation)
@@ -155,6 +156,9 @@ class EPTSConfig:
             raise ValueError(f"delta_lr must be >= 0 (0: no shared update), got {self.delta_lr}")
         if self.lr <= 0 or self.lr_ratio_b <= 0:
             raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr}, {self.lr_ratio_b}")
+        if self.groups_per_step is not None and not 1 <= self.groups_per_step <= self.num_groups:
+            raise ValueError(f"groups_per_step must be in 1..{self.num_groups} (the number of groups) or None (all), "
+                             f"got {self.groups_per_step}")
         if not 0 <= self.guide_weight <= 1:
             raise ValueError(f"guide_weight must be in [0, 1], got {self.guide_weight}")
         if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:

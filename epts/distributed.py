@@ -83,10 +83,11 @@ def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
 
 
 def mean_grads_(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients over the ranks, in one collective (as DDP's bucket does)."""
+    """Average the gradients over the ranks, in one collective (as DDP's bucket does). Parameters
+    without a gradient (groups a step did not train) are skipped: every rank draws the same schedule."""
     if world_size() == 1:
         return
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
     flat = mean_(torch.cat([g.flatten() for g in grads]))
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))

@@ -2,9 +2,9 @@
 
 Two streams of hidden states flow block by block: the dense stream H (untouched model) and the
 elastic stream P (what the already-trained elastic blocks produce). For each block: dense targets
-and Wanda input norms from H; E epochs in which every optimiser step runs all K groups on P with a
-stratified sparsity draw per group; the group-1 check; H <- dense block(H); P <- MSFM(P) (or P <- H,
-EPTSConfig.propagate "dense").
+and Wanda input norms from H; E epochs in which every optimiser step runs all K groups (or
+`groups_per_step` of them in turn, an epts speed option) on P with a stratified sparsity draw per
+group; the group-1 check; H <- dense block(H); P <- MSFM(P) (or P <- H, EPTSConfig.propagate "dense").
 Only the current block's adapters live on the compute device; both streams stay on the CPU (in
 memory-mapped scratch files past `EPTSConfig.stream_memory_mb`, see `epts.streams`). A
 streamed model (`load_model(..., stream=True)`) holds only the current block's weights.
@@ -49,6 +49,29 @@ def stratified_sparsities(lo: float, hi: float, count: int, generator: torch.Gen
     return draws[torch.randperm(count, generator=generator)]
 
 
+def group_schedule(groups: int, per_step: int, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """For each optimiser step, the groups it trains (ascending): all of them when `per_step` equals
+    `groups` (METHOD.md; `generator` is then left untouched), else `per_step` distinct ones taken in
+    turn from a stream of shuffled permutations, so that every group trains on a `per_step / groups`
+    share of the steps (up to one). An epts speed option (issue 13), not in the paper."""
+    if per_step >= groups:
+        return [list(range(groups))] * steps
+    stream: list[int] = []
+    schedule = []
+    for _ in range(steps):
+        chosen: list[int] = []
+        i = 0
+        while len(chosen) < per_step:
+            if i == len(stream):
+                stream += torch.randperm(groups, generator=generator).tolist()
+            if stream[i] in chosen:  # a permutation's seam: the next one may repeat a group
+                i += 1
+            else:
+                chosen.append(stream.pop(i))
+        schedule.append(sorted(chosen))
+    return schedule
+
+
 def _block_generator(seed: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + block)
 
@@ -90,7 +113,8 @@ def train_block(
     progress: bool,
 ) -> list[float]:
     """E epochs of multi-sparsity training of one block's adapters on `inputs` (the elastic stream)
-    against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU; returns each
+    against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU, every step
+    training every group or `config.groups_per_step` of them (`group_schedule`); returns each
     group's mean loss over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
     device = runner.device
     world = distributed.world_size()
@@ -98,7 +122,13 @@ def train_block(
     n, bs, K = inputs.shape[0], config.batch_size // world, config.num_groups
     steps_per_epoch = math.ceil(n / bs)
     total = config.epochs * steps_per_epoch
-    draws = [stratified_sparsities(lo, hi, total, generator) for lo, hi in config.groups]
+    # Which groups each step trains: all K (METHOD.md), or `groups_per_step` of them in turn.
+    schedule = group_schedule(K, config.groups_per_step or K, total, generator)
+    # Each group's sparsities are stratified over the steps that train it; group 1's over every step,
+    # since a step that does not train it still needs its output as the guided loss's anchor.
+    visits = [total] + [sum(k in trained for trained in schedule) for k in range(1, K)]
+    draws = [stratified_sparsities(lo, hi, max(count, 1), generator) for (lo, hi), count in zip(config.groups, visits)]
+    used = [0] * K  # draws taken so far, per group above the first
     params = [p for layer in layers.values() for p in layer.parameters()]
     groups = [{"params": [p for l in layers.values() for p in l.A], "lr": lr},
               {"params": [p for l in layers.values() for p in l.B], "lr": lr * config.lr_ratio_b}]
@@ -107,20 +137,28 @@ def train_block(
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     epoch_losses = torch.zeros(K, dtype=torch.float64)
+    epoch_counts = torch.zeros(K, dtype=torch.float64)
     with tqdm(total=total, desc=runner.name, disable=not progress, leave=False) as bar:
         for step in range(total):
             if step % steps_per_epoch == 0:
                 epoch_losses.zero_()
+                epoch_counts.zero_()
             start = (step % steps_per_epoch) * bs
             x = inputs[start : start + bs].to(device)
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
             anchor = None
+            if schedule[step][0] != 0 and config.guide_weight > 0:
+                # The guided loss needs group 1's output even on a step that does not train group 1.
+                with torch.no_grad():
+                    hilora.set_state(layers, draws[0][step].item(), 0)
+                    anchor = call_block(runner, x).float()
             step_losses = torch.zeros(K, dtype=torch.float64)
-            for k in range(K):
-                hilora.set_state(layers, draws[k][step].item(), k)
+            for k in schedule[step]:
+                hilora.set_state(layers, draws[k][step if k == 0 else used[k]].item(), k)
+                used[k] += 1
                 out = call_block(runner, x).float()
-                loss = F.mse_loss(out, y) if k == 0 else guided_loss(out, y, anchor, config.guide_weight)
+                loss = F.mse_loss(out, y) if anchor is None else guided_loss(out, y, anchor, config.guide_weight)
                 if k == 0:
                     anchor = out.detach()
                 value = loss.item()
@@ -128,6 +166,7 @@ def train_block(
                     raise NonFiniteError(f"non-finite loss of group {k + 1} at step {step + 1}")
                 loss.backward()
                 step_losses[k] = value
+                epoch_counts[k] += 1
             if world > 1:  # every process decides on the same reduced numbers, or they would part ways
                 distributed.mean_grads_(params)
                 distributed.mean_(step_losses)
@@ -135,18 +174,18 @@ def train_block(
                     raise NonFiniteError(f"non-finite loss of group {int(step_losses.isfinite().logical_not().nonzero()[0]) + 1} "
                                          f"at step {step + 1}")
             epoch_losses += step_losses
-            if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all():
+            # A step that trains only some groups leaves the higher groups' adapters without a gradient.
+            if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))).all():
                 raise NonFiniteError(f"non-finite gradient at step {step + 1}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if progress and (step % steps_per_epoch == steps_per_epoch - 1 or step == total - 1):
-                done = step % steps_per_epoch + 1
                 # Each group's mean loss so far this epoch, labelled by its sparsity range.
-                bar.set_postfix_str(" ".join(f"{lo:g}-{hi:g}:{v / done:.2e}"
-                                             for (lo, hi), v in zip(config.groups, epoch_losses.tolist())))
+                means = (epoch_losses / epoch_counts.clamp_min(1)).tolist()
+                bar.set_postfix_str(" ".join(f"{lo:g}-{hi:g}:{v:.2e}" for (lo, hi), v in zip(config.groups, means)))
             bar.update()
-    return (epoch_losses / steps_per_epoch).tolist()
+    return (epoch_losses / epoch_counts.clamp_min(1)).tolist()
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
         EPTSConfig.preset("fast")
     out = tmp_path / "art"
     r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--preset", "paper", "--epochs", "1",
-             "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+             "--nsamples", "2", "--seqlen", "32", "--groups-per-step", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "manifest.json").read_text())["config"]
-    assert (config["epochs"], config["lr"], config["calib"]["nsamples"]) == (1, 1e-3, 2)
+    assert (config["epochs"], config["lr"], config["calib"]["nsamples"], config["groups_per_step"]) == (1, 1e-3, 2, 3)

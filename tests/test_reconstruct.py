@@ -8,7 +8,7 @@ from conftest import random_windows, tiny_model
 from epts.arch import decoder_blocks, prunable_linears
 from epts.artifact import ElasticModel
 from epts.config import CalibConfig, EPTSConfig
-from epts.reconstruct import compress, guided_loss, stratified_sparsities
+from epts.reconstruct import compress, group_schedule, guided_loss, stratified_sparsities
 
 
 def test_stratified_sampler_covers_each_interval_evenly():
@@ -100,3 +100,40 @@ def test_shared_full_rank_update_trains_under_the_mask_and_survives_the_artifact
         assert torch.equal(p, q), name
     down = a.model.layers[0].mlp.down_proj.weight
     assert torch.all((down != 0).sum(1) == kept_per_row(down.shape[1], 0.6))
+
+
+@pytest.mark.parametrize("per_step", [1, 2, 3, 5])
+def test_group_schedule_trains_every_group_equally_often(per_step):
+    schedule = group_schedule(7, per_step, 64, torch.Generator().manual_seed(0))
+    assert len(schedule) == 64 and all(len(set(s)) == per_step == len(s) and s == sorted(s) for s in schedule)
+    counts = [sum(k in s for s in schedule) for k in range(7)]
+    assert max(counts) - min(counts) <= 1 and sum(counts) == 64 * per_step
+
+
+def test_all_groups_per_step_is_the_paper_schedule_and_draws_nothing():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert group_schedule(7, 7, 5, gen) == [list(range(7))] * 5
+    assert torch.equal(gen.get_state(), state)
+    with pytest.raises(ValueError, match="groups_per_step must be in 1..7"):
+        EPTSConfig(groups_per_step=8)
+
+
+def test_fewer_groups_per_step_trains_every_group_with_fewer_block_calls(monkeypatch):
+    import epts.reconstruct as reconstruct
+
+    calls = []
+    real = reconstruct.call_block
+    monkeypatch.setattr(reconstruct, "call_block", lambda runner, x: calls.append(1) or real(runner, x))
+    full = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
+    full_calls = len(calls)
+    calls.clear()
+    fast = compress(tiny_model("llama"), random_windows(4, 32), small_config(groups_per_step=2), progress=False)
+    # 3 blocks x 8 steps: 7 groups each in full; 2 groups, plus group 1's anchor where it is not drawn.
+    assert full_calls == 3 * 8 * 7 and 3 * 8 * 2 <= len(calls) <= 3 * 8 * 3
+    for state in fast.blocks:
+        assert all(torch.isfinite(torch.tensor(state.losses)))
+        assert all(torch.count_nonzero(t) > 0 for t in state.adapters["mlp.down_proj"][1]), "every group trained"
+    assert fast.config.groups_per_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(full.blocks[0].adapters["mlp.down_proj"][1],
+                                                   fast.blocks[0].adapters["mlp.down_proj"][1]))
