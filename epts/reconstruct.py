@@ -175,7 +175,8 @@ def train_block(
                                          f"at step {step + 1}")
             epoch_losses += step_losses
             # A step that trains only some groups leaves the higher groups' adapters without a gradient.
-            if not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))).all():
+            grads = [p.grad for p in params if p.grad is not None]
+            if not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
                 raise NonFiniteError(f"non-finite gradient at step {step + 1}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
