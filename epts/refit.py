@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 class RefitReport:
     """What a refit did: per block, "refit", "adapters" (merged weights kept) or "dense" (sparsity
     0, untouched), and the block's output error (mean squared, float32) with the merged and with
-    the refit weights against the dense target on the calibration windows (NaN where not run: the
-    target is computed in "auto" only, which compares)."""
+    the refit weights against the dense target on the first `RefitConfig.compare_windows`
+    calibration windows (NaN where not run: the target is computed in "auto" only, which compares)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
