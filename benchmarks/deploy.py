@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.run import DATA, commit
-from epts import ElasticModel, evaluate_ppl
+from epts import ElasticModel, RuntimeModel, evaluate_ppl
 from epts.allocation import allocate, pruned_fraction, search
 from epts.data import calibration_set
 from epts.models import load_model, save_model, weights_mib
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out-name", default="deploy.json")
     args = parser.parse_args()
     elastic = ElasticModel.load(args.artifact)
-    runtime = elastic.to_runtime(0.3)
+    runtime = RuntimeModel(elastic, 0.3)
     switches = []
     for s in (0.5, 0.7, 0.3, 0.6, 0.4, 0.7, 0.5, 0.3):
         start = time.perf_counter()

@@ -97,6 +97,7 @@ def run(args) -> None:
     from epts.importance import Pattern
     from epts.models import LoadedModel, load_model
     from epts.artifact import ElasticModel
+    from epts.runtime import RuntimeModel
     from epts.reconstruct import compress
     from epts.refit import refit
 
@@ -153,7 +154,7 @@ def run(args) -> None:
             seconds = time.perf_counter() - start
             if args.keep_artifacts:
                 elastic.save(kept)
-        runtime = elastic.to_runtime()
+        runtime = RuntimeModel(elastic)
         marks = sum(b.group1_adapter for b in elastic.blocks)
         extra = {"description": description, "config": fields, "group1_kept": marks,
                  "losses": [b.losses for b in elastic.blocks]}

@@ -7,6 +7,7 @@ from .artifact import ElasticModel
 from .config import CalibConfig, EPTSConfig, PruneConfig
 from .importance import Pattern
 from .models import LoadedModel, load_model, save_model
+from .runtime import RuntimeModel
 
 __all__ = [
     "CalibConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "LoadedModel",
     "Pattern",
     "PruneConfig",
+    "RuntimeModel",
     "as_loaded",
     "compress",
     "evaluate_ppl",

@@ -20,6 +20,7 @@ from .evaluate import mean_nll
 from .importance import kept_per_row
 from .models import check_context
 from .offload import resident
+from .runtime import RuntimeModel
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def search(elastic: ElasticModel, target: float, windows: torch.Tensor, start: d
     lo, hi = elastic.config.boundaries[0], elastic.config.boundaries[-1]
     sizes = [sum(r * c for r, c in s) for s in _layer_shapes(elastic)]
     plan = dict(start) if start is not None else allocate(elastic, target, "uniform")
-    runtime = elastic.to_runtime(plan)
+    runtime = RuntimeModel(elastic, plan)
     began = time.perf_counter()
     best = first = mean_nll(runtime.model, windows, batch_size)
     gen = torch.Generator().manual_seed(seed)

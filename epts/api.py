@@ -30,16 +30,18 @@ from .refit import refit as _refit
 ModelLike = str | os.PathLike | LoadedModel | torch.nn.Module
 
 
-def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str = "cpu",
+              runtime: str = "auto") -> LoadedModel:
     """A `LoadedModel` from a spec (loaded with `dtype` on `device`), a `LoadedModel` (returned as
     it is) or a transformers causal LM with its `tokenizer` (wrapped, not copied; put in eval mode;
     its spec is `config._name_or_path`, so an artifact made from it can reload it when that is a
-    folder or hub id). Raises ValueError for a transformers model without a tokenizer, and
+    folder or hub id); a spec loads with `runtime` (see `load_model`: what prunes or compresses
+    needs "dense"). Raises ValueError for a transformers model without a tokenizer, and
     UnsupportedArchitectureError for a model without supported decoder blocks."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, dtype, device)
+        return load_model(model, dtype, device, runtime=runtime)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(f"a {type(model).__name__} needs its tokenizer: pass tokenizer=AutoTokenizer."
@@ -55,13 +57,13 @@ def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str
 def compress(model: ModelLike, calib, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
              progress: bool = True, metadata: dict | None = None, *, tokenizer=None) -> ElasticModel:
     """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model."""
-    return _compress(as_loaded(model, tokenizer), calib, config, out, progress, metadata)
+    return _compress(as_loaded(model, tokenizer, runtime="dense"), calib, config, out, progress, metadata)
 
 
 def prune(model: ModelLike, calib, config: PruneConfig | None = None, progress: bool = True, *,
           tokenizer=None) -> PruneReport:
     """Single-sparsity pruning of `model` in place (see `epts.baselines.prune`)."""
-    return _prune(as_loaded(model, tokenizer), calib, config, progress)
+    return _prune(as_loaded(model, tokenizer, runtime="dense"), calib, config, progress)
 
 
 def evaluate_ppl(model: ModelLike, text, seqlen: int = 512, max_windows: int | None = None, batch_size: int = 4,

@@ -1,5 +1,6 @@
 """The elastic artifact (METHOD.md, ingredient 5): save, load, verify, materialise. Switching a
-served model in place is `epts.runtime`; checkpoints of an unfinished run are `epts.checkpoint`.
+served model in place is `epts.runtime` (which builds on this module); checkpoints of an
+unfinished run are `epts.checkpoint`.
 
 A folder holding
 - `manifest.json`: format version, config, groups, base model spec (absolute for a local path),
@@ -13,6 +14,7 @@ The base weights are not copied: they are reloaded from the spec and checked by 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -26,14 +28,14 @@ import transformers
 from safetensors.torch import load_file
 
 from . import __version__
-from .arch import decoder_blocks, prunable_linears
+from .arch import arch_spec, decoder_blocks, prunable_linears
 from .config import EPTSConfig
 from .hilora import active_adapters, effective_weight
 from .importance import importance_scores, row_ranks
 from .io import save_tensors_atomic, write_json_atomic
 from .models import LoadedModel, ModelLoadError, fingerprint, load_model
-from .offload import is_streamed
-from .runtime import RuntimeModel
+from .offload import is_streamed, resident
+from .sparse.linear import SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +198,29 @@ class ElasticModel:
     def materialize(self, sparsity: float | dict[int, float]) -> LoadedModel:
         """A plain sparse transformers model (adapters merged, no wrappers) at one sparsity, or at a
         per-block sparsity {block: s}, in the base model's dtype; blocks left out of the mapping,
-        and blocks at sparsity 0, keep the base model's weights unchanged."""
-        return self.to_runtime(sparsity).loaded
+        and blocks at sparsity 0, keep the base model's weights unchanged. A served model whose
+        sparsity changes in place is `epts.RuntimeModel`."""
+        loaded = LoadedModel(copy.deepcopy(self.base.model), self.base.tokenizer, self.base.spec)
+        self.merge_into(loaded.model, self._per_block(sparsity))
+        return loaded
 
-    def to_runtime(self, sparsity: float | dict[int, float] | None = None) -> "RuntimeModel":
-        """One in-memory model whose sparsity changes in place (`RuntimeModel.set_sparsity`)."""
-        runtime = RuntimeModel(self)
-        if sparsity is not None:
-            runtime.set_sparsity(sparsity)
-        return runtime
+    @torch.no_grad()
+    def merge_into(self, model: torch.nn.Module, plan: dict[int, float]) -> None:
+        """Write the merged weights of `plan` ({block: sparsity}) into `model`, a copy of the base
+        model: into each prunable `nn.Linear`'s weight, or repacked into each `SparseLinear`. Of a
+        streamed base, the base block is loaded for its weights and a streamed copy's block is
+        loaded, re-merged and kept in its scratch file (`offload.resident`)."""
+        base_blocks, blocks = decoder_blocks(self.base.model), decoder_blocks(model)
+        for b, s in plan.items():
+            with resident(base_blocks[b]), resident(blocks[b], keep=True):
+                base_layers = prunable_linears(self.base.model, base_blocks[b])
+                for name in arch_spec(model).prunable:
+                    target = blocks[b].get_submodule(name)
+                    merged = self.merged_weight(b, name, base_layers[name], s)
+                    if isinstance(target, SparseLinear):
+                        target.repack_(merged)
+                    else:
+                        target.weight.copy_(merged)
 
     # ---- persistence ------------------------------------------------------------------------
 
@@ -268,7 +284,7 @@ class ElasticModel:
         if not isinstance(base, LoadedModel):
             spec = base or recorded["spec"]
             try:
-                base = load_model(spec, made_in if dtype == "auto" else dtype, device, stream=stream)
+                base = load_model(spec, made_in if dtype == "auto" else dtype, device, stream=stream, runtime="dense")
             except ModelLoadError as err:
                 if base is not None:
                     raise

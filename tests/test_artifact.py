@@ -6,6 +6,7 @@ import torch
 from conftest import random_windows, tiny_model
 from epts.arch import decoder_blocks, prunable_linears
 from epts.artifact import ArtifactError, ElasticModel
+from epts.runtime import RuntimeModel
 from epts.config import CalibConfig, EPTSConfig
 from epts.importance import kept_per_row
 from epts.reconstruct import compress
@@ -108,7 +109,7 @@ def test_newer_format_version_is_refused(saved, tmp_path):
 
 def test_runtime_switching_equals_a_fresh_materialisation(saved):
     elastic, _ = saved
-    runtime = elastic.to_runtime(0.7)
+    runtime = RuntimeModel(elastic, 0.7)
     ids = random_windows(2, 16, seed=3)
     for target in (0.3, {0: 0.6, 2: 0.45}, 0.55, 0.7):
         runtime.set_sparsity(target)

@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"yaml": "pyyaml", "lm_eval": "lm-eval"}
-# Declared but never imported by epts itself: transformers needs it to read GGUF files.
-RUNTIME_ONLY = {"gguf"}
+# Declared but never imported by epts itself: transformers needs gguf to read GGUF files, torch's
+# extension loader runs ninja to build the sparse kernels.
+RUNTIME_ONLY = {"gguf", "ninja"}
 
 
 def _norm(name: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .io import save_tensors_atomic, write_json_atomic
+from ..io import save_tensors_atomic, write_json_atomic
 
 FORMAT = "sparse-bitmask"
 PARTS = ("shape", "compressed", "bitmask", "row_offsets")
@@ -55,7 +55,7 @@ def bitmask_decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros(shape, dtype=values.dtype).masked_scatter_(keep, values)  # 3x faster than dense[keep] = ...
 
 
-def _shards(folder: Path) -> list[Path]:
+def shards(folder: Path) -> list[Path]:
     index = folder / _INDEX
     if index.is_file():
         return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -71,7 +71,7 @@ def compress_folder(folder: str | os.PathLike, targets: list[str], structure: st
     renamed: dict[str, str] = {}
     if not_weights := [t for t in targets if not t.endswith(".weight")]:
         raise ValueError(f"only `.weight` parameters can be bitmask-compressed, got {not_weights[0]}")
-    for shard in _shards(folder):
+    for shard in shards(folder):
         tensors = {}
         with safe_open(shard, framework="pt") as f:
             metadata = f.metadata()
@@ -129,7 +129,7 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{folder} is also quantised; epts reads sparse-bitmask checkpoints without quantisation")
     state: dict[str, torch.Tensor] = {}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in _shards(folder):
+    for shard in shards(folder):
         with safe_open(shard, framework="pt") as f:
             for key in f.keys():
                 module, _, part = key.rpartition(".")
