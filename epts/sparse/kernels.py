@@ -21,6 +21,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "bitmask_linear.cpp"
+# -fopenmp: ATen's parallel_for is OpenMP in torch's CPU builds, and without it compiles to a serial
+# loop; the library then links libgomp.so.1, which resolves to the copy torch has already loaded.
+CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 PATHS = ("auto", "avx512_bf16", "avx512", "avx2", "portable")
 
 
@@ -34,7 +38,7 @@ def build_dir() -> Path:
     root = os.environ.get("EPTS_CACHE", "")
     if root.lower() in ("off", "0", "false", ""):
         root = str(Path.home() / ".cache" / "epts")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
     return Path(root) / "kernels" / tag
 
@@ -50,7 +54,8 @@ def _load() -> str | None:
         # pip's ninja lands beside the interpreter, which a venv's scripts do not put on PATH.
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         cpp_extension.load(name="epts_sparse", sources=[str(SOURCE)], build_directory=str(folder),
-                           extra_cflags=["-O3", "-std=c++17"], is_python_module=False, verbose=False)
+                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), is_python_module=False,
+                           verbose=False)
     except Exception as err:  # a missing compiler or ninja, a compile error, an unwritable cache
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         return f"the bitmask kernels could not be built in {folder}: {reason}"
