@@ -185,3 +185,16 @@ def test_cli_refuses_refit_on_the_sparse_runtime(tmp_path, elastic):
     r = epts("eval", str(art), "--sparsity", "0.5", "--runtime", "sparse", "--refit", "auto", "--data", "x")
     assert r.returncode == 2 and "--refit re-solves dense weights: use it with --runtime dense" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("family", ["opt", "gemma3"])
+def test_packed_loading_of_other_families_gives_the_dense_logits(family, tmp_path):
+    from epts import Pattern, PruneConfig, prune
+
+    loaded = load_model(tiny_model_folder(tmp_path / "model", family), runtime="dense")
+    prune(loaded, None, PruneConfig("magnitude", Pattern(sparsity=0.5)), progress=False)
+    packed = load_model(save_model(loaded, tmp_path / "compressed", compressed=True))
+    assert len(packed_layers(packed.model)) == 3 * (6 if family == "opt" else 7)
+    ids = random_windows(2, 12, vocab=300, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(packed.model(ids).logits, loaded.model(ids).logits, rtol=1e-5, atol=1e-5)
