@@ -1,4 +1,4 @@
-"""Experiment harness for elastic quality (issue 13): named variants, each a config file, compared
+"""Experiment harness for elastic quality: named variants, each a config file, compared
 with SparseGPT and Wanda on the same blocks and the same held-out text.
 
     python -m benchmarks.experiments benchmarks/experiments/*.yaml --blocks 6     # cheap proxy

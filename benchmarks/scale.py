@@ -1,4 +1,4 @@
-"""Measured scale (issue 11): per-block time and memory of EPTS and SparseGPT at real LLaMA shapes,
+"""Measured scale: per-block time and memory of EPTS and SparseGPT at real LLaMA shapes,
 and the whole-model cost extrapolated from them.
 
     python -m benchmarks.scale [--models smollm2-135m,llama-7b,llama-3-8b,llama-3-70b]

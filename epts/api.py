@@ -26,6 +26,7 @@ from .modelcard import render
 from .reconstruct import compress as _compress
 from .refit import artifact_calibration
 from .refit import refit as _refit
+from .zeroshot import zero_shot as _zero_shot
 
 ModelLike = str | os.PathLike | LoadedModel | torch.nn.Module
 
@@ -74,10 +75,6 @@ def evaluate_ppl(model: ModelLike, text, seqlen: int = 512, max_windows: int | N
 
 def zero_shot(model: ModelLike, tasks, *, tokenizer=None, **kwargs) -> list[dict]:
     """Zero-shot accuracy of `model` through lm-evaluation-harness (see `epts.zeroshot.zero_shot`)."""
-    # Imported here, not at the top: `import epts` must not import epts.zeroshot, which also runs as
-    # `python -m epts.zeroshot` (runpy warns when the module is already imported).
-    from .zeroshot import zero_shot as _zero_shot
-
     return _zero_shot(as_loaded(model, tokenizer), tasks, **kwargs)
 
 

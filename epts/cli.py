@@ -218,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="with --tasks: the first N documents of each task only")
     p.add_argument("--report", help="also write the results as JSON to this file")
+
+    p = sub.add_parser("report", help="table and plot of perplexity against sparsity from an `epts eval --report` file")
+    p.add_argument("report", help="JSON written by `epts eval ARTIFACT --sparsity ... --report FILE`")
+    p.add_argument("--table", help="also write the markdown table to this file")
+    p.add_argument("--plot", help="write the perplexity-against-sparsity PNG to this file")
+    p.add_argument("--title", default=None, help="plot title")
+
+    p = sub.add_parser("task", help="write a local multiple-choice task (the true next sentence among distractors) "
+                                    "for `epts eval --tasks`")
+    p.add_argument("text", help="text to draw it from: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    p.add_argument("folder", help="folder to write the task's YAML and JSON lines into")
+    p.add_argument("--docs", type=_positive_int, default=200, help="documents (questions)")
+    p.add_argument("--choices", type=_positive_int, default=4, help="choices per document (one is right)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
     for p in sub.choices.values():
         p.formatter_class = _HelpFormatter
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as TQDM_DISABLE=1 does)")
@@ -541,8 +555,30 @@ def _cmd_eval(args) -> None:
                                         "peak_rss_mb": peak_rss_mb()})
 
 
+def _cmd_report(args) -> None:
+    try:
+        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        text = report_table(report)
+        if args.table:
+            with atomic_path(args.table) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        if args.plot:
+            report_plot(report, args.plot, args.title)
+    except OSError as err:  # a folder given as the report, a full disk: a one-line error like the others
+        raise ValueError(str(err)) from err
+    print(text, end="")
+
+
+def _cmd_task(args) -> None:
+    try:
+        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
+    except OSError as err:
+        raise ValueError(str(err)) from err
+    print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
+
+
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
-            "generate": _cmd_generate}
+            "generate": _cmd_generate, "report": _cmd_report, "task": _cmd_task}
 _USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
                 UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError,
                 sparse_kernels.SparseRuntimeUnavailable)
@@ -595,52 +631,6 @@ def _resume_hint(args) -> str:
     again = ("rerun the same command without --overwrite, or with --resume," if args.overwrite
              else "rerun the same command (or add --resume)")
     return f"; {done} finished blocks are checkpointed in {out}: {again} to continue from block {done + 1}"
-
-
-# ---- the helper commands `python -m epts.report` and `python -m epts.zeroshot` (printing stays in the CLI) ----
-
-def report_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epts.report",
-                                     description="Table and plot of an `epts eval --report` file",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("report", help="JSON written by `epts eval ARTIFACT --sparsity ... --report FILE`")
-    parser.add_argument("--table", help="also write the markdown table to this file")
-    parser.add_argument("--plot", help="write the perplexity-against-sparsity PNG to this file")
-    parser.add_argument("--title", default=None, help="plot title")
-    args = parser.parse_args(argv)
-    try:
-        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
-        text = report_table(report)
-        if args.table:
-            with atomic_path(args.table) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        if args.plot:
-            report_plot(report, args.plot, args.title)
-    except (OSError, ValueError) as err:
-        print(f"epts.report: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    return 0
-
-
-def task_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m epts.zeroshot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a local multiple-choice task (the true next sentence among distractors) for "
-                    "`epts eval --tasks`.")
-    parser.add_argument("text", help="text to draw it from: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
-    parser.add_argument("folder", help="folder to write the task's YAML and JSON lines into")
-    parser.add_argument("--docs", type=int, default=200, help="documents (questions)")
-    parser.add_argument("--choices", type=int, default=4, help="choices per document (one is right)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
-    args = parser.parse_args(argv)
-    try:
-        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
-    except (OSError, ValueError) as err:
-        print(f"epts.zeroshot: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
-    return 0
 
 
 if __name__ == "__main__":

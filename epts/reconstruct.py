@@ -53,7 +53,7 @@ def group_schedule(groups: int, per_step: int, steps: int, generator: torch.Gene
     """For each optimiser step, the groups it trains (ascending): all of them when `per_step` equals
     `groups` (METHOD.md; `generator` is then left untouched), else `per_step` distinct ones taken in
     turn from a stream of shuffled permutations, so that every group trains on a `per_step / groups`
-    share of the steps (up to one). An epts speed option (issue 13), not in the paper."""
+    share of the steps (up to one). An epts speed option, not in the paper."""
     if per_step >= groups:
         return [list(range(groups))] * steps
     stream: list[int] = []

@@ -1,4 +1,4 @@
-"""Fixed-mask least-squares refit at export: an epts extension of METHOD.md's deployment step (issue 13).
+"""Fixed-mask least-squares refit at export: an epts extension of METHOD.md's deployment step.
 
 The elastic model serves every sparsity from one set of base weights, nested importance masks and
 low-rank adapters. At low sparsity the group-1 check drops the group-1 adapter in most blocks, so

@@ -1,6 +1,6 @@
 """Table and plot of perplexity against sparsity from an `epts eval ARTIFACT --report` JSON.
 
-    python -m epts.report runs/demo/eval.json --table runs/demo/table.md --plot runs/demo/ppl.png
+    epts report runs/demo/eval.json --table runs/demo/table.md --plot runs/demo/ppl.png
 
 Sparsity 0 of an elastic artifact is the dense base model, so its row is the reference.
 """
@@ -8,7 +8,6 @@ Sparsity 0 of an elastic artifact is the dense base model, so its row is the ref
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from .io import atomic_path
@@ -80,8 +79,3 @@ def plot(report: dict, path: str | os.PathLike, title: str | None = None) -> Pat
     plt.close(fig)
     return path
 
-
-if __name__ == "__main__":  # the command itself lives with the other commands, in epts/cli.py
-    from .cli import report_main
-
-    sys.exit(report_main())

@@ -6,7 +6,7 @@ per sparsity. Tasks are hub task names (arc_easy, hellaswag, ...; their data com
 or local task YAML files and folders (lm-eval's custom-task format), which work offline.
 `write_continuation_task` builds such a local multiple-choice task from any plain text:
 
-    python -m epts.zeroshot ../shared/data/wikitext2/wiki.test.raw runs/tasks   # then --tasks runs/tasks
+    epts task ../shared/data/wikitext2/wiki.test.raw runs/tasks   # then --tasks runs/tasks
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import re
-import sys
 from pathlib import Path
 
 from .data import read_text
@@ -118,7 +117,7 @@ def zero_shot(
                                       fewshot_random_seed=seed)
     except (ConnectionError, OSError) as err:
         raise ZeroShotError(f"lm-eval could not load the data of {', '.join(names)}: {err}. Without a network, "
-                            f"use a local task (`python -m epts.zeroshot TEXT FOLDER` writes one)") from err
+                            f"use a local task (`epts task TEXT FOLDER` writes one)") from err
     rows = []
     for task, metrics in out["results"].items():
         if "acc,none" not in metrics:
@@ -225,8 +224,3 @@ def write_continuation_task(
     write_json_atomic(yaml_path, config)
     return yaml_path
 
-
-if __name__ == "__main__":  # the command itself lives with the other commands, in epts/cli.py
-    from .cli import task_main
-
-    sys.exit(task_main())

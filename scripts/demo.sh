@@ -31,7 +31,7 @@ compress_s=$((SECONDS - start))
   --max-windows "$windows" --report "$out/eval.json"
 eval_s=$((SECONDS - start - compress_s))
 echo
-.venv/bin/python -m epts.report "$out/eval.json" --table "$out/table.md" --plot "$out/ppl_vs_sparsity.png" \
+.venv/bin/epts report "$out/eval.json" --table "$out/table.md" --plot "$out/ppl_vs_sparsity.png" \
   --title "$model: one EPTS model, every sparsity"
 cat <<EOF
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,23 @@ from epts.models import LoadedModel
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKI_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
 WIKI_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
+
+# A subprocess test passes or fails on the event it waits for (a file written, the process' exit), never on
+# how long that took: this limit only stops a hung process from stalling the suite.
+HANG_GUARD_S = 1800
+
+
+def wait_for_file(path: Path, proc) -> bool:
+    """Wait until `path` exists while `proc` runs: True once it does, False if `proc` ended first."""
+    start = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            return path.exists()
+        if time.monotonic() - start > HANG_GUARD_S:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within the hang guard of {HANG_GUARD_S} s")
+        time.sleep(0.02)
+    return True
 
 
 class ByteTokenizer:

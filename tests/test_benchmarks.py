@@ -83,3 +83,24 @@ def test_resume_skips_finished_jobs(smoke):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done earlier, skipped") == 9  # dense, 3 methods x 2, epts, lora
     assert json.loads((out / "results.json").read_text())["rows"] == before
+
+
+def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys):
+    from benchmarks.refit_choice import main
+    from epts.config import CalibConfig, EPTSConfig
+    from epts.models import load_model
+    from epts.reconstruct import compress
+
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
+                        calib=CalibConfig(nsamples=2, seqlen=16))
+    compress(load_model(tiny_model_folder(tmp_path / "model")), text_file, config, out=tmp_path / "art",
+             progress=False)
+    main([str(tmp_path / "art"), "0.6:2:4", "0.6:1:1", "--heldout-windows", "3", "--eval-seqlen", "32"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["0.6:2:4", "0.6:1:1"]
+    for line in lines:
+        _, ppl, choices, seconds = line.split()
+        assert math.isfinite(float(ppl)) and len(choices) == 3 and set(choices) <= {"R", "a"}
+    assert lines[0].split()[1] != lines[1].split()[1]  # 1 step instead of 4: another model
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "art"), "0.6"])

@@ -7,12 +7,31 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model_folder
+from conftest import HANG_GUARD_S, tiny_model_folder
+from epts.cli import main
 
 
-def epts(*args, cwd=None):
+def epts_process(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", EPTS_CACHE="off")
-    return subprocess.run([sys.executable, "-m", "epts.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "epts.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=HANG_GUARD_S)
+
+
+@pytest.fixture
+def epts(capsys):
+    """`epts ARGS` run in this process, as the command would (`python -m epts` itself is tested in
+    test_cli_help.py): no process start per command."""
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's own refusals
+            code = exit.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +39,7 @@ def model_dir(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def test_prune_end_to_end_writes_a_stock_loadable_folder_and_report(model_dir, text_file, tmp_path):
+def test_prune_end_to_end_writes_a_stock_loadable_folder_and_report(model_dir, text_file, tmp_path, epts):
     out = tmp_path / "pruned"
     r = epts("prune", "--model", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.6", "--calib", str(text_file),
              "--nsamples", "4", "--seqlen", "64", "--eval-data", str(text_file), "--eval-seqlen", "64", "--out", str(out))
@@ -37,7 +56,7 @@ def test_prune_end_to_end_writes_a_stock_loadable_folder_and_report(model_dir, t
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
-def test_eval_prints_perplexity(model_dir, text_file):
+def test_eval_prints_perplexity(model_dir, text_file, epts):
     r = epts("eval", "--model", str(model_dir), "--data", str(text_file), "--seqlen", "64", "--max-windows", "3")
     assert r.returncode == 0, r.stderr
     ppl = float(r.stdout.strip().split()[-1])
@@ -53,23 +72,27 @@ def test_eval_prints_perplexity(model_dir, text_file):
         (["prune", "--method", "wanda"], "--calib is required"),
         (["prune", "--nsamples", "0"], "must be a positive integer"),
         (["eval", "--model", "/no/such/dir", "--data", "x"], "model path '/no/such/dir' does not exist"),
-        (["eval", "--model", "nobody/no-such-model-xyz", "--data", "x"], "could not load model 'nobody/no-such-model-xyz'"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_nonzero_exit(args, message):
+def test_bad_input_is_one_clear_line_and_nonzero_exit(args, message, epts):
     r = epts(*args)
     assert r.returncode == 2
     assert message in r.stderr, r.stderr
 
 
-def test_calibration_text_too_short(model_dir, tmp_path):
+def test_an_unknown_hub_id_offline_is_one_clear_line():
+    r = epts_process("eval", "--model", "nobody/no-such-model-xyz", "--data", "x")  # HF_HUB_OFFLINE: read at import
+    assert r.returncode == 2 and "could not load model 'nobody/no-such-model-xyz'" in r.stderr, r.stderr
+
+
+def test_calibration_text_too_short(model_dir, tmp_path, epts):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    r = epts("prune", "--model", str(model_dir), "--calib", str(short), "--seqlen", "64", "--nsamples", "2")
+    r = epts("prune", "--model", model_dir, "--calib", short, "--seqlen", "64", "--nsamples", "2")
     assert r.returncode == 2 and "too short for windows of 64 tokens" in r.stderr, r.stderr
 
 
-def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
+def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path, epts):
     art, out = tmp_path / "art", tmp_path / "export"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 3\nranks: 4\nlr: 0.002\ncalib:\n  nsamples: 2\n")
@@ -133,16 +156,16 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path):
         ("calib:\n  samples: 4", "unknown calib fields ['samples']"),
     ],
 )
-def test_bad_compress_config_is_refused_before_any_work(content, message, text_file, tmp_path):
+def test_bad_compress_config_is_refused_before_any_work(content, message, text_file, tmp_path, epts):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(content)
-    r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--config", str(cfg),
-             "--out", str(tmp_path / "art"))
+    r = epts("compress", "--model", "/not/loaded", "--calib", text_file, "--config", cfg,
+                        "--out", tmp_path / "art")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "art").exists()
 
 
-def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, model_dir):
+def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, model_dir, epts):
     """--preset paper trains METHOD.md's 10 epochs at lr 1e-3; a flag overrides a preset field, and
     the default preset is the recipe of the dataclass defaults."""
     from epts.config import EPTSConfig

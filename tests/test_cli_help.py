@@ -6,11 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import tiny_model_folder
+from conftest import HANG_GUARD_S, tiny_model_folder, wait_for_file
 from epts.cli import build_parser
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", EPTS_CACHE="off")
@@ -18,7 +17,8 @@ ENV.pop("TQDM_DISABLE", None)
 
 
 def epts(*args, env=ENV, **kwargs):
-    return subprocess.run([sys.executable, "-m", "epts", *args], capture_output=True, text=True, env=env, **kwargs)
+    return subprocess.run([sys.executable, "-m", "epts", *args], capture_output=True, text=True, env=env,
+                          timeout=HANG_GUARD_S, **kwargs)
 
 
 def parsers():
@@ -68,21 +68,40 @@ def test_quiet_and_tqdm_disable_silence_the_progress_bars(model_dir, text_file, 
     assert r.returncode == 0 and r.stdout == loud.stdout and "it/s" not in r.stderr, r.stderr
 
 
+# `python -m epts` whose compress waits after its first checkpoint for the Ctrl-C, so that the run cannot
+# finish before the test interrupts it, however slow or busy the machine is.
+HOLD_AFTER_THE_FIRST_CHECKPOINT = """
+import signal, sys
+import epts.reconstruct as reconstruct
+from epts.cli import main
+
+save = reconstruct.save_checkpoint
+
+
+def save_then_wait(*args, **kwargs):
+    save(*args, **kwargs)
+    reconstruct.save_checkpoint = save
+    signal.pause()  # the test's SIGINT raises KeyboardInterrupt here
+
+
+reconstruct.save_checkpoint = save_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_during_compress_exits_130_with_the_resume_hint_then_the_rerun_resumes(model_dir, text_file, tmp_path):
     out = tmp_path / "art"
     args = ["compress", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
-            "--epochs", "40", "--out", str(out), "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "epts", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "compress finished before the first checkpoint could be interrupted"
+            "--epochs", "2", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER_THE_FIRST_CHECKPOINT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    assert wait_for_file(out / "checkpoint.json", proc), proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
-    assert "rerun the same command" in stderr and "--resume" in stderr, stderr
+    assert "1 finished blocks are checkpointed" in stderr and "rerun the same command" in stderr, stderr
+    assert "--resume" in stderr, stderr
     r = epts(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(resumed)" in r.stdout

@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_model_folder
+from conftest import HANG_GUARD_S, tiny_model_folder
 
 # Two processes sum the same gradients and statistics in another order, so the adapters agree to
 # float32 rounding carried through Adam: the largest difference over all A (or all B) matrices is at
@@ -28,7 +28,7 @@ def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(tmp_p
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "epts.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_GUARD_S)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("compressed ") == 1, "only rank 0 reports"
     a, b = load_file(tmp_path / "one" / "adapters.safetensors"), load_file(tmp_path / "two" / "adapters.safetensors")
@@ -69,7 +69,7 @@ def test_two_processes_prune_with_the_masks_of_one(tmp_path, text_file):
         assert one.returncode == 0, one.stderr
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-2")], env=env,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert two.returncode == 0, two.stderr
         a, b = ({k: v for f in (tmp_path / f"{method}-{n}").glob("*.safetensors") for k, v in load_file(f).items()}
                 for n in (1, 2))
@@ -120,7 +120,8 @@ def test_two_processes_solve_each_sparsegpt_layer_once_on_its_owner_and_share_th
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert two.returncode == 0, two.stderr
     names = ("one-rank0", "two-rank0", "two-rank1")
     solves = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
@@ -179,7 +180,7 @@ def test_two_processes_killed_after_a_block_resume_to_the_artifact_of_an_uninter
                                str(text_file), "--nsamples", "4", "--seqlen", "32", "--epochs", "2",
                                "--batch-size", "2", "--out", str(out), "--quiet"],
                               env=dict(env, WRITES_LOG=str(tmp_path / f"{out.name}.log"), **extra), capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=HANG_GUARD_S)
 
     full = compress(tmp_path / "full")
     assert full.returncode == 0, full.stderr

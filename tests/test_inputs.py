@@ -1,4 +1,4 @@
-"""Real users' inputs and files (issue 10, "Inputs and files"): N:M widths, windows beyond the
+"""Real users' inputs and files: N:M widths, windows beyond the
 context, damaged calibration and model files, degenerate layers, inputs never overwritten, and
 the permissions of what epts writes. CLI cases run in-process through `epts.cli.main` and assert
 the exit code 2, one `epts CMD: error:` line naming the input, and that no input changed."""

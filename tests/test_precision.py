@@ -1,4 +1,4 @@
-"""Half precision end to end, and the model and artifact inputs real users hand epts (issue 10)."""
+"""Half precision end to end, and the model and artifact inputs real users hand epts."""
 
 import hashlib
 import json

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 import epts.reconstruct as reconstruct
 from epts.checkpoint import save_checkpoint
-from conftest import random_windows, tiny_model, tiny_model_folder
+from conftest import HANG_GUARD_S, random_windows, tiny_model, tiny_model_folder, wait_for_file
 from epts.artifact import ArtifactError, ElasticModel
 from epts.config import CalibConfig, EPTSConfig
 
@@ -31,24 +30,20 @@ def compress_args(model_dir, text_file, out):
 def test_sigkill_mid_block_then_resume_equals_an_uninterrupted_run(tmp_path, text_file):
     model_dir = tiny_model_folder(tmp_path / "model")
     cmd, env = epts_cmd(*compress_args(model_dir, text_file, tmp_path / "full"))
-    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=HANG_GUARD_S).returncode == 0
 
     out = tmp_path / "killed"
     cmd, env = epts_cmd(*compress_args(model_dir, text_file, out))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.json").is_file():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.01)
+    assert wait_for_file(out / "checkpoint.json", proc), "the run ended before its first checkpoint"
     proc.send_signal(signal.SIGKILL)  # the first checkpoint is written: the second block is under way
-    proc.wait()
+    proc.wait(timeout=HANG_GUARD_S)
     checkpoint = json.loads((out / "checkpoint.json").read_text())
     assert checkpoint["next_block"] in (1, 2) and not (out / "manifest.json").exists()
     with pytest.raises(ArtifactError, match="unfinished run"):
         ElasticModel.load(out)
 
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)  # the same command again resumes
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)  # the same command resumes
     assert r.returncode == 0, r.stderr
     assert "(resumed)" in r.stdout
     assert not list(out.glob("checkpoint*")), "checkpoint left behind after the artifact was written"

@@ -5,8 +5,13 @@ import sys
 
 import pytest
 
-from epts.cli import report_main as main
+from epts.cli import main as cli_main
 from epts.report import table
+
+
+def main(argv):
+    return cli_main(["report", *argv])
+
 
 REPORT = {
     "rows": [{"artifact": "a", "sparsity": 0.7, "ppl": 60.0, "switch_seconds": 1.5},

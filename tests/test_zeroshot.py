@@ -111,11 +111,11 @@ def test_eval_of_an_artifact_switches_sparsity_in_place(artifact, task, tmp_path
 
 
 def test_the_task_maker_command_writes_the_same_task(task, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "epts.zeroshot", str(WIKI_TEST), str(tmp_path), "--docs", str(DOCS),
+    r = subprocess.run([sys.executable, "-m", "epts.cli", "task", str(WIKI_TEST), str(tmp_path), "--docs", str(DOCS),
                         "--seed", "1"], capture_output=True, text=True)
     assert r.returncode == 0 and "chance 0.25" in r.stdout, r.stderr
     assert (tmp_path / "epts_next_sentence.jsonl").read_text() == task.with_suffix(".jsonl").read_text()
-    r = subprocess.run([sys.executable, "-m", "epts.zeroshot", str(WIKI_TEST), str(tmp_path), "--docs", "999999"],
+    r = subprocess.run([sys.executable, "-m", "epts.cli", "task", str(WIKI_TEST), str(tmp_path), "--docs", "999999"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "give a longer text or fewer documents" in r.stderr
 
