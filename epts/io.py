@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,3 +76,32 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         unprivate(tmp, 0o666)  # save_file recreates the file owner-only
     return Path(path)
+
+
+def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Rename the finished folder `tmp` onto `out` (same file system). Only `overwrite` removes
+    anything: the old `out` is first renamed aside, which one process alone can do, then removed.
+    Raises FileExistsError, removing nothing, when `out` exists without `overwrite` or appeared
+    meanwhile (another run writing the same folder)."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} appeared while this run was writing it (another run with the same output?): "
+                              f"nothing was replaced; choose another output folder or pass --overwrite")
+    aside = None
+    if overwrite and (out.exists() or out.is_symlink()):
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
+        try:
+            os.rename(out, aside)
+        except FileNotFoundError:  # another process took it first
+            pass
+    try:
+        os.rename(tmp, out)
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise FileExistsError(f"{out} appeared while this run was writing it (another run with the same output?): "
+                              f"nothing was replaced; choose another output folder") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside.parent, ignore_errors=True)
+    return out

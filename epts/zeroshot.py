@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from .data import read_text
 from .io import atomic_path, write_json_atomic
 from .models import LoadedModel
@@ -63,14 +65,36 @@ def parse_tasks(spec: str | list[str]) -> tuple[list[str], tuple[str, ...]]:
             found = _task_manager((str(path.resolve()),), include_defaults=False).all_subtasks
             if not found:
                 raise ZeroShotError(f"task folder {item} defines no lm-eval task (no YAML with a `task:` key)")
+            for file in sorted([*path.rglob("*.yaml"), *path.rglob("*.yml")]):
+                _check_data_files(file)
             names.extend(found)
         elif path.suffix in (".yaml", ".yml") or os.sep in item:
             if not path.is_file():
                 raise ZeroShotError(f"task file {item} does not exist")
+            _check_data_files(path)
             names.append(str(path.resolve()))
         else:
             names.append(item)
     return names, tuple(folders)
+
+
+def _check_data_files(task: Path) -> None:
+    """Refuse a local task whose data files are missing (a task folder moved after it was written:
+    `write_continuation_task` records their absolute paths), which lm-eval would report as a failed
+    download."""
+    try:
+        config = yaml.safe_load(task.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # lm-eval's own tags (!function): lm-eval reads it
+        return
+    files = ((config or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(config, dict) else None
+    if isinstance(files, dict):
+        files = list(files.values())
+    for file in files if isinstance(files, list) else [files]:
+        for one in file if isinstance(file, list) else [file]:
+            if isinstance(one, str) and not Path(one).expanduser().exists():
+                raise ZeroShotError(f"task {task} reads its documents from {one}, which does not exist (was the task "
+                                    f"folder moved?): write the task again with `python -m epts.zeroshot`, or fix "
+                                    f"data_files in {task.name}")
 
 
 @functools.lru_cache(maxsize=8)
