@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -27,7 +27,7 @@ from .config import PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, PruneConfig, 
 from .data import DataError
 from .evaluate import evaluate_ppl, peak_rss_mb
 from .importance import Pattern
-from .io import atomic_path, refuse_inputs, write_json_atomic
+from .io import LOCK, atomic_path, empty_folder, folder_lock, refuse_inputs, write_json_atomic
 from .blocks import NonFiniteActivationError
 from .modelcard import render
 from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
@@ -347,20 +347,21 @@ def _cmd_compress(args) -> None:
         raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
     refuse_inputs(out, "--out", {"--model": args.model, "--calib": args.calib, "--config": args.config})
     unfinished = out.is_dir() and is_unfinished_run(out)
-    if args.overwrite and out.exists():
-        if distributed.is_main():  # one process removes it; the others wait at the barrier below
-            shutil.rmtree(out)
-        unfinished = False
-    elif args.resume and not unfinished:
+    if args.resume and not unfinished:
         raise ValueError(f"--resume: {out} holds no unfinished compress run to continue")
-    elif out.exists() and not unfinished and (not out.is_dir() or any(out.iterdir())):
+    if not args.overwrite and not unfinished and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
-    distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
-    elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
-                       metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    # One compress at a time writes a folder (rank 0 for torchrun's processes): a second one is
+    # refused before it removes (--overwrite) or adds anything.
+    with folder_lock(out, "--out") if distributed.is_main() else contextlib.nullcontext():
+        if args.overwrite and distributed.is_main():
+            empty_folder(out, keep=LOCK)
+        distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
+        elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
+                           metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
@@ -687,9 +688,11 @@ def task_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=200, help="documents (questions)")
     parser.add_argument("--choices", type=int, default=4, help="choices per document (one is right)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
+    parser.add_argument("--overwrite", action="store_true", help="replace a task already in the folder")
     args = parser.parse_args(argv)
     try:
-        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
+        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed,
+                                       overwrite=args.overwrite)
     except (OSError, ValueError) as err:
         print(f"epts.zeroshot: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

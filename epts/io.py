@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -105,3 +106,36 @@ def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bo
         if aside is not None:
             shutil.rmtree(aside.parent, ignore_errors=True)
     return out
+
+
+LOCK = ".epts-lock"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) for the block: `flock` on its file
+    LOCK, which the OS releases when the process ends, however it ends. Raises FileExistsError,
+    naming `flag` (the option that chose the folder), when another process holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{folder} is being written by another epts run: wait for it to end, or choose "
+                                  f"another {flag}") from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def empty_folder(folder: str | os.PathLike, keep: str) -> None:
+    """Remove everything in `folder` but the entry named `keep` (a lock held on it stays valid)."""
+    for path in Path(folder).iterdir():
+        if path.name == keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

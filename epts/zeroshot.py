@@ -188,6 +188,7 @@ def write_continuation_task(
     num_choices: int = 4,
     seed: int = 0,
     name: str = "epts_next_sentence",
+    overwrite: bool = False,
 ) -> Path:
     """Write an offline multiple-choice task in lm-eval's custom-task format and return its YAML.
 
@@ -195,8 +196,13 @@ def write_continuation_task(
     one sentence as context, and its choices are the true next sentence of the same paragraph and
     `num_choices - 1` sentences drawn from other paragraphs, in a seeded random order. Chance is
     1 / num_choices; a language model does better by following the paragraph. Files written:
-    `<name>.jsonl` ({"context", "choices", "gold"} per line) and `<name>.yaml` beside it.
+    `<name>.jsonl` ({"context", "choices", "gold"} per line) and `<name>.yaml` beside it; a task
+    of that name already in `folder` is replaced only with `overwrite` (else FileExistsError).
     """
+    out = Path(folder)
+    existing = [f for f in (out / f"{name}.jsonl", out / f"{name}.yaml") if f.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: choose another folder, or pass --overwrite to replace the task")
     paragraphs = []
     for line in read_text(text).splitlines():
         line = line.strip()
@@ -227,7 +233,6 @@ def write_continuation_task(
         choices = [gold, *distractors]
         rng.shuffle(choices)
         docs.append({"context": context, "choices": choices, "gold": choices.index(gold)})
-    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{name}.jsonl"
     with atomic_path(data) as tmp:

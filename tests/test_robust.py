@@ -23,7 +23,7 @@ from epts import cli, distributed
 from epts.artifact import ArtifactError, ElasticModel
 from epts.checkpoint import CHECKPOINT, run_key, run_settings, save_checkpoint
 from epts.config import CalibConfig, EPTSConfig
-from epts.io import publish_folder
+from epts.io import LOCK, folder_lock, publish_folder
 from epts.models import ModelLoadError, fingerprint, load_model, save_model
 from epts.reconstruct import capture_block_calls, compress, compress_block, decoder_blocks
 from epts.streams import ScratchSpaceError, StreamStore, scratch_prefix, sweep_scratch
@@ -87,6 +87,18 @@ def test_resume_with_overwrite_is_refused_and_keeps_the_checkpoint(tmp_path, mod
     # The hint after an interrupted --overwrite run cannot be read as "add --resume to the same command".
     hint = cli._resume_hint(argparse.Namespace(command="compress", out=str(out), overwrite=True))
     assert "rerun the command with --resume in place of --overwrite" in hint and "block 2" in hint
+
+
+def test_a_second_compress_into_a_folder_being_written_is_refused(tmp_path, model_dir, calib_file):
+    out = tmp_path / "art"
+    _unfinished_run(out, CONFIG)
+    before = sorted(p.name for p in out.iterdir())
+    with folder_lock(out, "--out"):  # as the first run holds it for its whole run
+        for extra in ([], ["--overwrite"]):
+            r = epts_cli("compress", "--model", str(model_dir), "--calib", str(calib_file), "--out", str(out), *extra)
+            one_line_error(r, f"{out} is being written by another epts run: wait for it to end, or choose another "
+                              f"--out")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, LOCK])
 
 
 def test_a_resume_refusal_names_the_setting_that_differs(tmp_path):
@@ -324,6 +336,41 @@ def test_sigterm_stops_compress_like_ctrl_c_and_leaves_nothing_in_tmpdir(tmp_pat
     assert not list(scratch.iterdir())
 
 
+_TERM_AT_KEEP = """
+import os, signal, sys
+import epts.offload as offload
+from epts.cli import main
+
+real, calls = offload._keep_weights, []
+
+
+def keep_then_term(block, hook):  # SIGTERM once the Nth changed block is in its scratch file
+    real(block, hook)
+    calls.append(1)
+    if len(calls) == int(os.environ["TERM_AT"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+offload._keep_weights = keep_then_term
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command, term_at", [("prune", 1), ("export", 4)])  # export: in the refit, streams spilled
+def test_sigterm_during_prune_or_export_leaves_nothing_behind(command, term_at, tmp_path, model_dir, artifact):
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    args = {"prune": ["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(out)],
+            "export": ["export", str(artifact), "--sparsity", "0.5", "--refit", "all", "--stream-memory", "0",
+                       "--out", str(out)]}[command]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", TMPDIR=str(scratch), TERM_AT=str(term_at))
+    r = subprocess.run([sys.executable, "-c", _TERM_AT_KEEP, *args, "--quiet"], env=env, capture_output=True, text=True)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert f"epts {command}: terminated (SIGTERM)" in r.stderr and "Traceback" not in r.stderr
+    assert not list(scratch.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]  # no output, no temporary folder beside it
+
+
 def test_scratch_folders_of_dead_processes_are_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -432,6 +479,12 @@ def test_a_moved_task_folder_names_the_missing_documents(tmp_path, calib_file):
     text.write_text("\n".join(" ".join(f"Sentence {i} of paragraph {p} talks about the weights of a model."
                                         for i in range(4)) for p in range(40)))
     write_continuation_task(text, tmp_path / "tasks", num_docs=5)
+    with pytest.raises(FileExistsError, match="epts_next_sentence.jsonl exists: choose another folder, or pass "
+                                              "--overwrite"):
+        write_continuation_task(text, tmp_path / "tasks", num_docs=6)
+    assert len((tmp_path / "tasks" / "epts_next_sentence.jsonl").read_text().splitlines()) == 5
+    write_continuation_task(text, tmp_path / "tasks", num_docs=6, overwrite=True)
+    assert len((tmp_path / "tasks" / "epts_next_sentence.jsonl").read_text().splitlines()) == 6
     (tmp_path / "tasks").rename(tmp_path / "moved")
     with pytest.raises(ZeroShotError, match="which does not exist \\(was the task folder moved\\?\\)"):
         parse_tasks(str(tmp_path / "moved"))
