@@ -16,6 +16,7 @@ import math
 
 from benchmarks.experiments import heldout_windows
 from epts.artifact import ElasticModel
+from epts.runtime import RuntimeModel
 from epts.config import RefitConfig
 from epts.data import tokenize
 from epts.evaluate import mean_nll
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = artifact_calibration(elastic, args.calib)
     tokens = tokenize(elastic.base.tokenizer, args.calib or elastic.calibration["source"], role="calib")
     held = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)
-    runtime = elastic.to_runtime()
+    runtime = RuntimeModel(elastic)
     print("sparsity:compare_windows:iters  held-out ppl  blocks (R refit, a adapters kept)  refit s")
     for sparsity, config in args.specs:
         runtime.set_sparsity(sparsity)  # re-merges every block: each spec starts from the plain merge

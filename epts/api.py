@@ -21,11 +21,13 @@ from .data import calibration_set
 from .evaluate import evaluate_ppl as _evaluate_ppl
 from .evaluate import total_sparsity
 from .io import refuse_inputs
-from .models import LoadedModel, check_context, load_model, save_model
+from .models import LoadedModel, check_context, fingerprint, load_model, save_model
+from .offload import check_scratch_space, release_scratch
 from .modelcard import render
 from .reconstruct import compress as _compress
-from .refit import artifact_calibration
 from .refit import refit as _refit
+from .refit import refit_calibration
+from .streams import StreamStore
 from .zeroshot import zero_shot as _zero_shot
 
 ModelLike = str | os.PathLike | LoadedModel | torch.nn.Module
@@ -51,14 +53,42 @@ def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str
         spec = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
         if Path(spec).exists():
             spec = str(Path(spec).resolve())
-        return LoadedModel(model.eval(), tokenizer, spec)
+        # A class loaded from code shipped with the model lives in transformers' dynamic modules.
+        remote = type(model).__module__.startswith("transformers_modules")
+        return LoadedModel(model.eval(), tokenizer, spec, remote)
     raise TypeError(f"model must be a path, hub id, LoadedModel or transformers model, not {type(model).__name__}")
 
 
 def compress(model: ModelLike, calib, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
              progress: bool = True, metadata: dict | None = None, *, tokenizer=None) -> ElasticModel:
-    """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model."""
-    return _compress(as_loaded(model, tokenizer, runtime="dense"), calib, config, out, progress, metadata)
+    """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model.
+    A transformers model passed in memory must be what its folder (`config._name_or_path`) holds,
+    since the artifact reloads its base from there: ValueError otherwise (a merged LoRA, say)."""
+    loaded = as_loaded(model, tokenizer, runtime="dense")
+    if isinstance(model, torch.nn.Module):
+        _check_reloadable(loaded)
+    return _compress(loaded, calib, config, out, progress, metadata)
+
+
+def _check_reloadable(loaded: LoadedModel) -> None:
+    """Refuse an in-memory model whose recorded spec cannot give its weights back: an artifact
+    stores no base weights, only the spec and a fingerprint. A local folder is compared by
+    fingerprint (its blocks streamed); a hub id is taken as it is (checking it would download it)."""
+    save = "save it with model.save_pretrained(FOLDER) and compress that folder"
+    if loaded.spec == type(loaded.model).__name__:
+        raise ValueError(f"the {loaded.spec} passed has no folder or hub id to reload it from (config._name_or_path "
+                         f"is empty), so its artifact could never be loaded: {save}")
+    folder = Path(loaded.spec)
+    if not folder.exists():
+        return
+    try:
+        saved = load_model(folder, loaded.dtype, "cpu", loaded.trust_remote_code, stream=True, runtime="dense")
+    except ValueError as err:  # ModelLoadError: the folder does not load
+        raise ValueError(f"the model passed records {folder} as its folder, which does not load ({err}): {save}") \
+            from None
+    if fingerprint(saved.model) != fingerprint(loaded.model):
+        raise ValueError(f"the model passed differs from its folder {folder} (merged adapters or edited weights?), "
+                         f"which its artifact would reload: {save}")
 
 
 def prune(model: ModelLike, calib, config: PruneConfig | None = None, progress: bool = True, *,
@@ -101,6 +131,9 @@ def export(
     command: str | None = None,
     progress: bool = True,
     refit: str | RefitConfig = "auto",
+    *,
+    stream_memory: float | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
 
@@ -108,17 +141,25 @@ def export(
     "search" (needs `calib`, text whose loss scores allocations; `search_*` set its budget).
     `refit` (a `RefitConfig` or its mode: "none", "bare", "auto", "all") re-solves the kept weights
     on the calibration windows with the masks fixed (`epts.refit`; default "auto"): from `calib`
-    when given, else the artifact's own recorded text ("none": the adapter merge alone, what
-    in-place switching serves).
+    when given (except with "search", whose text is the search's alone), else the artifact's own
+    recorded text ("none": the adapter merge alone, what in-place switching serves); the text and
+    whether its windows are the artifact's are recorded. Its streams stay in RAM up to
+    `stream_memory` MiB (None: no limit), past it in scratch files in TMPDIR (`epts.streams`).
+    A base model that runs its own code needs `trust_remote_code`.
     `format` is "dense" (zeros in dense tensors, for any transformers) or "compressed"
     (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
     `eval_data`, the export's perplexity is measured and recorded in its model card. The folder
     holds the weights, tokenizer, `epts_export.json` (the returned dict) and a README.md model
     card; `command` (the CLI line) is recorded in both. `device` and `dtype` ("auto": the
     artifact's) are those the base model is loaded with. Raises ValueError for an existing `out`
-    without `overwrite`, a sparsity outside the trained range or a search without `calib`;
-    ArtifactError for a bad artifact.
+    without `overwrite`, an `out` that is a file, a sparsity outside the trained range or a search
+    without `calib`; ArtifactError for a bad artifact; ScratchSpaceError when TMPDIR cannot hold
+    the changed blocks.
     """
+    try:
+        sparsity = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"sparsity must be a number, e.g. 0.5, not {sparsity!r}") from None
     if format not in ("dense", "compressed"):
         raise ValueError(f"format {format!r} is not dense or compressed")
     refit = RefitConfig(refit) if isinstance(refit, str) else refit
@@ -128,6 +169,8 @@ def export(
         raise ValueError("allocation search needs calib (text whose loss scores the allocations), e.g. --calib "
                          "../shared/data/wikitext2/wiki.valid.tokens")
     out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
     if out.exists() and not overwrite:
         raise ValueError(f"output folder {out} already exists: choose another --out or pass --overwrite")
     if isinstance(artifact, ElasticModel):
@@ -136,7 +179,7 @@ def export(
         # Streamed: the base model's blocks are read from its files one at a time, and the export
         # is written block by block (`epts.offload`).
         elastic = ElasticModel.load(artifact, base=base if base is None or isinstance(base, LoadedModel) else str(base),
-                                    device=device, dtype=dtype, stream=True)
+                                    device=device, dtype=dtype, stream=True, trust_remote_code=trust_remote_code)
     refuse_inputs(out, "--out", {"artifact": None if isinstance(artifact, ElasticModel) else artifact,
                                  "base model": elastic.base.spec, "calib": calib, "eval data": eval_data})
     if eval_data is not None:
@@ -152,33 +195,46 @@ def export(
                            "evaluations": found.evaluations, "accepted": found.accepted, "seconds": found.seconds}
     else:
         plan = allocate(elastic, sparsity, allocation, owl_m, owl_lambda)
+    if refit.mode != "none":  # its text is reread and checked before the long work, not after
+        refit_windows, used = refit_calibration(elastic, None if allocation == "search" else calib,
+                                                None if allocation == "search" else "--calib")
+    check_scratch_space(elastic.base.model, "exporting a streamed model")
     start = time.perf_counter()
     model = elastic.materialize(plan)
-    seconds = time.perf_counter() - start
-    if refit.mode != "none":
-        extra["refit"] = _refit(elastic, model, plan, artifact_calibration(elastic, calib), refit,
-                                elastic.config.calib.batch_size, progress).to_dict()
-    source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
-    meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
-            "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
-            "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, "format": format, **extra}
-    evaluation = []
-    if eval_data is not None:
-        meta["ppl"] = _evaluate_ppl(model, eval_data, eval_seqlen, max_windows, progress=progress)
-        meta["eval"] = {"data": str(eval_data), "seqlen": eval_seqlen, "max_windows": max_windows}
-        windows = f", first {max_windows} windows" if max_windows else ""
-        evaluation.append({"metric": "perplexity", "value": meta["ppl"], "data": str(eval_data),
-                           "setting": f"{eval_seqlen}-token windows{windows}"})
-    if command:
-        meta["command"] = command
-    details = {"artifact": source} if source else {}
-    if "refit" in extra:
-        details["refit (kept weights re-solved on the calibration)"] = (
-            f"{refit.mode}: {extra['refit']['refit_blocks']} of {len(plan)} blocks")
-    if "search" in extra:
-        details["search (calibration loss)"] = f"{found.start_loss:.4f} -> {found.loss:.4f}"
-    card = render(elastic.base.spec, "epts", f"{sparsity:g}", meta["total_sparsity"], allocation,
-                  meta["block_sparsity"], evaluation, format == "compressed", command, details)
-    save_model(model, out, extra_json={"epts_export.json": meta}, compressed=format == "compressed",
-               extra_text={"README.md": card})
+    try:
+        seconds = time.perf_counter() - start
+        if refit.mode != "none":
+            with StreamStore(stream_memory) as store:
+                extra["refit"] = _refit(elastic, model, plan, refit_windows, refit, elastic.config.calib.batch_size,
+                                        progress, store).to_dict()
+            extra["refit"]["calibration"] = used
+        source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
+        meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
+                "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
+                "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, "format": format,
+                **extra}
+        evaluation = []
+        if eval_data is not None:
+            meta["ppl"] = _evaluate_ppl(model, eval_data, eval_seqlen, max_windows, progress=progress)
+            meta["eval"] = {"data": str(eval_data), "seqlen": eval_seqlen, "max_windows": max_windows}
+            first = f", first {max_windows} windows" if max_windows else ""
+            evaluation.append({"metric": "perplexity", "value": meta["ppl"], "data": str(eval_data),
+                               "setting": f"{eval_seqlen}-token windows{first}"})
+        if command:
+            meta["command"] = command
+        details = {"artifact": source} if source else {}
+        if "refit" in extra:
+            details["refit (kept weights re-solved on the calibration)"] = (
+                f"{refit.mode}: {extra['refit']['refit_blocks']} of {len(plan)} blocks")
+            whose = "the artifact's own windows" if used["artifact_windows"] else \
+                "not the windows the artifact was trained on"
+            details["refit calibration"] = f"{used['source']} ({whose})"
+        if "search" in extra:
+            details["search (calibration loss)"] = f"{found.start_loss:.4f} -> {found.loss:.4f}"
+        card = render(elastic.base.spec, "epts", f"{sparsity:g}", meta["total_sparsity"], allocation,
+                      meta["block_sparsity"], evaluation, format == "compressed", command, details)
+        save_model(model, out, extra_json={"epts_export.json": meta}, compressed=format == "compressed",
+                   extra_text={"README.md": card}, overwrite=overwrite)
+    finally:
+        release_scratch(model.model)  # the changed blocks' scratch files, now rather than at exit
     return meta

@@ -33,7 +33,7 @@ from .config import EPTSConfig
 from .hilora import active_adapters, effective_weight
 from .importance import importance_scores, row_ranks
 from .io import save_tensors_atomic, write_json_atomic
-from .models import LoadedModel, ModelLoadError, fingerprint, load_model
+from .models import LoadedModel, ModelLoadError, dtype_choice, fingerprint, load_model
 from .offload import is_streamed, resident
 from .sparse.linear import SparseLinear
 
@@ -240,7 +240,8 @@ class ElasticModel:
             "format_version": FORMAT_VERSION,
             "epts_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "base_model": {"spec": self.base.spec, "fingerprint": self.base_fingerprint, "dtype": self.base.dtype},
+            "base_model": {"spec": self.base.spec, "fingerprint": self.base_fingerprint, "dtype": self.base.dtype,
+                           "trust_remote_code": self.base.trust_remote_code},
             "calibration": self.calibration,
             "versions": {"epts": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "config": self.config.to_dict(),
@@ -256,12 +257,20 @@ class ElasticModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, base: LoadedModel | str | None = None, device: str = "cpu",
-             dtype: str = "auto", stream: bool = False) -> "ElasticModel":
+             dtype: str | torch.dtype = "auto", stream: bool = False, *, torch_dtype: str | torch.dtype | None = None,
+             trust_remote_code: bool = False) -> "ElasticModel":
         """Load an artifact; the base model is reloaded from the manifest's spec unless given (a
-        LoadedModel, or a spec for `load_model`), in `dtype`: "auto" is the dtype the artifact was
-        made in. Raises ArtifactError for a missing or damaged artifact and for a base model whose
-        fingerprint differs (naming both dtypes when they differ), ModelLoadError when the base
-        cannot be loaded."""
+        LoadedModel, or a spec for `load_model`), in `dtype` (a name or a torch dtype; `torch_dtype`
+        is transformers' older spelling of it): "auto" is the dtype the artifact was made in. A base
+        that runs code shipped with it (recorded at compress) needs `trust_remote_code`. Raises
+        ArtifactError for a missing or damaged artifact, for a base model whose fingerprint differs
+        (naming both dtypes when they differ) and for a recorded remote-code base without
+        `trust_remote_code`; ModelLoadError when the base cannot be loaded or `dtype` is unknown."""
+        if torch_dtype is not None:
+            if dtype != "auto":
+                raise ValueError("pass dtype or torch_dtype (its older name), not both")
+            dtype = torch_dtype
+        dtype = dtype_choice(dtype)  # before any loading: a bad dtype is no fault of the recorded base
         folder = Path(path)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
@@ -282,9 +291,13 @@ class ElasticModel:
         recorded = manifest["base_model"]
         made_in = recorded.get("dtype", "float32")  # artifacts before dtype was recorded were float32
         if not isinstance(base, LoadedModel):
+            if recorded.get("trust_remote_code") and not trust_remote_code:
+                raise ArtifactError(f"the base model of {folder} runs code shipped with it ({recorded['spec']}): "
+                                    f"pass --trust-remote-code (trust_remote_code=True) if you trust that code")
             spec = base or recorded["spec"]
             try:
-                base = load_model(spec, made_in if dtype == "auto" else dtype, device, stream=stream, runtime="dense")
+                base = load_model(spec, made_in if dtype == "auto" else dtype, device, trust_remote_code, stream=stream,
+                                  runtime="dense")
             except ModelLoadError as err:
                 if base is not None:
                     raise

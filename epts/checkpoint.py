@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifact import FORMAT_VERSION, MANIFEST, ArtifactError, BlockState, blocks_from_tensors, blocks_to_tensors
+from .artifact import (FORMAT_VERSION, MANIFEST, ArtifactError, BlockState, blocks_from_tensors, blocks_to_tensors,
+                       windows_sha256)
 from .config import EPTSConfig
 from .io import save_tensors_atomic, write_json_atomic
 
@@ -28,12 +29,42 @@ def run_key(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) ->
     return digest.hexdigest()
 
 
+def run_settings(config: EPTSConfig, base_fingerprint: str, windows: torch.Tensor) -> dict:
+    """What `run_key` covers, readable: recorded in a checkpoint so a refusal can name what differs."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "stream_memory_mb"}
+    return json.loads(json.dumps({"config": fields, "base_fingerprint": base_fingerprint,
+                                  "windows_sha256": windows_sha256(windows)}))
+
+
+def _differences(old: dict, new: dict) -> str:
+    """`old` and `new` run settings (`run_settings`) compared: the settings that differ, with both values."""
+    flat_old, flat_new = _flatten(old.get("config", {})), _flatten(new["config"])
+    found = [f"{name}: {flat_old.get(name)} in the checkpoint, {flat_new.get(name)} now"
+             for name in sorted(set(flat_old) | set(flat_new)) if flat_old.get(name) != flat_new.get(name)]
+    if old.get("base_fingerprint") != new["base_fingerprint"]:
+        found.append("the base model's weights (fingerprint)")
+    if old.get("windows_sha256") != new["windows_sha256"]:
+        found.append("the calibration windows (text, --nsamples, --seqlen or --seed)")
+    return "; ".join(found)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
 CHECKPOINT = "checkpoint.json"
 
 
 def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense: torch.Tensor,
-                    elastic: torch.Tensor) -> None:
-    """Write the checkpoint after `len(blocks)` finished blocks; only the latest one is kept."""
+                    elastic: torch.Tensor, settings: dict | None = None) -> None:
+    """Write the checkpoint after `len(blocks)` finished blocks; only the latest one is kept.
+    `settings` (`run_settings`) is recorded so that another command's refusal can say what differs."""
     name = f"checkpoint-{len(blocks):05d}.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     adapters, norms = blocks_to_tensors(blocks)
@@ -44,6 +75,7 @@ def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense:
     write_json_atomic(folder / CHECKPOINT, {
         "format_version": FORMAT_VERSION,
         "run_key": run_key,
+        "settings": settings,
         "next_block": len(blocks),
         "tensors": name,
         "layers": list(blocks[0].adapters),
@@ -54,16 +86,19 @@ def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense:
             old.unlink()
 
 
-def load_checkpoint(folder: Path, run_key: str, num_groups: int
+def load_checkpoint(folder: Path, run_key: str, num_groups: int, settings: dict | None = None
                     ) -> tuple[list[BlockState], torch.Tensor, torch.Tensor] | None:
-    """The finished blocks and both streams of an unfinished run of the same command, or None."""
+    """The finished blocks and both streams of an unfinished run of the same command, or None.
+    Raises ArtifactError for another command's run, naming the settings that differ from `settings`."""
     path = folder / CHECKPOINT
     if not path.is_file():
         return None
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("run_key") != run_key:
-        raise ArtifactError(f"{folder} holds an unfinished run of another compress command (model, config or "
-                            f"calibration differ): rerun that command, or pass --overwrite to start over")
+        differ = _differences(meta["settings"], settings) if meta.get("settings") and settings else ""
+        raise ArtifactError(f"{folder} holds an unfinished run of another compress command "
+                            f"({differ or 'model, config or calibration differ'}): rerun that command, or pass "
+                            f"--overwrite to start over")
     try:
         tensors = load_file(str(folder / meta["tensors"]))
     except Exception as err:  # safetensors raises its own error types for truncated files

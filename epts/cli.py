@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +27,19 @@ from .config import PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, PruneConfig, 
 from .data import DataError
 from .evaluate import evaluate_ppl, generate_timed, peak_rss_mb
 from .importance import Pattern
-from .io import atomic_path, refuse_inputs, write_json_atomic
+from .io import LOCK, atomic_path, empty_folder, folder_lock, refuse_inputs, write_json_atomic
 from .blocks import NonFiniteActivationError
 from .modelcard import render
 from .models import (DEFAULT_MODEL, DTYPE_CHOICES, RUNTIMES, ModelLoadError, check_context, load_model,
                      resolve_device, save_model, weights_mib)
 from .reconstruct import NonFiniteError, compress
+from .refit import refit, refit_calibration
 from .runtime import RuntimeModel
 from .sparse import kernels as sparse_kernels
 from .sparse import packed_layers
-from .refit import artifact_calibration, refit
 from .report import plot as report_plot
 from .report import table as report_table
-from .streams import ScratchSpaceError
+from .streams import ScratchSpaceError, StreamStore, sweep_scratch
 from .zeroshot import parse_tasks, write_continuation_task, zero_shot
 
 log = logging.getLogger("epts")
@@ -47,7 +49,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder, .gguf file or built-in alias")
     _add_dtype_arg(p)
     _add_device_arg(p)
-    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model (off by default)")
+    _add_trust_arg(p)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped with the model (off by default); an artifact of such a model needs it to "
+                        "reload its base")
+
+
+def _add_stream_memory_arg(p: argparse.ArgumentParser, default, what: str) -> None:
+    p.add_argument("--stream-memory", type=_non_negative_float, default=default, metavar="MB",
+                   help=f"RAM budget in MiB for {what}; past it they are memory-mapped scratch files in TMPDIR, removed "
+                        f"at the end (default: no limit){', unless --config sets it' if default is None else ''}; the "
+                        f"result is the same")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -161,10 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
                         f"--preset or --config sets it")
-    p.add_argument("--stream-memory", type=_non_negative_float, default=None, metavar="MB",
-                   help="RAM budget in MiB for the two calibration streams (dense and elastic, nsamples x seqlen x "
-                        "hidden each, per process); past it they are memory-mapped scratch files in TMPDIR, removed "
-                        "at the end (default: no limit), unless --config sets it; the result is the same")
+    _add_stream_memory_arg(p, None, "the two calibration streams (dense and elastic, nsamples x seqlen x hidden "
+                                     "each, per process)")
     p.add_argument("--out", required=True, help="artifact folder to write (checkpoints go there during the run)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true",
@@ -191,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     _add_dtype_arg(p)
     _add_device_arg(p)
+    _add_trust_arg(p)
+    _add_stream_memory_arg(p, None, "the refit's calibration streams (about three of nsamples x seqlen x hidden)")
     _add_eval_args(p, "--eval-data", "--eval-seqlen", required=False)
 
     p = sub.add_parser("generate", help="generate from a model, or from an artifact switched between sparsities in "
@@ -212,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arg(p)
     _add_refit_args(p, "none")  # in place by default: what a served model switches to
     p.add_argument("--calib", help="refit: calibration text (default: the artifact's own, reread and checked)")
+    _add_stream_memory_arg(p, None, "the refit's calibration streams (about three of nsamples x seqlen x hidden)")
     _add_eval_args(p, "--data", "--seqlen", required=False)
     p.add_argument("--tasks", help="zero-shot accuracy through lm-evaluation-harness: comma-separated lm-eval task "
                                    "names (e.g. arc_easy,hellaswag; the hub), local task YAML files or folders")
@@ -232,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=_positive_int, default=200, help="documents (questions)")
     p.add_argument("--choices", type=_positive_int, default=4, help="choices per document (one is right)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the choice order")
+    p.add_argument("--overwrite", action="store_true", help="replace a task already in the folder")
     for p in sub.choices.values():
         p.formatter_class = _HelpFormatter
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (as TQDM_DISABLE=1 does)")
@@ -312,7 +329,8 @@ def _cmd_prune(args) -> None:
     if out is not None:
         structure = "unstructured" if config.pattern.n is None else f"{config.pattern.m - config.pattern.n}:{config.pattern.m}"
         save_model(loaded, out, extra_json={"epts_report.json": result}, compressed=args.format == "compressed",
-                   structure=structure, extra_text={"README.md": _prune_card(args, config, result, loaded.spec)})
+                   structure=structure, extra_text={"README.md": _prune_card(args, config, result, loaded.spec)},
+                   overwrite=args.overwrite)
         print(f"saved {out} ({args.format}, {weights_mib(out):.1f} MiB of weights; report: {out / 'epts_report.json'})")
     if args.report:
         write_json_atomic(args.report, result)
@@ -334,7 +352,11 @@ def _prune_card(args, config: PruneConfig, result: dict, base_spec: str) -> str:
 
 def _cmd_compress(args) -> None:
     fields = load_config_file(args.config) if args.config else {}
-    calib = dict(fields.pop("calib", {}) or {})
+    calib = fields.pop("calib", None) or {}
+    if not isinstance(calib, dict):
+        raise ValueError(f"config file {args.config}: calib must be a mapping of nsamples, seqlen, seed, batch_size; "
+                         f"got {calib!r}")
+    calib = dict(calib)
     for name in ("nsamples", "seqlen", "seed"):
         if getattr(args, name) is not None:
             calib[name] = getattr(args, name)
@@ -344,29 +366,48 @@ def _cmd_compress(args) -> None:
     if args.stream_memory is not None:
         fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)
+    _split_batch(config, fields)
     out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run checkpointed in --out, --overwrite deletes it: pass only one "
+                         "(--resume to keep the finished blocks)")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
     refuse_inputs(out, "--out", {"--model": args.model, "--calib": args.calib, "--config": args.config})
     unfinished = out.is_dir() and is_unfinished_run(out)
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-        unfinished = False
-    elif args.resume and not unfinished:
+    if args.resume and not unfinished:
         raise ValueError(f"--resume: {out} holds no unfinished compress run to continue")
-    elif out.exists() and not unfinished and (not out.is_dir() or any(out.iterdir())):
+    if not args.overwrite and not unfinished and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise ValueError(f"output folder {out} already exists and is not an unfinished run of epts compress: "
                          f"choose another --out or pass --overwrite")
     _check_writable(out.parent)
-    distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
-    loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True, runtime="dense")
-    elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
-                       metadata={"command": " ".join(["epts", *sys.argv[1:]])})
+    # One compress at a time writes a folder (rank 0 for torchrun's processes): a second one is
+    # refused before it removes (--overwrite) or adds anything.
+    with folder_lock(out, "--out") if distributed.is_main() else contextlib.nullcontext():
+        if args.overwrite and distributed.is_main():
+            empty_folder(out, keep=LOCK)
+        distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
+        loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True, runtime="dense")
+        elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
+                           metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return
     print(f"compressed {args.model} in {elastic.stats['compress_seconds']:.1f} s"
           f"{' (resumed)' if elastic.stats['resumed'] else ''}; artifact: {out}")
     _print_compress_summary(elastic, out)
+
+
+def _split_batch(config: EPTSConfig, fields: dict) -> None:
+    """Under torchrun, a batch size the user did not set (not in `fields`) becomes the smallest
+    multiple of the process count at least as large (one process with that batch gives the same
+    result), rather than a refusal of the default; the choice is printed."""
+    world = distributed.world_size()
+    if "batch_size" in fields or config.batch_size % world == 0:
+        return
+    config.batch_size = -(-config.batch_size // world) * world
+    if distributed.is_main():
+        print(f"{world} processes: --batch-size {config.batch_size} (the smallest multiple of {world}; pass "
+              f"--batch-size to choose another)")
 
 
 def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
@@ -404,17 +445,23 @@ def _cmd_export(args) -> None:
                                      "--eval-data": args.eval_data})
     if args.allocation == "search" and not args.calib:
         raise ValueError("--allocation search needs --calib (text whose loss scores the allocations)")
+    if args.calib and args.refit == "none" and args.allocation != "search":
+        raise ValueError("--calib is the refit's text (and the search's, with --allocation search), but --refit none "
+                         "runs no refit: drop --calib, or choose a --refit mode")
     meta = export(args.artifact, args.sparsity, out, allocation=args.allocation, format=args.format, base=args.base,
                   overwrite=args.overwrite, device=args.device, dtype=args.dtype, owl_m=args.owl_m,
                   owl_lambda=args.owl_lambda, calib=args.calib, search_seconds=args.search_seconds,
                   search_samples=args.search_samples, search_seqlen=args.search_seqlen,
                   search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
                   max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress,
-                  refit=_refit_config(args))
+                  refit=_refit_config(args), stream_memory=args.stream_memory,
+                  trust_remote_code=args.trust_remote_code)
     if "refit" in meta:
         done = meta["refit"]
+        used = done["calibration"]
+        whose = "the artifact's own windows" if used["artifact_windows"] else "NOT the artifact's training windows"
         print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
-              f"in {done['seconds']:.0f} s")
+              f"in {done['seconds']:.0f} s, on {used['source']} ({whose})")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "
@@ -443,8 +490,6 @@ def _load_served(args) -> tuple[object, list[float | None]]:
     [None]) for --model. An artifact's runtime is packed with --runtime sparse: its base blocks then
     stay on disk, read when a switch re-merges them."""
     if args.artifact is None:
-        if args.sparsity:
-            raise ValueError(f"--sparsity needs an artifact folder (epts {args.command} ARTIFACT --sparsity ...)")
         return None, [None]
     packed = args.runtime == "sparse"  # auto: an artifact is served dense, as it was trained
     if packed:
@@ -452,16 +497,30 @@ def _load_served(args) -> tuple[object, list[float | None]]:
             raise ValueError("--refit re-solves dense weights: use it with --runtime dense, or export the refit "
                              "model with --format compressed and evaluate it with --model")
         sparse_kernels.require()
-    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype, stream=packed)
+    elastic = ElasticModel.load(args.artifact, base=args.base, device=args.device, dtype=args.dtype, stream=packed,
+                                trust_remote_code=args.trust_remote_code)
     sparsities = _sparsity_list(args.sparsity, elastic)
     return RuntimeModel(elastic, packed=packed), sparsities
 
 
 def _cmd_generate(args) -> None:
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give text to continue")
+    if args.artifact is None and args.sparsity:
+        raise ValueError("--sparsity needs an artifact folder (epts generate ARTIFACT --sparsity ...)")
     runtime, sparsities = _load_served(args)
     loaded = runtime.loaded if runtime else load_model(args.model, args.dtype, args.device, args.trust_remote_code,
                                                        runtime=args.runtime)
-    prompt = loaded.tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(loaded.device)
+    prompt = loaded.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    length = prompt.shape[1]
+    if length == 0:
+        raise ValueError(f"--prompt {args.prompt!r} gives no tokens: give text to continue")
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is not None and length + args.max_new_tokens > limit:
+        raise ValueError(f"--prompt ({length} tokens) and --max-new-tokens {args.max_new_tokens} run past the model's "
+                         f"context of {limit} tokens: use --max-new-tokens {max(limit - length, 0)} or less, or a "
+                         f"shorter prompt")
+    prompt = prompt.to(loaded.device)
     for s in sparsities:
         label = "" if s is None else f" at sparsity {s:g}"
         switch = ""
@@ -507,8 +566,16 @@ def _cmd_eval(args) -> None:
     if args.tasks:
         parse_tasks(args.tasks)  # a missing task file or lm-eval install fails now, before any loading
     rows, accuracy = [], []
+    if args.artifact is not None and args.calib and args.refit == "none":
+        raise ValueError("--calib is the refit's text, but --refit none (the default of eval) runs no refit: "
+                         "drop --calib, or choose a --refit mode")
     runtime, sparsities = _load_served(args)
     if runtime is None:
+        artifact_only = {"--sparsity": args.sparsity, "--base": args.base, "--calib": args.calib,
+                         "--refit": args.refit != "none", "--stream-memory": args.stream_memory is not None}
+        for flag in (flag for flag, given in artifact_only.items() if given):
+            raise ValueError(f"{flag} needs an artifact folder (epts eval ARTIFACT --sparsity ... {flag} ...); "
+                             f"--model {args.model} is evaluated as it is")
         described = _describe_folder(args.model)
         if described:
             print(described)
@@ -526,13 +593,14 @@ def _cmd_eval(args) -> None:
         if args.eval_data:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
-        windows = artifact_calibration(elastic, args.calib) if args.refit != "none" else None
+        windows = refit_calibration(elastic, args.calib)[0] if args.refit != "none" else None
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)
             if windows is not None:  # what `epts export --refit` gives, measured without writing a folder
-                refit(elastic, runtime.loaded, runtime.sparsity, windows, _refit_config(args),
-                      elastic.config.calib.batch_size, args.progress)
+                with StreamStore(args.stream_memory) as store:
+                    refit(elastic, runtime.loaded, runtime.sparsity, windows, _refit_config(args),
+                          elastic.config.calib.batch_size, args.progress, store)
             seconds = time.perf_counter() - start
             if args.eval_data:
                 ppl = _ppl(runtime.loaded, args)
@@ -571,7 +639,8 @@ def _cmd_report(args) -> None:
 
 def _cmd_task(args) -> None:
     try:
-        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed)
+        path = write_continuation_task(args.text, args.folder, args.docs, args.choices, args.seed,
+                                       overwrite=args.overwrite)
     except OSError as err:
         raise ValueError(str(err)) from err
     print(f"wrote {path} ({args.docs} documents, chance {1 / args.choices:.2f}): epts eval ... --tasks {path}")
@@ -580,7 +649,7 @@ def _cmd_task(args) -> None:
 COMMANDS = {"prune": _cmd_prune, "compress": _cmd_compress, "export": _cmd_export, "eval": _cmd_eval,
             "generate": _cmd_generate, "report": _cmd_report, "task": _cmd_task}
 _USER_ERRORS = (ArtifactError, NonFiniteError, NonFiniteActivationError, ValueError, ModelLoadError, DataError,
-                UnsupportedArchitectureError, FileNotFoundError, PermissionError, ScratchSpaceError,
+                UnsupportedArchitectureError, FileNotFoundError, FileExistsError, PermissionError, ScratchSpaceError,
                 sparse_kernels.SparseRuntimeUnavailable)
 
 
@@ -594,16 +663,36 @@ def main(argv: list[str] | None = None) -> int:
     args.progress = not (args.quiet or _env_flag("TQDM_DISABLE"))
     if not args.progress:
         _silence_progress_bars()
+    sweep_scratch()  # what processes killed outright (SIGKILL, a lost node) left in TMPDIR
+    # SIGTERM (pre-emption, `timeout`, torchrun stopping its workers) unwinds as Ctrl-C does, so
+    # the scratch files and temporary folders are removed on the way out.
+    previous = signal.signal(signal.SIGTERM, _terminate) if _in_main_thread() else None
     try:
         COMMANDS[args.command](args)
     except _USER_ERRORS as err:
         message = " ".join(str(err).split())  # one line, whatever the library underneath wrote
         print(f"epts {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nepts {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, _Terminated) else "interrupted"
+        print(f"\nepts {args.command}: {how}{_resume_hint(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as SIGINT raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _env_flag(name: str) -> bool:
@@ -628,8 +717,8 @@ def _resume_hint(args) -> str:
     if not is_unfinished_run(out):
         return f"; interrupted before the first block finished, so nothing was saved in {out}"
     done = json.loads((out / CHECKPOINT).read_text(encoding="utf-8"))["next_block"]
-    again = ("rerun the same command without --overwrite, or with --resume," if args.overwrite
-             else "rerun the same command (or add --resume)")
+    again = ("rerun the command with --resume in place of --overwrite (--overwrite would delete them)"
+             if args.overwrite else "rerun the same command (or add --resume)")
     return f"; {done} finished blocks are checkpointed in {out}: {again} to continue from block {done + 1}"
 
 

@@ -4,12 +4,54 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .importance import Pattern
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(name: str, value, kind: type):
+    """`value` of config field `name` as `kind` (int, float, bool or str) where that loses nothing
+    ("3" or 4.0 as an int, "1e-3" as a float: YAML 1.1 reads 1e-3 without a dot as a string);
+    ValueError naming the field otherwise (1.5 as an int, "abc" as a number)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if isinstance(value, (str, int)) and text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise ValueError(f"config field {name} must be true or false, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config field {name} must be a string, got {value!r} ({type(value).__name__})")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"config field {name} must be a number, got the string {value!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config field {name} must be a number, got {value!r} ({type(value).__name__})")
+    if kind is float:
+        return float(number)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"config field {name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _coerce_fields(config, kinds: dict[str, type], optional: tuple[str, ...] = ()) -> None:
+    """Coerce the dataclass `config`'s fields in place (`_coerce`); None stays for `optional` ones."""
+    for name, kind in kinds.items():
+        value = getattr(config, name)
+        if not (value is None and name in optional):
+            setattr(config, name, _coerce(name, value, kind))
 
 
 @dataclass
@@ -22,6 +64,7 @@ class CalibConfig:
     batch_size: int = 8  # windows per forward pass while propagating streams
 
     def __post_init__(self):
+        _coerce_fields(self, {"nsamples": int, "seqlen": int, "seed": int, "batch_size": int})
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -39,6 +82,7 @@ class PruneConfig:
     owl_lambda: float = 0.08  # OWL spread of the per-block sparsity
 
     def __post_init__(self):
+        _coerce_fields(self, {"method": str, "allocation": str, "owl_m": float, "owl_lambda": float})
         if self.allocation not in ("uniform", "owl"):
             raise ValueError(f"unknown allocation {self.allocation!r}: choose uniform or owl")
         if self.allocation == "owl" and self.pattern.is_nm:
@@ -64,6 +108,7 @@ class RefitConfig:
     compare_windows: int = 8
 
     def __post_init__(self):
+        _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:
@@ -87,6 +132,11 @@ def load_config_file(path: str | Path) -> dict:
         raise ValueError(f"config file {path} must hold a mapping of field names to values")
     return data
 
+
+
+def _listed(value) -> list:
+    """A config list field's items (a lone number or string is a list of one)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 DEFAULT_BOUNDARIES = (0.0, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70)
@@ -126,11 +176,22 @@ class EPTSConfig:
     stream_memory_mb: float | None = None
 
     def __post_init__(self):
-        self.boundaries = tuple(float(b) for b in self.boundaries)
-        if isinstance(self.ranks, int):
-            self.ranks = (self.ranks,) * self.num_groups
-        self.ranks = tuple(int(r) for r in self.ranks)
-        self.mix_weights = tuple(float(w) for w in self.mix_weights)
+        _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_ratio_b": float, "delta_lr": float,
+                              "guide_weight": float, "groups_per_step": int, "propagate": str,
+                              "inherit_adapters": bool, "group1_check": bool, "group1_check_sparsity": float,
+                              "criterion": str, "max_retries": int, "retry_lr_factor": float,
+                              "stream_memory_mb": float}, optional=("groups_per_step", "stream_memory_mb"))
+        for name in ("boundaries", "ranks", "mix_weights"):
+            if not isinstance(getattr(self, name), (list, tuple, int, float, str)):
+                raise ValueError(f"config field {name} must be a list of numbers, got {getattr(self, name)!r}")
+        self.boundaries = tuple(_coerce(f"boundaries[{i}]", b, float) for i, b in enumerate(_listed(self.boundaries)))
+        if not isinstance(self.ranks, (list, tuple)):  # one rank for every group
+            self.ranks = (_coerce("ranks", self.ranks, int),) * self.num_groups
+        self.ranks = tuple(_coerce(f"ranks[{i}]", r, int) for i, r in enumerate(self.ranks))
+        self.mix_weights = tuple(_coerce(f"mix_weights[{i}]", w, float) for i, w in enumerate(_listed(self.mix_weights)))
+        if not isinstance(self.calib, (dict, CalibConfig)):
+            raise ValueError(f"config field calib must be a mapping (nsamples, seqlen, seed, batch_size), got "
+                             f"{self.calib!r}")
         if isinstance(self.calib, dict):
             known = {f.name for f in dataclasses.fields(CalibConfig)}
             if set(self.calib) - known:

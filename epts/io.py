@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,3 +77,65 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         unprivate(tmp, 0o666)  # save_file recreates the file owner-only
     return Path(path)
+
+
+def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Rename the finished folder `tmp` onto `out` (same file system). Only `overwrite` removes
+    anything: the old `out` is first renamed aside, which one process alone can do, then removed.
+    Raises FileExistsError, removing nothing, when `out` exists without `overwrite` or appeared
+    meanwhile (another run writing the same folder)."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} appeared while this run was writing it (another run with the same output?): "
+                              f"nothing was replaced; choose another output folder or pass --overwrite")
+    aside = None
+    if overwrite and (out.exists() or out.is_symlink()):
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
+        try:
+            os.rename(out, aside)
+        except FileNotFoundError:  # another process took it first
+            pass
+    try:
+        os.rename(tmp, out)
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise FileExistsError(f"{out} appeared while this run was writing it (another run with the same output?): "
+                              f"nothing was replaced; choose another output folder") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside.parent, ignore_errors=True)
+    return out
+
+
+LOCK = ".epts-lock"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) for the block: `flock` on its file
+    LOCK, which the OS releases when the process ends, however it ends. Raises FileExistsError,
+    naming `flag` (the option that chose the folder), when another process holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{folder} is being written by another epts run: wait for it to end, or choose "
+                                  f"another {flag}") from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def empty_folder(folder: str | os.PathLike, keep: str) -> None:
+    """Remove everything in `folder` but the entry named `keep` (a lock held on it stays valid)."""
+    for path in Path(folder).iterdir():
+        if path.name == keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from .arch import decoder_blocks, prunable_weight_names
-from .io import unprivate_tree, write_json_atomic
-from .offload import is_streamed, load_streamed, save_streamed, streamed_tensors
+from .io import publish_folder, unprivate_tree, write_json_atomic
+from .offload import checkpoint_files, is_streamed, load_streamed, save_streamed, streamed_tensors
 from .sparse import kernels
 from .sparse.format import compress_folder, is_compressed, load_state_dict
 from .sparse.model import load_packed, pack_, packed_layers
@@ -69,6 +70,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     spec: str
+    trust_remote_code: bool = False  # the model runs code shipped with it (reloading it needs the same)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +84,16 @@ class LoadedModel:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def dtype_choice(dtype: str | torch.dtype) -> str:
+    """`dtype` as one of DTYPE_CHOICES: a name, or a torch dtype (torch.bfloat16, as transformers
+    takes it). Raises ModelLoadError for any other."""
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name not in DTYPE_CHOICES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)} (or the torch dtypes "
+                             f"torch.float32, torch.bfloat16, torch.float16)")
+    return name
 
 
 class MissingTokenizer:
@@ -156,7 +168,7 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     stream: bool = False,
@@ -181,8 +193,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPE_CHOICES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    dtype = dtype_choice(dtype)
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "sparse":
@@ -244,6 +255,12 @@ def load_model(
                 f"fill them with random values): the checkpoint is incomplete; copy the missing weights or re-save "
                 f"the model")
         tokenizer = _load_tokenizer(source, spec, kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) stopped before running anything
+        files = sorted(Path(source).glob("*.bin")) if Path(source).is_dir() else []
+        where = ", ".join(str(f) for f in files) or f"the .bin checkpoint of {spec!r}"
+        raise ModelLoadError(f"{where} holds a pickle that refers to code (nothing was run): use a safetensors "
+                             f"copy of the model, or convert the checkpoint to safetensors where you trust its "
+                             f"source") from None
     except OSError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
@@ -259,7 +276,7 @@ def load_model(
     _drop_gguf_quantizer(model)
     decoder_blocks(model)  # fail now, naming the model, if it has no supported blocks
     model.eval()
-    loaded = LoadedModel(model, tokenizer, spec)
+    loaded = LoadedModel(model, tokenizer, spec, trust_remote_code)
     if "gguf_file" in kwargs and cached is not None and kwargs["dtype"] == torch.float32:
         try:
             save_model(loaded, cached)
@@ -324,14 +341,24 @@ def _check_model_files(folder: Path) -> None:
                 raise ModelLoadError(f"{config} does not hold a JSON object: copy or download the model again")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelLoadError(f"{config} is damaged ({err}): copy or download the model again") from None
-    for file in sorted(folder.glob("*.safetensors")):
+    try:
+        files = checkpoint_files(folder)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    stored: dict[str, Path] = {}
+    for file in files:
         try:
-            with safe_open(str(file), framework="pt"):
-                pass
+            with safe_open(str(file), framework="pt") as f:
+                names = list(f.keys())
         except Exception as err:  # SafetensorError, or an OSError for an unreadable file
             reason = " ".join(str(err).split()) or type(err).__name__
             raise ModelLoadError(f"weight file {file} is damaged or truncated ({reason}): copy or download the "
                                  f"model again") from err
+        for name in names:
+            if name in stored:
+                raise ModelLoadError(f"tensor {name} is stored twice, in {stored[name].name} and {file.name} of "
+                                     f"{folder}: the folder mixes two revisions of the model; keep one")
+            stored[name] = file
 
 
 def _gguf_cache_folder(gguf: Path) -> Path | None:
@@ -384,11 +411,12 @@ def _add_transformers4_fields(config_file: Path) -> None:
 
 def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict[str, object] | None = None,
                compressed: bool = False, structure: str = "unstructured",
-               extra_text: dict[str, str] | None = None) -> Path:
+               extra_text: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Save a float folder (safetensors), atomically, with `extra_json` (file name -> data) and
     `extra_text` (file name -> text, e.g. the README.md model card) written beside the weights.
     Dense with zeros by default, which stock transformers loads; `compressed` stores the prunable
-    weights as compressed-tensors sparse bitmasks."""
+    weights as compressed-tensors sparse bitmasks. An existing `out_dir` is replaced only with
+    `overwrite`; else FileExistsError (`io.publish_folder`)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -406,9 +434,7 @@ def save_model(loaded: LoadedModel, out_dir: str | os.PathLike, extra_json: dict
         for name, text in (extra_text or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         unprivate_tree(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_folder(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,7 @@ work (an optimisation trains through it many times).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,13 +22,45 @@ import torch
 from torch import nn
 
 from .arch import decoder_blocks
+from .streams import ScratchSpaceError, scratch_prefix
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files that hold the folder's checkpoint, as transformers picks them: a
+    `model.safetensors`, else the files its shard index names, else every safetensors file.
+    Files of another revision beside them (a download tool leaves old shards) are not among them.
+    Raises ValueError when a `model.safetensors` sits beside a shard index that does not name it
+    (two revisions: transformers would read one, the index names the other) or when the index
+    names a missing file."""
+    folder = Path(folder)
+    index = folder / SHARD_INDEX
+    if not index.is_file():
+        single = folder / SINGLE_FILE
+        return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    try:
+        named = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index} is damaged ({type(err).__name__}: {err}): copy or download the model again") from None
+    if (folder / SINGLE_FILE).is_file() and SINGLE_FILE not in named:
+        raise ValueError(f"{folder} holds both {SINGLE_FILE} and the shard index {SHARD_INDEX}, which names other "
+                         f"files: two revisions of the model side by side; remove the one you do not want")
+    missing = [name for name in named if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{index} names {', '.join(missing[:3])}, missing from {folder}: copy or download the model "
+                         f"again")
+    return [folder / name for name in named]
 
 
 def weight_index(folder: Path, dtype: torch.dtype) -> dict[str, dict]:
-    """{tensor name: where it is} for every tensor of the folder's safetensors files, read from
-    their headers only; float tensors are cast to `dtype` when read."""
+    """{tensor name: where it is} for every tensor of the folder's checkpoint files
+    (`checkpoint_files`), read from their headers only; float tensors are cast to `dtype` when
+    read."""
     index = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in checkpoint_files(folder):
         with file.open("rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         for name, info in header.items():
@@ -107,21 +140,55 @@ def resident(block: nn.Module, keep: bool = False) -> Iterator[nn.Module]:
 
 def _keep_weights(block: nn.Module, hook) -> None:
     from accelerate.utils import OffloadedWeightsLoader
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if not hasattr(hook, "scratch"):
-        hook.scratch = tempfile.TemporaryDirectory(prefix="epts-block-")
+        hook.scratch = tempfile.TemporaryDirectory(prefix=scratch_prefix("block"))
         hook.kept = 0
     # A new file each time: the block's current tensors may be mapped from the previous one.
     hook.kept += 1
     file = Path(hook.scratch.name) / f"weights-{hook.kept}.safetensors"
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as err:  # a full disk: safetensors says only "No space left on device"
+        file.unlink(missing_ok=True)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise ScratchSpaceError(f"cannot write a decoder block's changed weights ({nbytes / 2**20:.0f} MiB) to "
+                                f"{hook.scratch.name} ({' '.join(str(err).split())}): set TMPDIR to a disk with "
+                                f"room for the whole decoder") from None
     hook.weights_map = OffloadedWeightsLoader(index={name: {"safetensors_file": str(file), "weight_name": name}
                                                      for name in tensors})
     for old in Path(hook.scratch.name).glob("weights-*.safetensors"):
         if old != file:
             old.unlink()
+
+
+def release_scratch(model: nn.Module) -> None:
+    """Remove the scratch files of `model`'s kept blocks now, not when the model is collected (an
+    export in a loop would otherwise hold a decoder's worth of TMPDIR per model). The model's
+    changed blocks are unreadable afterwards: call it when the model is done with."""
+    for module in model.modules():
+        scratch = getattr(getattr(module, "_hf_hook", None), "scratch", None)
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def check_scratch_space(model: nn.Module, what: str) -> None:
+    """Refuse, before the work, a TMPDIR that cannot hold the changed weights of every streamed
+    block of `model` (pruning and materialising keep each changed block in a scratch file there,
+    `resident(keep=True)`); `what` names the work in the error. A model in memory needs none."""
+    streamed = [block for block in decoder_blocks(model) if is_streamed(block)]
+    if not streamed:
+        return
+    need = sum(t.numel() * t.element_size() for block in streamed for t in block.state_dict().values())
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ScratchSpaceError(f"{what} keeps the changed decoder blocks in scratch files in TMPDIR ({folder}): "
+                                f"{need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free there: set TMPDIR to a "
+                                f"disk with room")
 
 
 def save_streamed(model: nn.Module, folder: Path) -> None:
@@ -151,6 +218,10 @@ def save_streamed(model: nn.Module, folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     model.config.architectures = [type(model).__name__]
+    if getattr(model, "_auto_class", None) is not None:  # code shipped with the model: its auto_map needs the files
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=model.config)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)

@@ -27,7 +27,7 @@ from . import distributed, hilora
 from .arch import decoder_blocks, prunable_linears
 from .artifact import BlockState, ElasticModel, calibration_record
 from .blocks import BlockCalls, BlockRunner, call_block, capture_block_calls
-from .checkpoint import clear_checkpoint, load_checkpoint, run_key, save_checkpoint
+from .checkpoint import clear_checkpoint, load_checkpoint, run_key, run_settings, save_checkpoint
 from .config import EPTSConfig
 from .data import calibration_set
 from .evaluate import peak_rss_mb
@@ -282,7 +282,7 @@ def compress(
     check_context(model, cc.seqlen)
     windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     base_fingerprint = fingerprint(model)
-    key = run_key(config, base_fingerprint, windows)
+    key, settings = run_key(config, base_fingerprint, windows), run_settings(config, base_fingerprint, windows)
     folder = Path(out) if out is not None else None
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -292,7 +292,7 @@ def compress(
     try:
         with torch.no_grad():
             calls = capture_block_calls(model, windows[mine], cc.batch_size, store)
-        checkpoint = load_checkpoint(folder, key, config.num_groups) if folder is not None else None
+        checkpoint = load_checkpoint(folder, key, config.num_groups, settings) if folder is not None else None
         resumed = checkpoint is not None
         if checkpoint is None:
             states, dense, elastic = [], calls.hidden, store.clone(calls.hidden)
@@ -311,7 +311,7 @@ def compress(
             if folder is not None and b + 1 < len(blocks):
                 streams = [distributed.gather(s, mine, len(windows)) for s in (dense, elastic)]
                 if distributed.is_main():
-                    save_checkpoint(folder, key, states, *streams)
+                    save_checkpoint(folder, key, states, *streams, settings)
         overall.close()
     finally:
         store.close()

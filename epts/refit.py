@@ -37,6 +37,7 @@ from .hilora import active_adapters
 from .importance import mask_from_ranks
 from .models import LoadedModel
 from .offload import resident
+from .streams import StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +59,52 @@ class RefitReport:
                 "refit_blocks": self.choices.count("refit"), "seconds": self.seconds}
 
 
-def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
+def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib") -> torch.Tensor:
     """The calibration windows (nsamples, seqlen) for a refit: drawn from `calib` (text source or
     ready windows) when given, else the artifact's own, recomputed from its recorded source with its
     recorded sampling and checked against its recorded sha256. Raises ValueError, naming the
     source, when the artifact was calibrated on windows passed as a tensor, or when the recorded
-    file is missing or no longer gives the same windows."""
+    file is missing or no longer gives the same windows; its advice names `flag`, the option that
+    passes the refit's text (None: there is none)."""
     cc = elastic.config.calib
     if calib is not None:
         return calibration_set(elastic.base.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     record = elastic.calibration or {}
     source = record.get("source")
+
+    def give(what: str) -> str:
+        return f"pass {what} with {flag}" if flag else f"restore {what}"
+
     if source in (None, "tensor"):
-        raise ValueError("the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
-                         "pass the calibration text for the refit (--calib) or --refit none")
+        raise ValueError(f"the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
+                         f"{give('the calibration text for the refit')}, or use --refit none")
     try:
         windows = calibration_set(elastic.base.tokenizer, source, cc.nsamples, cc.seqlen, cc.seed)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot reread the artifact's calibration text {source} for the refit ({err}): pass it "
-                         f"with --calib or use --refit none") from None
+        raise ValueError(f"cannot reread the artifact's calibration text {source} for the refit ({err}): {give('it')}, "
+                         f"or use --refit none") from None
     recorded = record.get("windows_sha256")
     if recorded and windows_sha256(windows) != recorded:
         raise ValueError(f"the calibration text {source} no longer gives the windows the artifact was trained on "
-                         f"(sha256 differs): pass the original text with --calib, or --refit none")
+                         f"(sha256 differs): {give('the original text')}, or use --refit none")
     return windows
+
+
+def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib") -> tuple[torch.Tensor, dict]:
+    """The refit's windows (`artifact_calibration`) and their record: source, sha256 and whether
+    they are the windows the artifact was trained on (a warning is logged when they are not)."""
+    windows = artifact_calibration(elastic, calib, flag)
+    trained = elastic.calibration or {}
+    if calib is None:
+        source = trained.get("source")
+    else:
+        source = "tensor" if isinstance(calib, torch.Tensor) else str(calib)
+    digest = windows_sha256(windows)
+    own = digest == trained.get("windows_sha256")
+    if not own:
+        log.warning("the refit re-solves the kept weights on windows of %s, not on the ones the artifact was trained "
+                    "on (%s)", source, trained.get("source"))
+    return windows, {"source": source, "windows_sha256": digest, "artifact_windows": own}
 
 
 def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor,
@@ -125,7 +148,8 @@ def _mse(out: torch.Tensor | None, target: torch.Tensor | None) -> float:
 
 @torch.no_grad()
 def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
-          config: RefitConfig | str = "auto", batch_size: int = 8, progress: bool = True) -> RefitReport:
+          config: RefitConfig | str = "auto", batch_size: int = 8, progress: bool = True,
+          store: StreamStore | None = None) -> RefitReport:
     """Refit, in place, the prunable weights of `model`, the elastic model materialised at `plan`
     ({block: sparsity}, `ElasticModel.materialize`), on calibration `windows` (n, seqlen) token ids.
 
@@ -137,7 +161,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     block at a nonzero sparsity; "none" does nothing. `config.iters` conjugate-gradient steps
     (`masked_least_squares`) solve each layer for the least-squares weights on its mask. Streamed
     models are processed one resident block at a time. The result keeps exactly the masks M(s) of
-    the plan. Raises ValueError for an unknown mode.
+    the plan. The streams (about three of n x seqlen x hidden at a time) live in `store` (default:
+    RAM; `epts.streams`). Raises ValueError for an unknown mode.
     """
     config = RefitConfig(config) if isinstance(config, str) else config
     mode = config.mode
@@ -147,7 +172,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
-    calls = capture_block_calls(model.model, windows, batch_size)
+    calls = capture_block_calls(model.model, windows, batch_size, store)
     elastic_stream = calls.hidden
     # METHOD.md's target (the dense block on the dense stream) decides only in "auto", and only on
     # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.

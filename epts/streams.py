@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
 from pathlib import Path
@@ -23,6 +25,41 @@ log = logging.getLogger(__name__)
 
 class ScratchSpaceError(OSError):
     """The scratch folder's disk cannot hold a stream."""
+
+
+# Scratch folders are named for their host and process, so a later run can tell the leftovers of a
+# process that died without cleaning up (SIGKILL, a node lost) from those of one still running.
+_SCRATCH = re.compile(r"^epts-(?:streams|block)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+def scratch_prefix(kind: str) -> str:
+    """The name prefix of this process's scratch folders of `kind` (streams, block): `epts-KIND-HOST-PID-`."""
+    return f"epts-{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_scratch(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the scratch folders under `folder` (default: TMPDIR) left by dead processes of this
+    host; returns them. Those of live processes, and of other hosts sharing the folder, stay."""
+    removed = []
+    root = Path(folder or tempfile.gettempdir())
+    for path in root.glob("epts-*-*"):
+        found = _SCRATCH.match(path.name)
+        if not found or found["host"] != socket.gethostname() or _alive(int(found["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, the scratch folder of a process that no longer runs", path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class StreamStore:
@@ -59,7 +96,7 @@ class StreamStore:
         if not self.spills(shape, dtype):
             return torch.empty(shape, dtype=dtype)
         if self.scratch is None:
-            self.scratch = Path(tempfile.mkdtemp(prefix="epts-streams-", dir=self.folder))
+            self.scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix("streams"), dir=self.folder))
             log.info("streams past %g MiB: memory-mapped from %s", self.budget_mb, self.scratch)
         self._count += 1
         path = self.scratch / f"stream-{self._count}.bin"

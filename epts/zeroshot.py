@@ -19,6 +19,8 @@ import random
 import re
 from pathlib import Path
 
+import yaml
+
 from .data import read_text
 from .io import atomic_path, write_json_atomic
 from .models import LoadedModel
@@ -62,14 +64,36 @@ def parse_tasks(spec: str | list[str]) -> tuple[list[str], tuple[str, ...]]:
             found = _task_manager((str(path.resolve()),), include_defaults=False).all_subtasks
             if not found:
                 raise ZeroShotError(f"task folder {item} defines no lm-eval task (no YAML with a `task:` key)")
+            for file in sorted([*path.rglob("*.yaml"), *path.rglob("*.yml")]):
+                _check_data_files(file)
             names.extend(found)
         elif path.suffix in (".yaml", ".yml") or os.sep in item:
             if not path.is_file():
                 raise ZeroShotError(f"task file {item} does not exist")
+            _check_data_files(path)
             names.append(str(path.resolve()))
         else:
             names.append(item)
     return names, tuple(folders)
+
+
+def _check_data_files(task: Path) -> None:
+    """Refuse a local task whose data files are missing (a task folder moved after it was written:
+    `write_continuation_task` records their absolute paths), which lm-eval would report as a failed
+    download."""
+    try:
+        config = yaml.safe_load(task.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # lm-eval's own tags (!function): lm-eval reads it
+        return
+    files = ((config or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(config, dict) else None
+    if isinstance(files, dict):
+        files = list(files.values())
+    for file in files if isinstance(files, list) else [files]:
+        for one in file if isinstance(file, list) else [file]:
+            if isinstance(one, str) and not Path(one).expanduser().exists():
+                raise ZeroShotError(f"task {task} reads its documents from {one}, which does not exist (was the task "
+                                    f"folder moved?): write the task again with `epts task`, or fix "
+                                    f"data_files in {task.name}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,6 +187,7 @@ def write_continuation_task(
     num_choices: int = 4,
     seed: int = 0,
     name: str = "epts_next_sentence",
+    overwrite: bool = False,
 ) -> Path:
     """Write an offline multiple-choice task in lm-eval's custom-task format and return its YAML.
 
@@ -170,8 +195,13 @@ def write_continuation_task(
     one sentence as context, and its choices are the true next sentence of the same paragraph and
     `num_choices - 1` sentences drawn from other paragraphs, in a seeded random order. Chance is
     1 / num_choices; a language model does better by following the paragraph. Files written:
-    `<name>.jsonl` ({"context", "choices", "gold"} per line) and `<name>.yaml` beside it.
+    `<name>.jsonl` ({"context", "choices", "gold"} per line) and `<name>.yaml` beside it; a task
+    of that name already in `folder` is replaced only with `overwrite` (else FileExistsError).
     """
+    out = Path(folder)
+    existing = [f for f in (out / f"{name}.jsonl", out / f"{name}.yaml") if f.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: choose another folder, or pass --overwrite to replace the task")
     paragraphs = []
     for line in read_text(text).splitlines():
         line = line.strip()
@@ -202,7 +232,6 @@ def write_continuation_task(
         choices = [gold, *distractors]
         rng.shuffle(choices)
         docs.append({"context": context, "choices": choices, "gold": choices.index(gold)})
-    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{name}.jsonl"
     with atomic_path(data) as tmp:

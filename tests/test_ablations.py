@@ -11,6 +11,7 @@ from conftest import random_windows, tiny_model
 from epts import reconstruct
 from epts.arch import decoder_blocks, prunable_linears
 from epts.artifact import ElasticModel
+from epts.runtime import RuntimeModel
 from epts.config import CalibConfig, EPTSConfig
 from epts.hilora import ElasticLinear, active_adapters
 from epts.importance import kept_per_row, row_ranks
@@ -71,7 +72,7 @@ def test_independent_artifact_merges_only_the_group3_adapter(independent):
         torch.testing.assert_close(merged, own, rtol=1e-6, atol=1e-6)
         assert (merged - inherited).abs().max() > 1e-4, "adapters 1 and 2 must be left out"
     # The runtime (in-place switching) merges by the same rule.
-    runtime = independent.to_runtime(GROUP3)
+    runtime = RuntimeModel(independent, GROUP3)
     served = prunable_linears(runtime.model, decoder_blocks(runtime.model)[1])["mlp.up_proj"].weight
     torch.testing.assert_close(served, merged_and_expected(independent, 1, "mlp.up_proj", GROUP3)[2],
                                rtol=1e-6, atol=1e-6)

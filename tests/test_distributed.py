@@ -153,9 +153,9 @@ def log(line):
     with open(os.environ["WRITES_LOG"], "a") as f:
         f.write(f"{{line}} by rank {{distributed.rank()}}\\n")
 
-def save_checkpoint(folder, key, blocks, dense, elastic):
+def save_checkpoint(folder, key, blocks, dense, elastic, settings=None):
     log(f"checkpoint {{len(blocks)}}")
-    real_checkpoint(folder, key, blocks, dense, elastic)
+    real_checkpoint(folder, key, blocks, dense, elastic, settings)
     if str(len(blocks)) == os.environ.get("KILL_AFTER"):
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -21,7 +21,7 @@ from ..data import calibration_set
 from ..evaluate import layer_sparsity, peak_rss_mb, total_sparsity
 from ..importance import Pattern, wanda_scores
 from ..models import LoadedModel, check_context
-from ..offload import resident
+from ..offload import check_scratch_space, resident
 from ..reconstruct import dense_pass
 from .magnitude import MagnitudePruner
 from .sparsegpt import SparseGPTPruner
@@ -128,6 +128,7 @@ def prune(
     start = time.perf_counter()
     model = loaded.model
     check_pattern(model, config.pattern)
+    check_scratch_space(model, "pruning a streamed model")
     blocks = decoder_blocks(model)[:num_blocks]
     calls = stream = None
     if needs_inputs:
