@@ -88,7 +88,7 @@ def test_compressed_export_round_trips_and_is_smaller(family, tmp_path):
 
 
 def test_cli_prune_writes_a_compressed_folder_that_epts_reads_back(tmp_path, text_file):
-    from test_cli import epts
+    from test_cli import epts_process as epts
 
     model_dir = tiny_model_folder(tmp_path / "model")
     out = tmp_path / "pruned"

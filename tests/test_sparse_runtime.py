@@ -161,7 +161,7 @@ def test_packed_runtime_switches_and_stays_exact(elastic):
 
 
 def test_cli_generate_and_eval_on_the_sparse_runtime(exported, tmp_path, text_file):
-    from test_cli import epts
+    from test_cli import epts_process as epts
 
     _, packed_dir = exported
     r = epts("generate", "--model", str(packed_dir), "--prompt", "The model", "--max-new-tokens", "5")
@@ -179,7 +179,7 @@ def test_cli_generate_and_eval_on_the_sparse_runtime(exported, tmp_path, text_fi
 
 
 def test_cli_refuses_refit_on_the_sparse_runtime(tmp_path, elastic):
-    from test_cli import epts
+    from test_cli import epts_process as epts
 
     art = elastic.save(tmp_path / "art")
     r = epts("eval", str(art), "--sparsity", "0.5", "--runtime", "sparse", "--refit", "auto", "--data", "x")

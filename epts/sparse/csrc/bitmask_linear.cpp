@@ -63,11 +63,11 @@ bool cpu_has_avx2() {
 }
 
 Path resolve_path(const std::string& name) {
-  if (name == "auto")
-    return cpu_has_avx512_bf16() ? Path::Avx512Bf16
-           : cpu_has_avx512()    ? Path::Avx512
-           : cpu_has_avx2()      ? Path::Avx2
-                                 : Path::Portable;
+  static const Path best = cpu_has_avx512_bf16() ? Path::Avx512Bf16
+                           : cpu_has_avx512()    ? Path::Avx512
+                           : cpu_has_avx2()      ? Path::Avx2
+                                                 : Path::Portable;
+  if (name == "auto") return best;
   if (name == "portable") return Path::Portable;
   if (name == "avx2") {
     TORCH_CHECK(cpu_has_avx2(), "the avx2 path needs AVX2, FMA and F16C, which this CPU lacks");
@@ -384,8 +384,10 @@ void check_parts(const torch::Tensor& values, const torch::Tensor& bitmask, cons
   const uint8_t* last = bitmask.data_ptr<uint8_t>() + (rows - 1) * bitmask.size(1);
   int64_t kept = 0;
   for (int64_t b = 0; b < (in_features + 7) / 8; ++b) kept += __builtin_popcount(last[b]);
-  TORCH_CHECK(row_offsets[rows - 1].item<int64_t>() + kept + kPad <= values.numel(), "values hold ",
-              values.numel(), " elements; the bitmask needs ", row_offsets[rows - 1].item<int64_t>() + kept,
+  // Raw reads, not row_offsets[i].item(): a decode step calls this for every layer, and tensor
+  // indexing costs microseconds.
+  const int64_t end = row_offsets.data_ptr<int64_t>()[rows - 1] + kept;
+  TORCH_CHECK(end + kPad <= values.numel(), "values hold ", values.numel(), " elements; the bitmask needs ", end,
               " plus ", kPad, " of padding");
 }
 
@@ -408,8 +410,14 @@ torch::Tensor bitmask_linear(const torch::Tensor& x, const torch::Tensor& values
   // zeros: the vector paths then read whole vectors, and columns past the end meet zero mask bits.
   const int64_t kpad = (in_features + 63) / 64 * 64;
   const bool dot16 = path == Path::Avx512Bf16 && values.scalar_type() == torch::kBFloat16;
-  torch::Tensor xf = torch::zeros({tokens, kpad}, dot16 ? torch::kBFloat16 : torch::kFloat32);
-  xf.narrow(1, 0, in_features).copy_(x);
+  const auto xtype = dot16 ? torch::kBFloat16 : torch::kFloat32;
+  torch::Tensor xf;
+  if (kpad == in_features && x.scalar_type() == xtype && x.is_contiguous()) {
+    xf = x;  // already what the paths read
+  } else {
+    xf = torch::zeros({tokens, kpad}, xtype);
+    xf.narrow(1, 0, in_features).copy_(x);
+  }
   torch::Tensor out = torch::empty({tokens, rows}, torch::kFloat32);
   const uint8_t* mask = bitmask.data_ptr<uint8_t>();
   const int64_t* offsets = row_offsets.data_ptr<int64_t>();
