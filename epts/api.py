@@ -52,9 +52,11 @@ def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str
     raise TypeError(f"model must be a path, hub id, LoadedModel or transformers model, not {type(model).__name__}")
 
 
-def compress(model: ModelLike, calib, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
+def compress(model: ModelLike, calib=None, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
              progress: bool = True, metadata: dict | None = None, *, tokenizer=None) -> ElasticModel:
-    """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model."""
+    """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model.
+    `calib` is a text source or windows; None (the default) or a `SelfCalConfig`: windows the model
+    writes itself (`epts.selfcal`)."""
     return _compress(as_loaded(model, tokenizer), calib, config, out, progress, metadata)
 
 

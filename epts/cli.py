@@ -30,6 +30,8 @@ from .blocks import NonFiniteActivationError
 from .modelcard import render
 from .models import DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, check_context, load_model, save_model, weights_mib
 from .reconstruct import NonFiniteError, compress
+from .selfcal import SOURCE as SELF_GENERATED
+from .selfcal import SelfCalConfig
 from .refit import artifact_calibration, refit
 from .report import plot as report_plot
 from .report import table as report_table
@@ -128,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="one EPTS optimisation: write an elastic artifact")
     _add_model_args(p)
-    p.add_argument("--calib", required=True, help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    p.add_argument("--calib", help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb (default: "
+                                   "no dataset, windows the model writes itself, sampled as the --selfcal-* flags say)")
+    selfcal = SelfCalConfig()
+    for flag, kind, text in (("--selfcal-temperature", float, f"temperature (default {selfcal.temperature:g})"),
+                             ("--selfcal-top-k", int, f"top-k cut, 0 for none (default {selfcal.top_k})"),
+                             ("--selfcal-top-p", float, f"top-p (nucleus) cut, 1 for none (default {selfcal.top_p:g})")):
+        p.add_argument(flag, type=kind, default=None, help=f"without --calib: the self-generated windows' {text}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting recipe: default (docs/RECIPE.md), paper (METHOD.md exactly: 10 epochs at lr "
                         "1e-3) or demo (16 windows, 1 epoch); --config and the flags below go on top")
@@ -316,6 +324,11 @@ def _cmd_compress(args) -> None:
     if args.stream_memory is not None:
         fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)
+    sampling = {name: getattr(args, f"selfcal_{name}") for name in ("temperature", "top_k", "top_p")
+                if getattr(args, f"selfcal_{name}") is not None}
+    if sampling and args.calib:
+        raise ValueError("the --selfcal-* flags set how the model writes its own calibration windows, which --calib "
+                         "replaces: drop one or the other")
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
@@ -332,7 +345,7 @@ def _cmd_compress(args) -> None:
     _check_writable(out.parent)
     distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
-    elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
+    elastic = compress(loaded, args.calib or SelfCalConfig(**sampling), config, out=out, progress=args.progress and distributed.is_main(),
                        metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return
@@ -348,6 +361,13 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
     why = (f"dropped where the pruned weights alone reconstructed the block better at sparsity "
            f"{config.group1_check_sparsity:g}" if config.group1_check else "the group-1 check is off")
     inside = [s for s in (0.3, 0.5, 0.7) if lo < s <= hi] or [hi]
+    record = elastic.calibration or {}
+    if record.get("source") == SELF_GENERATED:
+        sampling = ", ".join(f"{k} {v:g}" for k, v in record["sampling"].items())
+        print(f"  calibration: self-generated, {config.calib.nsamples} windows of {config.calib.seqlen} tokens the "
+              f"model wrote itself (seed {record['seed']}; {sampling}); no dataset")
+    else:
+        print(f"  calibration: {record.get('source')}")
     print(f"  trained sparsity range: {lo:g} to {hi:g} ({config.num_groups} groups)")
     print(f"  group-1 adapters kept: {kept}/{len(elastic.blocks)} blocks ({why})")
     print(f"  next: epts eval {out} --sparsity {','.join(f'{s:g}' for s in inside)} --data TEXT")

@@ -6,6 +6,10 @@ import json
 import logging
 import os
 import random
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -195,3 +199,46 @@ def calibration_set(tokenizer, source: str | os.PathLike | torch.Tensor, nsample
     if isinstance(source, torch.Tensor) and source.dim() == 2:
         return source
     return calibration_windows(tokenize(tokenizer, source, role="calib"), nsamples, seqlen, seed)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, or through the HTTPS proxy when one is set) takes a
+    TCP connection within `timeout` seconds; False in offline mode (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE). Never waits longer: name resolution, which a socket timeout does not
+    bound, runs in a thread that is left behind if it hangs."""
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+           for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    url = urllib.parse.urlsplit(urllib.request.getproxies().get("https")
+                                or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
+    except ValueError:  # a malformed port in the variable
+        return False
+    if not address[0]:
+        return False
+    reached = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
+
+
+LOCAL_WIKITEXT2 = ("wiki.valid.tokens", "wiki.test.raw")  # calibration, evaluation (PROTOCOL.md)
+
+
+def pick_text_source(folder: str | os.PathLike, timeout: float = 3.0) -> str:
+    """Which WikiText-2 a run can use: "local" when `folder` holds both PROTOCOL.md files
+    (`LOCAL_WIKITEXT2`), else "hub" when the Hugging Face hub is reachable (`hub_reachable`; the
+    `wikitext2` named source), else "none" (no text at all: self-generated calibration)."""
+    if all((Path(folder) / name).is_file() for name in LOCAL_WIKITEXT2):
+        return "local"
+    return "hub" if hub_reachable(timeout) else "none"

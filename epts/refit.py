@@ -37,6 +37,8 @@ from .hilora import active_adapters
 from .importance import mask_from_ranks
 from .models import LoadedModel
 from .offload import resident
+from .selfcal import SOURCE as SELF_GENERATED
+from .selfcal import regenerate
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class RefitReport:
 def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
     """The calibration windows (nsamples, seqlen) for a refit: drawn from `calib` (text source or
     ready windows) when given, else the artifact's own, recomputed from its recorded source with its
-    recorded sampling and checked against its recorded sha256. Raises ValueError, naming the
+    recorded sampling and checked against its recorded sha256 (self-generated windows: made again by
+    the base model with the recorded settings; a warning when they differ). Raises ValueError, naming the
     source, when the artifact was calibrated on windows passed as a tensor, or when the recorded
     file is missing or no longer gives the same windows."""
     cc = elastic.config.calib
@@ -69,6 +72,8 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
         return calibration_set(elastic.base.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     record = elastic.calibration or {}
     source = record.get("source")
+    if source == SELF_GENERATED:
+        return _regenerated(elastic, record)
     if source in (None, "tensor"):
         raise ValueError("the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
                          "pass the calibration text for the refit (--calib) or --refit none")
@@ -81,6 +86,24 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
     if recorded and windows_sha256(windows) != recorded:
         raise ValueError(f"the calibration text {source} no longer gives the windows the artifact was trained on "
                          f"(sha256 differs): pass the original text with --calib, or --refit none")
+    return windows
+
+
+def _regenerated(elastic: ElasticModel, record: dict) -> torch.Tensor:
+    """Self-generated calibration windows made again with the recorded sampling. Where they differ
+    from the recorded ones (another device, dtype or torch version can change the logits' last bits,
+    and with them a draw), they are still a sample of the same model and settings: the refit uses
+    them, and says so."""
+    cc = elastic.config.calib
+    loaded = elastic.base
+    windows, same = regenerate(loaded.model, loaded.tokenizer, record, cc.nsamples, cc.seqlen)
+    if not same:
+        made = f"{record.get('device')}, {record.get('dtype')}, torch {record.get('torch')}"
+        here = loaded.model.get_input_embeddings().weight
+        now = f"{here.device.type}, {str(here.dtype).removeprefix('torch.')}, torch {torch.__version__}"
+        log.warning("refit: the self-generated calibration windows made again (%s) differ from those the artifact was "
+                    "trained on (made on %s; sha256 differs): the refit uses the new ones, a sample of the same model "
+                    "and settings; for the exact windows, export on %s, or pass --calib TEXT", now, made, made)
     return windows
 
 
