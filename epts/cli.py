@@ -329,6 +329,7 @@ def _cmd_compress(args) -> None:
     if sampling and args.calib:
         raise ValueError("the --selfcal-* flags set how the model writes its own calibration windows, which --calib "
                          "replaces: drop one or the other")
+    selfcal = None if args.calib else SelfCalConfig(**sampling)  # checked before any work
     out = Path(args.out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"--out {out} exists and is not a folder (a file or a link): choose another --out")
@@ -345,7 +346,7 @@ def _cmd_compress(args) -> None:
     _check_writable(out.parent)
     distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
     loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True)
-    elastic = compress(loaded, args.calib or SelfCalConfig(**sampling), config, out=out, progress=args.progress and distributed.is_main(),
+    elastic = compress(loaded, args.calib or selfcal, config, out=out, progress=args.progress and distributed.is_main(),
                        metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return

@@ -6,9 +6,7 @@ import json
 import logging
 import os
 import random
-import socket
 import threading
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -202,34 +200,29 @@ def calibration_set(tokenizer, source: str | os.PathLike | torch.Tensor, nsample
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (HF_ENDPOINT, or through the HTTPS proxy when one is set) takes a
-    TCP connection within `timeout` seconds; False in offline mode (HF_HUB_OFFLINE or
-    HF_DATASETS_OFFLINE). Never waits longer: name resolution, which a socket timeout does not
-    bound, runs in a thread that is left behind if it hangs."""
+    """Whether the Hugging Face hub (HF_ENDPOINT, default https://huggingface.co; through the proxy
+    of the usual environment variables) answers an HTTP request with success within `timeout`
+    seconds; False in offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE). An answer, not a
+    connection: sandboxes and firewalls accept connections to anywhere and drop them after. Never
+    waits longer: name resolution, which a socket timeout does not bound, runs in a thread that is
+    left behind if it hangs."""
     if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
            for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
-    url = urllib.parse.urlsplit(urllib.request.getproxies().get("https")
-                                or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
-    except ValueError:  # a malformed port in the variable
-        return False
-    if not address[0]:
-        return False
-    reached = []
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/"
+    answered = []
 
-    def connect():
+    def ask():
         try:
-            socket.create_connection(address, timeout=timeout).close()
-            reached.append(True)
-        except OSError:
+            with urllib.request.urlopen(url, timeout=timeout):  # an error status raises
+                answered.append(True)
+        except (OSError, ValueError):  # no network, an HTTP error status, a malformed HF_ENDPOINT
             pass
 
-    thread = threading.Thread(target=connect, daemon=True)
+    thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(reached)
+    return bool(answered)
 
 
 LOCAL_WIKITEXT2 = ("wiki.valid.tokens", "wiki.test.raw")  # calibration, evaluation (PROTOCOL.md)
