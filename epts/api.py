@@ -159,7 +159,7 @@ def export(
     model = elastic.materialize(plan)
     seconds = time.perf_counter() - start
     if refit.mode != "none":
-        extra["refit"] = _refit(elastic, model, plan, artifact_calibration(elastic, calib), refit,
+        extra["refit"] = _refit(elastic, model, plan, artifact_calibration(elastic, calib, progress), refit,
                                 elastic.config.calib.batch_size, progress).to_dict()
     source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
     meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,

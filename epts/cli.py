@@ -502,7 +502,7 @@ def _cmd_eval(args) -> None:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
         runtime = elastic.to_runtime()
-        windows = artifact_calibration(elastic, args.calib) if args.refit != "none" else None
+        windows = artifact_calibration(elastic, args.calib, args.progress) if args.refit != "none" else None
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)

@@ -60,7 +60,7 @@ class RefitReport:
                 "refit_blocks": self.choices.count("refit"), "seconds": self.seconds}
 
 
-def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
+def artifact_calibration(elastic: ElasticModel, calib=None, progress: bool = True) -> torch.Tensor:
     """The calibration windows (nsamples, seqlen) for a refit: drawn from `calib` (text source or
     ready windows) when given, else the artifact's own, recomputed from its recorded source with its
     recorded sampling and checked against its recorded sha256 (self-generated windows: made again by
@@ -73,7 +73,7 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
     record = elastic.calibration or {}
     source = record.get("source")
     if source == SELF_GENERATED:
-        return _regenerated(elastic, record)
+        return _regenerated(elastic, record, progress)
     if source in (None, "tensor"):
         raise ValueError("the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
                          "pass the calibration text for the refit (--calib) or --refit none")
@@ -89,14 +89,14 @@ def artifact_calibration(elastic: ElasticModel, calib=None) -> torch.Tensor:
     return windows
 
 
-def _regenerated(elastic: ElasticModel, record: dict) -> torch.Tensor:
+def _regenerated(elastic: ElasticModel, record: dict, progress: bool) -> torch.Tensor:
     """Self-generated calibration windows made again with the recorded sampling. Where they differ
     from the recorded ones (another device, dtype or torch version can change the logits' last bits,
     and with them a draw), they are still a sample of the same model and settings: the refit uses
     them, and says so."""
     cc = elastic.config.calib
     loaded = elastic.base
-    windows, same = regenerate(loaded.model, loaded.tokenizer, record, cc.nsamples, cc.seqlen)
+    windows, same = regenerate(loaded.model, loaded.tokenizer, record, cc.nsamples, cc.seqlen, progress)
     if not same:
         made = f"{record.get('device')}, {record.get('dtype')}, torch {record.get('torch')}"
         here = loaded.model.get_input_embeddings().weight
