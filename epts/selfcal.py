@@ -8,7 +8,7 @@ of a batched, KV-cached generation.
 
 Reproducible, so that the refit at export (`epts.refit.artifact_calibration`) can regenerate the
 windows an artifact was trained on from the manifest alone: every window draws from its own random
-stream, seeded from (seed, window index), so a window does not depend on the batch it was made in;
+stream, seeded from (use, seed, window index), so a window does not depend on the batch it was made in;
 a token is picked by inverse CDF from a float64 uniform of torch's CPU generator (Mersenne Twister,
 the same on every platform and torch version) over float64 probabilities, with ties sorted stably,
 rather than by `torch.multinomial`, whose algorithm is not promised to stay the same. The logits
@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+
+from .artifact import windows_sha256
+from .io import atomic_path
 
 SOURCE = "self-generated"  # the manifest's calibration source for these windows
 
@@ -106,8 +109,9 @@ def generate_windows(model: torch.nn.Module, tokenizer, nsamples: int, seqlen: i
                      config: SelfCalConfig | None = None, progress: bool = True,
                      use: str = "calibration") -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens sampled from `model` (see the module docstring):
-    (nsamples, seqlen) int64 on the CPU; `use` names the random streams ("calibration", "evaluation"). The model runs in eval mode on its own device, without
-    gradients; a streamed model (`epts.offload`) reads its blocks once per generated token."""
+    (nsamples, seqlen) int64 on the CPU; `use` names the random streams ("calibration",
+    "evaluation"). The model runs in eval mode on its own device, without gradients; a streamed
+    model (`epts.offload`) reads its blocks once per generated token."""
     config = config or SelfCalConfig()
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
@@ -148,8 +152,6 @@ def calibration_record(model: torch.nn.Module, config: SelfCalConfig, seed: int,
     """What the manifest says about self-generated windows: the source, the sampling settings and
     seed that regenerate them, where they were made (device, dtype, torch version: what can change
     the logits' last bits), and their sha256 (as `epts.artifact.calibration_record`)."""
-    from .artifact import windows_sha256
-
     weight = model.get_input_embeddings().weight
     return {"source": SOURCE, "sha256": None, "sampling": config.sampling(), "seed": seed,
             "batch_size": config.batch_size, "first_token": "uniform over the tokenizer's ordinary tokens",
@@ -169,8 +171,6 @@ def regenerate(model: torch.nn.Module, tokenizer, record: dict, nsamples: int, s
                progress: bool = True) -> tuple[torch.Tensor, bool]:
     """The windows of a manifest's self-generated `record`, made again with its recorded settings,
     and whether their sha256 is the recorded one."""
-    from .artifact import windows_sha256
-
     config = SelfCalConfig(**record["sampling"], batch_size=record.get("batch_size", SelfCalConfig.batch_size))
     windows = generate_windows(model, tokenizer, nsamples, seqlen, record["seed"], config, progress)
     return windows, windows_sha256(windows) == record.get("windows_sha256")
@@ -181,8 +181,6 @@ def write_text(model: torch.nn.Module, tokenizer, path, nsamples: int, seqlen: i
     """Self-generated windows decoded to text, one paragraph each, written to `path` atomically:
     held-out text to evaluate on when there is no dataset (scripts/demo.sh): its random streams are
     not those of any calibration windows."""
-    from .io import atomic_path
-
     windows = generate_windows(model, tokenizer, nsamples, seqlen, seed, config, progress, use="evaluation")
     text = "\n\n".join(tokenizer.decode(w, skip_special_tokens=True).strip() for w in windows.tolist())
     with atomic_path(path) as tmp:
