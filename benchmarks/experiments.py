@@ -8,7 +8,9 @@ with SparseGPT and Wanda on the same blocks and the same held-out text.
 Variants are chosen on held-out windows of the calibration file (`wiki.valid.tokens`) that no
 calibration window overlaps, never on WikiText-2 test. `--blocks N` compresses (and prunes, for
 the baselines) only the first N blocks and leaves the rest dense: the cheap proxy. Each variant
-file holds EPTSConfig fields (see epts/config.py) and an optional `description`. Rows are appended
+file holds EPTSConfig fields (see epts/config.py), an optional `description` and an optional
+`calibration: self-generated` (windows the model writes itself, `epts.selfcal`, instead of windows of
+the calibration file; the held-out windows stay the same). Rows are appended
 to OUT/rows.jsonl as they finish (a rerun skips what is there); OUT/results.md is the table, each
 row with its command and commit.
 """
@@ -58,12 +60,16 @@ def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int,
     return torch.stack(windows)
 
 
-def load_variant(path: Path) -> tuple[str, str, dict]:
+def load_variant(path: Path) -> tuple[str, str, str, dict]:
+    """(name, description, calibration: "file" or "self-generated", EPTSConfig fields)."""
     import yaml
 
     fields = yaml.safe_load(path.read_text()) or {}
     description = fields.pop("description", "")
-    return path.stem, description, fields
+    calibration = fields.pop("calibration", "file")
+    if calibration not in ("file", "self-generated"):
+        raise ValueError(f"{path}: calibration {calibration!r} is not file or self-generated")
+    return path.stem, description, calibration, fields
 
 
 class Store:
@@ -100,6 +106,7 @@ def run(args) -> None:
     from epts.runtime import RuntimeModel
     from epts.reconstruct import compress
     from epts.refit import refit
+    from epts.selfcal import generate_windows
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     store = Store(args.out)
@@ -109,7 +116,7 @@ def run(args) -> None:
     cc = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen)
     valid = tokenize(base.tokenizer, args.calib, role="calib")
     variants = [load_variant(path) for path in args.variants]
-    counts = {name: (fields.get("calib") or {}).get("nsamples", cc.nsamples) for name, _, fields in variants}
+    counts = {name: (fields.get("calib") or {}).get("nsamples", cc.nsamples) for name, _, _, fields in variants}
     # Held-out windows avoid every window any variant here calibrates on (the sampler's windows for
     # n samples are the first n of those for more), so a 64-window variant is not scored on its own data.
     exclude = max([cc.nsamples, *counts.values()])
@@ -135,7 +142,7 @@ def run(args) -> None:
             store.add([row(method, s, evaluate(pruned, texts), report.seconds)])
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
-    for name, description, fields in variants:
+    for name, description, calibration, fields in variants:
         refits = [RefitConfig(mode, args.refit_iters, args.refit_margin) for mode in args.refit]
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
                           + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "") for r in refits]
@@ -143,7 +150,11 @@ def run(args) -> None:
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
                                                             "nsamples": counts[name]}})
-        windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
+        if calibration == "self-generated":
+            windows = generate_windows(base.model, base.tokenizer, counts[name], cc.seqlen, cc.seed,
+                                       progress=not args.quiet)
+        else:
+            windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
         kept = args.out / "artifacts" / name
         if args.keep_artifacts and (kept / "manifest.json").is_file():
             elastic = ElasticModel.load(kept, base=base)  # a rerun (e.g. with --refit) reuses the kept artifact
@@ -156,7 +167,7 @@ def run(args) -> None:
                 elastic.save(kept)
         runtime = RuntimeModel(elastic)
         marks = sum(b.group1_adapter for b in elastic.blocks)
-        extra = {"description": description, "config": fields, "group1_kept": marks,
+        extra = {"description": description, "config": fields, "calibration": calibration, "group1_kept": marks,
                  "losses": [b.losses for b in elastic.blocks]}
         for variant, refit_config in zip(names, [None, *refits]):
             rows = []

@@ -59,11 +59,13 @@ def as_loaded(model: ModelLike, tokenizer=None, dtype: str = "auto", device: str
     raise TypeError(f"model must be a path, hub id, LoadedModel or transformers model, not {type(model).__name__}")
 
 
-def compress(model: ModelLike, calib, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
+def compress(model: ModelLike, calib=None, config: EPTSConfig | None = None, out: str | os.PathLike | None = None,
              progress: bool = True, metadata: dict | None = None, *, tokenizer=None) -> ElasticModel:
     """One EPTS optimisation of `model` (see `epts.reconstruct.compress`); returns the elastic model.
-    A transformers model passed in memory must be what its folder (`config._name_or_path`) holds,
-    since the artifact reloads its base from there: ValueError otherwise (a merged LoRA, say)."""
+    `calib` is a text source or windows; None (the default) or a `SelfCalConfig`: windows the model
+    writes itself (`epts.selfcal`). A transformers model passed in memory must be what its folder
+    (`config._name_or_path`) holds, since the artifact reloads its base from there: ValueError
+    otherwise (a merged LoRA, say)."""
     loaded = as_loaded(model, tokenizer, runtime="dense")
     if isinstance(model, torch.nn.Module):
         _check_reloadable(loaded)
@@ -197,7 +199,7 @@ def export(
         plan = allocate(elastic, sparsity, allocation, owl_m, owl_lambda)
     if refit.mode != "none":  # its text is reread and checked before the long work, not after
         refit_windows, used = refit_calibration(elastic, None if allocation == "search" else calib,
-                                                None if allocation == "search" else "--calib")
+                                                None if allocation == "search" else "--calib", progress)
     check_scratch_space(elastic.base.model, "exporting a streamed model")
     start = time.perf_counter()
     model = elastic.materialize(plan)

@@ -35,8 +35,10 @@ from .models import (DEFAULT_MODEL, DTYPE_CHOICES, RUNTIMES, ModelLoadError, che
 from .reconstruct import NonFiniteError, compress
 from .refit import refit, refit_calibration
 from .runtime import RuntimeModel
+from .selfcal import SOURCE as SELF_GENERATED
+from .selfcal import SelfCalConfig
 from .sparse import kernels as sparse_kernels
-from .sparse import packed_layers
+from .sparse import packed_bytes, packed_layers
 from .report import plot as report_plot
 from .report import table as report_table
 from .streams import ScratchSpaceError, StreamStore, sweep_scratch
@@ -155,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="one EPTS optimisation: write an elastic artifact")
     _add_model_args(p)
-    p.add_argument("--calib", required=True, help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb")
+    p.add_argument("--calib", help="calibration text: file, folder of .txt/.jsonl, or wikitext2/c4/ptb (default: "
+                                   "no dataset, windows the model writes itself, sampled as the --selfcal-* flags say)")
+    selfcal = SelfCalConfig()
+    for flag, kind, text in (("--selfcal-temperature", float, f"temperature (default {selfcal.temperature:g})"),
+                             ("--selfcal-top-k", int, f"top-k cut, 0 for none (default {selfcal.top_k})"),
+                             ("--selfcal-top-p", float, f"top-p (nucleus) cut, 1 for none (default {selfcal.top_p:g})")):
+        p.add_argument(flag, type=kind, default=None, help=f"without --calib: the self-generated windows' {text}")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting recipe: default (docs/RECIPE.md), paper (METHOD.md exactly: 10 epochs at lr "
                         "1e-3) or demo (16 windows, 1 epoch); --config and the flags below go on top")
@@ -367,6 +375,12 @@ def _cmd_compress(args) -> None:
         fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)
     _split_batch(config, fields)
+    sampling = {name: getattr(args, f"selfcal_{name}") for name in ("temperature", "top_k", "top_p")
+                if getattr(args, f"selfcal_{name}") is not None}
+    if sampling and args.calib:
+        raise ValueError("the --selfcal-* flags set how the model writes its own calibration windows, which --calib "
+                         "replaces: drop one or the other")
+    selfcal = None if args.calib else SelfCalConfig(**sampling)  # checked before any work
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run checkpointed in --out, --overwrite deletes it: pass only one "
@@ -388,7 +402,8 @@ def _cmd_compress(args) -> None:
             empty_folder(out, keep=LOCK)
         distributed.barrier()  # under torchrun: every process has checked --out before rank 0 writes there
         loaded = load_model(args.model, args.dtype, args.device, args.trust_remote_code, stream=True, runtime="dense")
-        elastic = compress(loaded, args.calib, config, out=out, progress=args.progress and distributed.is_main(),
+        elastic = compress(loaded, args.calib or selfcal, config, out=out,
+                           progress=args.progress and distributed.is_main(),
                            metadata={"command": " ".join(["epts", *sys.argv[1:]])})
     if not distributed.is_main():
         return
@@ -417,6 +432,13 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
     why = (f"dropped where the pruned weights alone reconstructed the block better at sparsity "
            f"{config.group1_check_sparsity:g}" if config.group1_check else "the group-1 check is off")
     inside = [s for s in (0.3, 0.5, 0.7) if lo < s <= hi] or [hi]
+    record = elastic.calibration or {}
+    if record.get("source") == SELF_GENERATED:
+        sampling = ", ".join(f"{k} {v:g}" for k, v in record["sampling"].items())
+        print(f"  calibration: self-generated, {config.calib.nsamples} windows of {config.calib.seqlen} tokens the "
+              f"model wrote itself (seed {record['seed']}; {sampling}); no dataset")
+    else:
+        print(f"  calibration: {record.get('source')}")
     print(f"  trained sparsity range: {lo:g} to {hi:g} ({config.num_groups} groups)")
     print(f"  group-1 adapters kept: {kept}/{len(elastic.blocks)} blocks ({why})")
     print(f"  next: epts eval {out} --sparsity {','.join(f'{s:g}' for s in inside)} --data TEXT")
@@ -531,7 +553,8 @@ def _cmd_generate(args) -> None:
         done = generate_timed(loaded.model, prompt, args.max_new_tokens)
         speed = "-" if done.decode_tokens_per_s is None else f"{done.decode_tokens_per_s:.1f}"
         kind = "sparse" if packed_layers(loaded.model) else "dense"
-        print(f"--- {kind} runtime{label}: {speed} tokens/s decoding, prefill {done.prefill_seconds:.2f} s{switch}")
+        print(f"--- {kind} runtime{label}: {speed} tokens/s decoding, prefill {done.prefill_seconds:.2f} s, "
+              f"{packed_bytes(loaded.model) / 2**20:.0f} MiB of weights{switch}")
         print(args.prompt + loaded.tokenizer.decode(done.ids, skip_special_tokens=True), flush=True)
 
 
@@ -593,7 +616,7 @@ def _cmd_eval(args) -> None:
         if args.eval_data:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
-        windows = refit_calibration(elastic, args.calib)[0] if args.refit != "none" else None
+        windows = refit_calibration(elastic, args.calib, progress=args.progress)[0] if args.refit != "none" else None
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)

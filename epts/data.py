@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import threading
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -195,3 +197,41 @@ def calibration_set(tokenizer, source: str | os.PathLike | torch.Tensor, nsample
     if isinstance(source, torch.Tensor) and source.dim() == 2:
         return source
     return calibration_windows(tokenize(tokenizer, source, role="calib"), nsamples, seqlen, seed)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default https://huggingface.co; through the proxy
+    of the usual environment variables) answers an HTTP request with success within `timeout`
+    seconds; False in offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE). An answer, not a
+    connection: sandboxes and firewalls accept connections to anywhere and drop them after. Never
+    waits longer: name resolution, which a socket timeout does not bound, runs in a thread that is
+    left behind if it hangs."""
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+           for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/"
+    answered = []
+
+    def ask():
+        try:
+            with urllib.request.urlopen(url, timeout=timeout):  # an error status raises
+                answered.append(True)
+        except (OSError, ValueError):  # no network, an HTTP error status, a malformed HF_ENDPOINT
+            pass
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+LOCAL_WIKITEXT2 = ("wiki.valid.tokens", "wiki.test.raw")  # calibration, evaluation (PROTOCOL.md)
+
+
+def pick_text_source(folder: str | os.PathLike, timeout: float = 3.0) -> str:
+    """Which WikiText-2 a run can use: "local" when `folder` holds both PROTOCOL.md files
+    (`LOCAL_WIKITEXT2`), else "hub" when the Hugging Face hub is reachable (`hub_reachable`; the
+    `wikitext2` named source), else "none" (no text at all: self-generated calibration)."""
+    if all((Path(folder) / name).is_file() for name in LOCAL_WIKITEXT2):
+        return "local"
+    return "hub" if hub_reachable(timeout) else "none"

@@ -35,6 +35,7 @@ from .importance import InputNormStats, importance_scores, row_ranks
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, check_context, fingerprint
 from .offload import resident
+from .selfcal import SelfCalConfig, self_calibration
 from .streams import StreamStore
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls
 
 def compress(
     loaded: LoadedModel,
-    calib: str | os.PathLike | torch.Tensor,
+    calib: str | os.PathLike | torch.Tensor | SelfCalConfig | None,
     config: EPTSConfig | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
@@ -269,6 +270,9 @@ def compress(
 ) -> ElasticModel:
     """One EPTS optimisation; returns the elastic model (the base weights are left untouched).
 
+    `calib` is a text source (`epts.data.read_text`), ready windows (a 2-D tensor of token ids), or
+    None or a `SelfCalConfig` for windows the model writes itself (`epts.selfcal`, with the default
+    or the given sampling); the manifest records which.
     With `out`, a checkpoint is written there after every block, an unfinished run of the same
     model, config and calibration there is continued from its last finished block, and the
     artifact is saved there at the end. `metadata` is recorded with the run's statistics.
@@ -280,7 +284,12 @@ def compress(
     model = loaded.model
     start = time.perf_counter()
     check_context(model, cc.seqlen)
-    windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+    if calib is None or isinstance(calib, SelfCalConfig):
+        windows, calibration = self_calibration(model, loaded.tokenizer, cc.nsamples, cc.seqlen, cc.seed, calib,
+                                                progress)
+    else:
+        windows = calibration_set(loaded.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+        calibration = calibration_record(calib, windows)
     base_fingerprint = fingerprint(model)
     key, settings = run_key(config, base_fingerprint, windows), run_settings(config, base_fingerprint, windows)
     folder = Path(out) if out is not None else None
@@ -319,7 +328,7 @@ def compress(
             p.requires_grad_(trainable[name])
     stats = {"compress_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "nsamples": len(windows),
              "world_size": distributed.world_size(), "resumed": resumed, **(metadata or {})}
-    elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration_record(calib, windows))
+    elastic_model = ElasticModel(loaded, config, states, base_fingerprint, stats, calibration)
     if folder is not None and distributed.is_main():
         elastic_model.save(folder)
         clear_checkpoint(folder)

@@ -37,6 +37,8 @@ from .hilora import active_adapters
 from .importance import mask_from_ranks
 from .models import LoadedModel
 from .offload import resident
+from .selfcal import SOURCE as SELF_GENERATED
+from .selfcal import regenerate
 from .streams import StreamStore
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,12 @@ class RefitReport:
                 "refit_blocks": self.choices.count("refit"), "seconds": self.seconds}
 
 
-def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib") -> torch.Tensor:
+def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib",
+                         progress: bool = True) -> torch.Tensor:
     """The calibration windows (nsamples, seqlen) for a refit: drawn from `calib` (text source or
     ready windows) when given, else the artifact's own, recomputed from its recorded source with its
-    recorded sampling and checked against its recorded sha256. Raises ValueError, naming the
+    recorded sampling and checked against its recorded sha256 (self-generated windows: made again by
+    the base model with the recorded settings; a warning when they differ). Raises ValueError, naming the
     source, when the artifact was calibrated on windows passed as a tensor, or when the recorded
     file is missing or no longer gives the same windows; its advice names `flag`, the option that
     passes the refit's text (None: there is none)."""
@@ -71,6 +75,8 @@ def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "
         return calibration_set(elastic.base.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
     record = elastic.calibration or {}
     source = record.get("source")
+    if source == SELF_GENERATED:
+        return _regenerated(elastic, record, progress)
 
     def give(what: str) -> str:
         return f"pass {what} with {flag}" if flag else f"restore {what}"
@@ -90,10 +96,11 @@ def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "
     return windows
 
 
-def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib") -> tuple[torch.Tensor, dict]:
+def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib",
+                      progress: bool = True) -> tuple[torch.Tensor, dict]:
     """The refit's windows (`artifact_calibration`) and their record: source, sha256 and whether
     they are the windows the artifact was trained on (a warning is logged when they are not)."""
-    windows = artifact_calibration(elastic, calib, flag)
+    windows = artifact_calibration(elastic, calib, flag, progress)
     trained = elastic.calibration or {}
     if calib is None:
         source = trained.get("source")
@@ -105,6 +112,24 @@ def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--c
         log.warning("the refit re-solves the kept weights on windows of %s, not on the ones the artifact was trained "
                     "on (%s)", source, trained.get("source"))
     return windows, {"source": source, "windows_sha256": digest, "artifact_windows": own}
+
+
+def _regenerated(elastic: ElasticModel, record: dict, progress: bool) -> torch.Tensor:
+    """Self-generated calibration windows made again with the recorded sampling. Where they differ
+    from the recorded ones (another device, dtype or torch version can change the logits' last bits,
+    and with them a draw), they are still a sample of the same model and settings: the refit uses
+    them, and says so."""
+    cc = elastic.config.calib
+    loaded = elastic.base
+    windows, same = regenerate(loaded.model, loaded.tokenizer, record, cc.nsamples, cc.seqlen, progress)
+    if not same:
+        made = f"{record.get('device')}, {record.get('dtype')}, torch {record.get('torch')}"
+        here = loaded.model.get_input_embeddings().weight
+        now = f"{here.device.type}, {str(here.dtype).removeprefix('torch.')}, torch {torch.__version__}"
+        log.warning("refit: the self-generated calibration windows made again (%s) differ from those the artifact was "
+                    "trained on (made on %s; sha256 differs): the refit uses the new ones, a sample of the same model "
+                    "and settings; for the exact windows, export on %s, or pass --calib TEXT", now, made, made)
+    return windows
 
 
 def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor,

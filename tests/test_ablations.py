@@ -129,6 +129,7 @@ def test_unknown_propagation_is_refused():
 def test_every_variant_file_is_a_valid_config(path):
     from benchmarks.experiments import load_variant
 
-    name, description, fields = load_variant(path)
+    name, description, calibration, fields = load_variant(path)
     assert name == path.stem and description, "every variant says what it changes"
+    assert calibration in ("file", "self-generated")
     EPTSConfig.from_dict(fields)
