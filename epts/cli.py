@@ -554,7 +554,7 @@ def _cmd_generate(args) -> None:
         speed = "-" if done.decode_tokens_per_s is None else f"{done.decode_tokens_per_s:.1f}"
         kind = "sparse" if packed_layers(loaded.model) else "dense"
         print(f"--- {kind} runtime{label}: {speed} tokens/s decoding, prefill {done.prefill_seconds:.2f} s, "
-              f"{packed_bytes(loaded.model) / 2**20:.0f} MiB of weights{switch}")
+              f"{packed_bytes(loaded.model) / 2**20:.1f} MiB of weights{switch}")
         print(args.prompt + loaded.tokenizer.decode(done.ids, skip_special_tokens=True), flush=True)
 
 

@@ -198,3 +198,28 @@ def test_packed_loading_of_other_families_gives_the_dense_logits(family, tmp_pat
     ids = random_windows(2, 12, vocab=300, seed=6)
     with torch.no_grad():
         torch.testing.assert_close(packed.model(ids).logits, loaded.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_runtime_of_a_streamed_base_and_the_generate_dial(tmp_path):
+    from test_cli import epts_process as epts
+
+    from epts import ElasticModel
+
+    base = load_model(tiny_model_folder(tmp_path / "model"), runtime="dense")
+    elastic = compress(base, random_windows(4, 32, vocab=300),
+                       EPTSConfig(epochs=1, calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2)), progress=False)
+    art = elastic.save(tmp_path / "art")
+    served = RuntimeModel(ElasticModel.load(art, stream=True), 0.6, packed=True)
+    ids = random_windows(2, 6, vocab=300, seed=1)
+    for s in (0.6, 0.3, 0.7):
+        served.set_sparsity(s)
+        with torch.no_grad():
+            torch.testing.assert_close(served.model(ids).logits, elastic.materialize(s).model(ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+    r = epts("generate", str(art), "--runtime", "sparse", "--sparsity", "0,0.7", "--prompt", "The model",
+             "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("--- sparse runtime at sparsity")]
+    assert len(lines) == 2 and all("tokens/s decoding" in line and "MiB of weights" in line for line in lines)
+    sizes = [float(line.split(" MiB of weights")[0].rsplit(" ", 1)[1]) for line in lines]
+    assert sizes[1] < sizes[0]  # sparser is smaller
