@@ -596,8 +596,9 @@ def _cmd_eval(args) -> None:
     if runtime is None:
         artifact_only = {"--sparsity": args.sparsity, "--base": args.base, "--calib": args.calib,
                          "--refit": args.refit != "none", "--stream-memory": args.stream_memory is not None}
-        for flag in (flag for flag, given in artifact_only.items() if given):
-            raise ValueError(f"{flag} needs an artifact folder (epts eval ARTIFACT --sparsity ... {flag} ...); "
+        given = [flag for flag, on in artifact_only.items() if on]
+        if given:
+            raise ValueError(f"{given[0]} needs an artifact folder (epts eval ARTIFACT --sparsity ... {given[0]} ...); "
                              f"--model {args.model} is evaluated as it is")
         described = _describe_folder(args.model)
         if described:

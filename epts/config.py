@@ -83,6 +83,13 @@ class PruneConfig:
 
     def __post_init__(self):
         _coerce_fields(self, {"method": str, "allocation": str, "owl_m": float, "owl_lambda": float})
+        if isinstance(self.pattern, (str, int, float)) and not isinstance(self.pattern, bool):
+            self.pattern = Pattern.parse(self.pattern)  # "2:4", "0.5" or 0.5, as --pattern / --sparsity take them
+        if isinstance(self.calib, dict):
+            self.calib = CalibConfig(**self.calib)
+        if not isinstance(self.pattern, Pattern) or not isinstance(self.calib, CalibConfig):
+            raise ValueError(f"PruneConfig needs a Pattern (or \"2:4\", 0.5) and a CalibConfig (or a mapping), got "
+                             f"{self.pattern!r} and {self.calib!r}")
         if self.allocation not in ("uniform", "owl"):
             raise ValueError(f"unknown allocation {self.allocation!r}: choose uniform or owl")
         if self.allocation == "owl" and self.pattern.is_nm:

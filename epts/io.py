@@ -89,13 +89,13 @@ def publish_folder(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bo
         raise FileExistsError(f"{out} appeared while this run was writing it (another run with the same output?): "
                               f"nothing was replaced; choose another output folder or pass --overwrite")
     aside = None
-    if overwrite and (out.exists() or out.is_symlink()):
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-        try:
-            os.rename(out, aside)
-        except FileNotFoundError:  # another process took it first
-            pass
     try:
+        if overwrite and (out.exists() or out.is_symlink()):
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
+            try:
+                os.rename(out, aside)
+            except FileNotFoundError:  # another process took it first
+                pass
         os.rename(tmp, out)
     except OSError as err:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):

@@ -26,11 +26,15 @@ def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(tmp_p
     one = subprocess.run([sys.executable, "-m", "epts.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
+    # Without --batch-size, 2 processes take the smallest batch that splits over them: 2, said once.
+    at = args.index("--batch-size")
+    unset = args[:at] + args[at + 2:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "epts.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                          "-m", "epts.cli", *unset, "--out", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=HANG_GUARD_S)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("compressed ") == 1, "only rank 0 reports"
+    assert two.stdout.count("2 processes: --batch-size 2 (the smallest multiple of 2") == 1
     a, b = load_file(tmp_path / "one" / "adapters.safetensors"), load_file(tmp_path / "two" / "adapters.safetensors")
     assert a.keys() == b.keys()
     for kind in (".A.", ".B."):
@@ -42,6 +46,7 @@ def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(tmp_p
     assert all(torch.allclose(na[k], nb[k], rtol=1e-6, atol=0) for k in na)
     one_manifest, two_manifest = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     assert (one_manifest["stats"]["world_size"], two_manifest["stats"]["world_size"]) == (1, 2)
+    assert one_manifest["config"]["batch_size"] == two_manifest["config"]["batch_size"] == 2
     assert [x["group1_adapter"] for x in one_manifest["blocks"]] == [x["group1_adapter"] for x in two_manifest["blocks"]]
     assert not list((tmp_path / "two").glob("checkpoint*"))
 

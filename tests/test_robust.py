@@ -395,6 +395,14 @@ def test_config_values_are_coerced_where_nothing_is_lost():
     assert type(config.calib.nsamples) is int and type(config.ranks[0]) is int
 
 
+def test_prune_config_takes_a_pattern_as_text_and_calib_as_a_mapping():
+    config = epts.PruneConfig(pattern="2:4", calib={"nsamples": "8"})
+    assert (config.pattern.n, config.pattern.m, config.calib.nsamples) == (2, 4, 8)
+    assert epts.PruneConfig(pattern=0.6).pattern.sparsity == 0.6
+    with pytest.raises(ValueError, match="PruneConfig needs a Pattern"):
+        epts.PruneConfig(pattern=[2, 4])
+
+
 @pytest.mark.parametrize("content, message", [
     ("epochs: 1.5", "config field epochs must be a whole number, got 1.5"),
     ("lr: fast", "config field lr must be a number, got the string 'fast'"),
