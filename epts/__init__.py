@@ -4,7 +4,7 @@ __version__ = "0.1.0"  # before the imports: submodules record it in what they w
 
 from .api import as_loaded, compress, evaluate_ppl, export, prune, zero_shot
 from .artifact import ElasticModel
-from .config import CalibConfig, EPTSConfig, PruneConfig
+from .config import CalibConfig, EPTSConfig, ExportConfig, PruneConfig, RefitConfig
 from .importance import Pattern
 from .models import LoadedModel, load_model, save_model
 from .runtime import RuntimeModel
@@ -13,9 +13,11 @@ __all__ = [
     "CalibConfig",
     "EPTSConfig",
     "ElasticModel",
+    "ExportConfig",
     "LoadedModel",
     "Pattern",
     "PruneConfig",
+    "RefitConfig",
     "RuntimeModel",
     "as_loaded",
     "compress",

@@ -5,6 +5,7 @@ transformers loads, with a model card."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from .arch import decoder_blocks
 from .artifact import ElasticModel
 from .baselines import PruneReport
 from .baselines import prune as _prune
-from .config import EPTSConfig, PruneConfig, RefitConfig
+from .config import EPTSConfig, ExportConfig, PruneConfig
 from .data import calibration_set
 from .evaluate import evaluate_ppl as _evaluate_ppl
 from .evaluate import total_sparsity
@@ -114,59 +115,47 @@ def export(
     artifact: str | os.PathLike | ElasticModel,
     sparsity: float,
     out: str | os.PathLike,
-    allocation: str = "uniform",
-    format: str = "dense",
+    config: ExportConfig | None = None,
+    *,
+    calib=None,
     base: str | os.PathLike | LoadedModel | None = None,
     overwrite: bool = False,
     device: str = "cpu",
     dtype: str = "auto",
-    owl_m: float = 5.0,
-    owl_lambda: float = 0.08,
-    calib=None,
-    search_seconds: float = 120.0,
-    search_samples: int = 8,
-    search_seqlen: int = 256,
-    search_start: str = "owl",
+    trust_remote_code: bool = False,
     eval_data=None,
     eval_seqlen: int = 512,
     max_windows: int | None = None,
     command: str | None = None,
     progress: bool = True,
-    refit: str | RefitConfig = "auto",
-    *,
-    stream_memory: float | None = None,
-    trust_remote_code: bool = False,
+    **fields,
 ) -> dict:
-    """Materialise an elastic artifact at the global `sparsity` and save it to `out`.
+    """Materialise an elastic artifact at the global `sparsity` and save it to `out`, as `config`
+    (an `ExportConfig`; its fields may also be given as keywords, e.g. `refit="none"`, on top of
+    it) says: the allocation of the budget over blocks, the refit, the format.
 
-    `allocation` spreads the budget over blocks: "uniform", "owl" (`owl_m`, `owl_lambda`) or
-    "search" (needs `calib`, text whose loss scores allocations; `search_*` set its budget).
-    `refit` (a `RefitConfig` or its mode: "none", "bare", "auto", "all") re-solves the kept weights
-    on the calibration windows with the masks fixed (`epts.refit`; default "auto"): from `calib`
-    when given (except with "search", whose text is the search's alone), else the artifact's own
-    recorded text ("none": the adapter merge alone, what in-place switching serves); the text and
-    whether its windows are the artifact's are recorded. Its streams stay in RAM up to
-    `stream_memory` MiB (None: no limit), past it in scratch files in TMPDIR (`epts.streams`).
-    A base model that runs its own code needs `trust_remote_code`.
-    `format` is "dense" (zeros in dense tensors, for any transformers) or "compressed"
-    (compressed-tensors sparse bitmask). `base` replaces the artifact's recorded base model. With
-    `eval_data`, the export's perplexity is measured and recorded in its model card. The folder
-    holds the weights, tokenizer, `epts_export.json` (the returned dict) and a README.md model
-    card; `command` (the CLI line) is recorded in both. `device` and `dtype` ("auto": the
-    artifact's) are those the base model is loaded with. Raises ValueError for an existing `out`
-    without `overwrite`, an `out` that is a file, a sparsity outside the trained range or a search
-    without `calib`; ArtifactError for a bad artifact; ScratchSpaceError when TMPDIR cannot hold
-    the changed blocks.
+    `calib` is text for the search (`allocation="search"` needs it; its text is the search's alone)
+    or, otherwise, for the refit (default: the artifact's own recorded text); the refit's text and
+    whether its windows are the artifact's are recorded. A base model that runs its own code needs
+    `trust_remote_code`. `base` replaces the artifact's recorded base model. With `eval_data`, the
+    export's perplexity is measured and recorded in its model card. The folder holds the weights,
+    tokenizer, `epts_export.json` (the returned dict) and a README.md model card; `command` (the
+    CLI line) is recorded in both. `device` and `dtype` ("auto": the artifact's) are those the base
+    model is loaded with. Raises ValueError for an existing `out` without `overwrite`, an `out`
+    that is a file, a sparsity outside the trained range, a search without `calib` or a keyword
+    that is no `ExportConfig` field; ArtifactError for a bad artifact; ScratchSpaceError when
+    TMPDIR cannot hold the changed blocks.
     """
     try:
         sparsity = float(sparsity)
     except (TypeError, ValueError):
         raise ValueError(f"sparsity must be a number, e.g. 0.5, not {sparsity!r}") from None
-    if format not in ("dense", "compressed"):
-        raise ValueError(f"format {format!r} is not dense or compressed")
-    refit = RefitConfig(refit) if isinstance(refit, str) else refit
-    if allocation not in ("uniform", "owl", "search"):
-        raise ValueError(f"allocation {allocation!r} is not uniform, owl or search")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ExportConfig)})
+    if unknown:
+        raise ValueError(f"export got {unknown[0]}=, which is no ExportConfig field (fields: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ExportConfig))})")
+    config = dataclasses.replace(config or ExportConfig(), **fields)
+    allocation, refit = config.allocation, config.refit
     if allocation == "search" and calib is None:
         raise ValueError("allocation search needs calib (text whose loss scores the allocations), e.g. --calib "
                          "../shared/data/wikitext2/wiki.valid.tokens")
@@ -188,15 +177,15 @@ def export(
         check_context(elastic.base.model, eval_seqlen, "--eval-seqlen")  # before the search, not after
     extra = {}
     if allocation == "search":
-        check_context(elastic.base.model, search_seqlen, "--search-seqlen")
-        windows = calibration_set(elastic.base.tokenizer, calib, search_samples, search_seqlen)
-        found = search(elastic, sparsity, windows, allocate(elastic, sparsity, search_start, owl_m, owl_lambda),
-                       seconds=search_seconds)
+        check_context(elastic.base.model, config.search_seqlen, "--search-seqlen")
+        windows = calibration_set(elastic.base.tokenizer, calib, config.search_samples, config.search_seqlen)
+        found = search(elastic, sparsity, windows, allocate(elastic, sparsity, config.search_start, config.owl_m,
+                                                            config.owl_lambda), seconds=config.search_seconds)
         plan = found.plan
-        extra["search"] = {"start": search_start, "start_loss": found.start_loss, "loss": found.loss,
+        extra["search"] = {"start": config.search_start, "start_loss": found.start_loss, "loss": found.loss,
                            "evaluations": found.evaluations, "accepted": found.accepted, "seconds": found.seconds}
     else:
-        plan = allocate(elastic, sparsity, allocation, owl_m, owl_lambda)
+        plan = allocate(elastic, sparsity, allocation, config.owl_m, config.owl_lambda)
     if refit.mode != "none":  # its text is reread and checked before the long work, not after
         refit_windows, used = refit_calibration(elastic, None if allocation == "search" else calib,
                                                 None if allocation == "search" else "--calib", progress)
@@ -206,14 +195,15 @@ def export(
     try:
         seconds = time.perf_counter() - start
         if refit.mode != "none":
-            with StreamStore(stream_memory) as store:
+            with StreamStore(config.stream_memory_mb) as store:
                 extra["refit"] = _refit(elastic, model, plan, refit_windows, refit, elastic.config.calib.batch_size,
                                         progress, store).to_dict()
             extra["refit"]["calibration"] = used
         source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
         meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
                 "block_sparsity": [plan[b] for b in sorted(plan)], "materialize_seconds": seconds,
-                "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec, "format": format,
+                "total_sparsity": total_sparsity(model.model), "base_model": elastic.base.spec,
+                "format": config.format,
                 **extra}
         evaluation = []
         if eval_data is not None:
@@ -234,8 +224,8 @@ def export(
         if "search" in extra:
             details["search (calibration loss)"] = f"{found.start_loss:.4f} -> {found.loss:.4f}"
         card = render(elastic.base.spec, "epts", f"{sparsity:g}", meta["total_sparsity"], allocation,
-                      meta["block_sparsity"], evaluation, format == "compressed", command, details)
-        save_model(model, out, extra_json={"epts_export.json": meta}, compressed=format == "compressed",
+                      meta["block_sparsity"], evaluation, config.format == "compressed", command, details)
+        save_model(model, out, extra_json={"epts_export.json": meta}, compressed=config.format == "compressed",
                    extra_text={"README.md": card}, overwrite=overwrite)
     finally:
         release_scratch(model.model)  # the changed blocks' scratch files, now rather than at exit

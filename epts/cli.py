@@ -23,7 +23,8 @@ from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel
 from .checkpoint import CHECKPOINT, is_unfinished_run
-from .config import PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, PruneConfig, RefitConfig, load_config_file
+from .config import (PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, ExportConfig, PruneConfig, RefitConfig,
+                     load_config_file)
 from .data import DataError
 from .evaluate import evaluate_ppl, generate_timed, peak_rss_mb
 from .importance import Pattern
@@ -470,14 +471,13 @@ def _cmd_export(args) -> None:
     if args.calib and args.refit == "none" and args.allocation != "search":
         raise ValueError("--calib is the refit's text (and the search's, with --allocation search), but --refit none "
                          "runs no refit: drop --calib, or choose a --refit mode")
-    meta = export(args.artifact, args.sparsity, out, allocation=args.allocation, format=args.format, base=args.base,
-                  overwrite=args.overwrite, device=args.device, dtype=args.dtype, owl_m=args.owl_m,
-                  owl_lambda=args.owl_lambda, calib=args.calib, search_seconds=args.search_seconds,
-                  search_samples=args.search_samples, search_seqlen=args.search_seqlen,
-                  search_start=args.search_start, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
-                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress,
-                  refit=_refit_config(args), stream_memory=args.stream_memory,
-                  trust_remote_code=args.trust_remote_code)
+    config = ExportConfig(args.allocation, args.format, args.owl_m, args.owl_lambda, args.search_seconds,
+                          args.search_samples, args.search_seqlen, args.search_start, _refit_config(args),
+                          args.stream_memory)
+    meta = export(args.artifact, args.sparsity, out, config, calib=args.calib, base=args.base,
+                  overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                  trust_remote_code=args.trust_remote_code, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
+                  max_windows=args.max_windows, command=" ".join(["epts", *sys.argv[1:]]), progress=args.progress)
     if "refit" in meta:
         done = meta["refit"]
         used = done["calibration"]

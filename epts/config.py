@@ -123,6 +123,46 @@ class RefitConfig:
                              f"{self.margin} and {self.compare_windows}")
 
 
+ALLOCATIONS = ("uniform", "owl", "search")
+FORMATS = ("dense", "compressed")
+
+
+@dataclass
+class ExportConfig:
+    """How `epts.export` turns an artifact into a folder at one global sparsity: the per-block
+    `allocation` of the budget ("uniform", "owl" with `owl_m` and `owl_lambda`, or "search", scored
+    by the calibration loss for `search_seconds` on `search_samples` windows of `search_seqlen`
+    tokens, starting from `search_start`), the `refit` (a `RefitConfig` or its mode), the
+    refit's RAM budget for its streams in MiB (`stream_memory_mb`; None: no limit, past it
+    scratch files in TMPDIR) and the weights' `format` ("dense": zeros in dense tensors, for any
+    transformers; "compressed": compressed-tensors' sparse bitmask, which epts' sparse runtime
+    serves)."""
+
+    allocation: str = "uniform"
+    format: str = "dense"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    search_seconds: float = 120.0
+    search_samples: int = 8
+    search_seqlen: int = 256
+    search_start: str = "owl"
+    refit: RefitConfig = dataclasses.field(default_factory=RefitConfig)
+    stream_memory_mb: float | None = None
+
+    def __post_init__(self):
+        _coerce_fields(self, {"allocation": str, "format": str, "owl_m": float, "owl_lambda": float,
+                              "search_seconds": float, "search_samples": int, "search_seqlen": int,
+                              "search_start": str, "stream_memory_mb": float}, optional=("stream_memory_mb",))
+        if isinstance(self.refit, str):
+            self.refit = RefitConfig(self.refit)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.search_start not in ("uniform", "owl"):
+            raise ValueError(f"search_start {self.search_start!r} is not uniform or owl")
+
+
 def load_config_file(path: str | Path) -> dict:
     """A YAML or JSON mapping of config fields."""
     path = Path(path)

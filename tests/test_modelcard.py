@@ -98,3 +98,20 @@ def test_api_errors_name_what_to_do(model_dir, artifact, tmp_path):
         epts.export(art, 0.5, tmp_path / "taken")
     with pytest.raises(ValueError, match="needs calib"):
         epts.export(art, 0.5, tmp_path / "x", allocation="search")
+
+
+def test_export_takes_one_config_object_and_its_fields_as_keywords(artifact, tmp_path):
+    art, _ = artifact
+    config = epts.ExportConfig(allocation="owl", format="compressed", refit="none")
+    assert isinstance(config.refit, epts.RefitConfig) and config.refit.mode == "none"
+    meta = epts.export(art, 0.5, tmp_path / "a", config, progress=False)
+    assert meta["allocation"] == "owl" and meta["format"] == "compressed" and "refit" not in meta
+    # A keyword overrides the object's field, and only fields are keywords.
+    meta = epts.export(art, 0.5, tmp_path / "b", config, allocation="uniform", progress=False)
+    assert meta["allocation"] == "uniform" and set(meta["block_sparsity"]) == {0.5}
+    with pytest.raises(ValueError, match="export got refit_mode=, which is no ExportConfig field"):
+        epts.export(art, 0.5, tmp_path / "c", refit_mode="none")
+    with pytest.raises(ValueError, match="format 'sparse' is not one of dense, compressed"):
+        epts.ExportConfig(format="sparse")
+    with pytest.raises(ValueError, match="allocation 'global' is not one of uniform, owl, search"):
+        epts.ExportConfig(allocation="global")

@@ -284,7 +284,7 @@ def test_export_refit_streams_spill_under_stream_memory_with_the_same_result(art
     epts.export(artifact, 0.5, tmp_path / "ram", refit="all", progress=False)
     assert spilled and not any(spilled)
     spilled.clear()
-    epts.export(artifact, 0.5, tmp_path / "disk", refit="all", progress=False, stream_memory=0)
+    epts.export(artifact, 0.5, tmp_path / "disk", refit="all", progress=False, stream_memory_mb=0)
     assert spilled and all(spilled)
     ram, disk = _weights(tmp_path / "ram"), _weights(tmp_path / "disk")
     assert ram.keys() == disk.keys() and all(torch.equal(ram[k], disk[k]) for k in ram)

@@ -32,8 +32,9 @@ def packed_layers(model: nn.Module) -> dict[str, SparseLinear]:
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes the model holds: its packed layers' packed bytes plus every other tensor (shared ones once)."""
-    seen, total = set(), sum(layer.packed_bytes() for layer in packed_layers(model).values())
-    packed = {id(t) for layer in packed_layers(model).values() for t in (layer.values, layer.bitmask, layer.row_offsets)}
+    layers = packed_layers(model).values()
+    seen, total = set(), sum(layer.packed_bytes() for layer in layers)
+    packed = {id(t) for layer in layers for t in (layer.values, layer.bitmask, layer.row_offsets)}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) in packed or t.data_ptr() in seen:
             continue
