@@ -135,8 +135,8 @@ def test_compress_export_and_eval_an_artifact(model_dir, text_file, tmp_path, ep
     assert meta["total_sparsity"] == pytest.approx(0.5, abs=0.01)
     r = epts("generate", str(art), "--sparsity", "0.3,0.7", "--prompt", "The model", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
-    heads = [line for line in r.stdout.splitlines() if line.startswith("--- sparsity")]
-    assert [h.split()[2] for h in heads] == ["0.3", "0.7"] and all("tokens/s" in h for h in heads)
+    heads = [line for line in r.stdout.splitlines() if line.startswith("--- dense runtime at sparsity")]
+    assert [h.split()[5] for h in heads] == ["0.3:", "0.7:"] and all("tokens/s" in h for h in heads)
     r = epts("export", str(art), "--sparsity", "0.8", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "outside the trained range [0, 0.7]" in r.stderr
     r = epts("eval", str(tmp_path), "--sparsity", "0.5", "--data", str(text_file))

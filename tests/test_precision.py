@@ -187,7 +187,7 @@ def test_eval_and_generate_run_in_half_precision(half, capsys):
     assert len(ppl) == 3 and all(1 < p < 1e4 for p in ppl)
     code, out, err = run(capsys, "generate", art, "--sparsity", "0.5", "--prompt", "The model", "--max-new-tokens", "4")
     assert code == 0, err
-    assert [line.split()[2] for line in out.splitlines() if line.startswith("--- sparsity")] == ["0.5"]
+    assert [line.split()[5] for line in out.splitlines() if line.startswith("--- dense runtime at sparsity")] == ["0.5:"]
 
 
 def test_prune_with_default_flags_keeps_the_checkpoint_dtype(half, tmp_path, capsys):
@@ -290,4 +290,4 @@ def test_an_artifact_of_a_relative_model_path_works_from_anywhere(tmp_path, monk
     assert code == 0 and out.count("| 0.5 |") == 1, err
     code, out, err = run(capsys, "generate", "art", "--sparsity", "0.5", "--prompt", "The", "--max-new-tokens", "2",
                          "--base", "base")
-    assert code == 0 and "--- sparsity 0.5" in out, err
+    assert code == 0 and "--- dense runtime at sparsity 0.5:" in out, err
