@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import HANG_GUARD_S, tiny_model_folder, wait_for_file
+from conftest import HANG_GUARD_S, SAMPLE_TEXT, tiny_model_folder, wait_for_file
 from epts.cli import build_parser
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", EPTS_CACHE="off")
@@ -56,15 +56,27 @@ def model_dir(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.mark.parametrize("quiet", [["--quiet"], "TQDM_DISABLE"])
-def test_quiet_and_tqdm_disable_silence_the_progress_bars(model_dir, text_file, quiet):
-    args = ["eval", "--model", str(model_dir), "--data", str(text_file), "--seqlen", "64", "--max-windows", "4"]
-    loud = epts(*args)
+@pytest.fixture(scope="module")
+def eval_args(model_dir, tmp_path_factory):
+    text = tmp_path_factory.mktemp("text") / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return ["eval", "--model", str(model_dir), "--data", str(text), "--seqlen", "64", "--max-windows", "4"]
+
+
+@pytest.fixture(scope="module")
+def loud(eval_args):
+    """The run with progress bars that both quiet runs are compared with."""
+    loud = epts(*eval_args)
     assert loud.returncode == 0 and "perplexity: " in loud.stdout and "it/s" in loud.stderr
+    return loud
+
+
+@pytest.mark.parametrize("quiet", [["--quiet"], "TQDM_DISABLE"])
+def test_quiet_and_tqdm_disable_silence_the_progress_bars(eval_args, loud, quiet):
     if quiet == "TQDM_DISABLE":
-        r = epts(*args, env=dict(ENV, TQDM_DISABLE="1"))
+        r = epts(*eval_args, env=dict(ENV, TQDM_DISABLE="1"))
     else:
-        r = epts(*args, *quiet)
+        r = epts(*eval_args, *quiet)
     assert r.returncode == 0 and r.stdout == loud.stdout and "it/s" not in r.stderr, r.stderr
 
 
@@ -75,6 +87,8 @@ import signal, sys
 import epts.reconstruct as reconstruct
 from epts.cli import main
 
+# Ctrl-C raises KeyboardInterrupt even where this process was started with SIGINT ignored (a background job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 save = reconstruct.save_checkpoint
 
 

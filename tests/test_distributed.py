@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HANG_GUARD_S, tiny_model_folder
+from conftest import HANG_GUARD_S, SAMPLE_TEXT, tiny_model_folder
 
 # Two processes sum the same gradients and statistics in another order, so the adapters agree to
 # float32 rounding carried through Adam: the largest difference over all A (or all B) matrices is at
@@ -18,42 +19,70 @@ from conftest import HANG_GUARD_S, tiny_model_folder
 ADAPTER_RTOL = 1e-3
 
 
-def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(tmp_path, text_file):
-    model = tiny_model_folder(tmp_path / "model")
-    args = ["--threads", "1", "compress", "--model", str(model), "--calib", str(text_file), "--nsamples", "4",
-            "--seqlen", "32", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "epts.cli", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    # Without --batch-size, 2 processes take the smallest batch that splits over them: 2, said once.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny model folder and a calibration text, shared by every run of this module."""
+    root = tmp_path_factory.mktemp("inputs")
+    text = root / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return tiny_model_folder(root / "model"), text
+
+
+def compress_args(inputs) -> list[str]:
+    model, text = inputs
+    return ["--threads", "1", "compress", "--model", str(model), "--calib", str(text), "--nsamples", "4",
+            "--seqlen", "32", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--quiet"]
+
+
+def torchrun_logged(script, args, log, **extra):
+    """`epts ARGS` on 2 processes through `_LOGGING_CLI`, which logs every write to `log`."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args], env=dict(ENV, WRITES_LOG=str(log), **extra), capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
+
+
+@pytest.fixture(scope="module")
+def two_processes(inputs, tmp_path_factory):
+    """One compress on 2 processes, run once: the artifact that the one-process run and the resumed
+    run are both compared with. Returns the logging script, the run and its folder."""
+    root = tmp_path_factory.mktemp("two")
+    script = root / "epts_logged.py"
+    script.write_text(_LOGGING_CLI.format())
+    # Without --batch-size: 2 processes take the smallest batch that splits over them, 2, as the others pass.
+    args = compress_args(inputs)
     at = args.index("--batch-size")
-    unset = args[:at] + args[at + 2:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "epts.cli", *unset, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=HANG_GUARD_S)
-    assert two.returncode == 0, two.stderr
+    run = torchrun_logged(script, [*args[:at], *args[at + 2:], "--out", str(root / "full")], root / "full.log")
+    assert run.returncode == 0, run.stderr
+    return script, run, root / "full"
+
+
+def test_two_processes_make_the_artifact_of_one_with_the_same_global_batch(inputs, two_processes, tmp_path):
+    one = subprocess.run([sys.executable, "-m", "epts.cli", *compress_args(inputs), "--out", str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert one.returncode == 0, one.stderr
+    _, two, two_dir = two_processes
     assert two.stdout.count("compressed ") == 1, "only rank 0 reports"
     assert two.stdout.count("2 processes: --batch-size 2 (the smallest multiple of 2") == 1
-    a, b = load_file(tmp_path / "one" / "adapters.safetensors"), load_file(tmp_path / "two" / "adapters.safetensors")
+    a, b = load_file(tmp_path / "one" / "adapters.safetensors"), load_file(two_dir / "adapters.safetensors")
     assert a.keys() == b.keys()
     for kind in (".A.", ".B."):
         keys = [k for k in a if kind in k]
         largest = max(a[k].abs().max().item() for k in keys)
         assert largest > 1e-4, "the adapters trained"
         assert max((a[k] - b[k]).abs().max().item() for k in keys) <= ADAPTER_RTOL * largest
-    na, nb = load_file(tmp_path / "one" / "importance.safetensors"), load_file(tmp_path / "two" / "importance.safetensors")
+    na, nb = load_file(tmp_path / "one" / "importance.safetensors"), load_file(two_dir / "importance.safetensors")
     assert all(torch.allclose(na[k], nb[k], rtol=1e-6, atol=0) for k in na)
-    one_manifest, two_manifest = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    one_manifest, two_manifest = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "one", two_dir))
     assert (one_manifest["stats"]["world_size"], two_manifest["stats"]["world_size"]) == (1, 2)
     assert one_manifest["config"]["batch_size"] == two_manifest["config"]["batch_size"] == 2
     assert [x["group1_adapter"] for x in one_manifest["blocks"]] == [x["group1_adapter"] for x in two_manifest["blocks"]]
-    assert not list((tmp_path / "two").glob("checkpoint*"))
+    assert not list(two_dir.glob("checkpoint*"))
 
 
 def test_an_uneven_split_over_processes_is_refused(monkeypatch):
-    import pytest
-
     from epts import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -63,17 +92,16 @@ def test_an_uneven_split_over_processes_is_refused(monkeypatch):
         distributed.shard(6, 3)
 
 
-def test_two_processes_prune_with_the_masks_of_one(tmp_path, text_file):
-    model = tiny_model_folder(tmp_path / "model")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
+def test_two_processes_prune_with_the_masks_of_one(inputs, tmp_path):
+    model, text_file = inputs
     for method in ("wanda", "sparsegpt"):
         args = ["--threads", "1", "prune", "--model", str(model), "--method", method, "--sparsity", "0.5",
                 "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32"]
         one = subprocess.run([sys.executable, "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-1")],
-                             env=env, capture_output=True, text=True)
+                             env=ENV, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert one.returncode == 0, one.stderr
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-2")], env=env,
+                              "-m", "epts.cli", *args, "--out", str(tmp_path / f"{method}-2")], env=ENV,
                              capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert two.returncode == 0, two.stderr
         a, b = ({k: v for f in (tmp_path / f"{method}-{n}").glob("*.safetensors") for k, v in load_file(f).items()}
@@ -121,11 +149,11 @@ def test_two_processes_solve_each_sparsegpt_layer_once_on_its_owner_and_share_th
 
     script = tmp_path / "worker.py"
     script.write_text(_SPARSEGPT_WORKER.format(tests=str(Path(__file__).parent)))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=ENV, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          str(script), str(tmp_path / "two")], env=ENV, capture_output=True, text=True,
                          timeout=HANG_GUARD_S)
     assert two.returncode == 0, two.stderr
     names = ("one-rank0", "two-rank0", "two-rank1")
@@ -173,41 +201,29 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_two_processes_killed_after_a_block_resume_to_the_artifact_of_an_uninterrupted_run(tmp_path, text_file):
-    model = tiny_model_folder(tmp_path / "model")
-    script = tmp_path / "epts_logged.py"
-    script.write_text(_LOGGING_CLI.format())
-    env = dict(os.environ, HF_HUB_OFFLINE="1", EPTS_CACHE="off", OMP_NUM_THREADS="1")
-
-    def compress(out, **extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), "--threads", "1", "compress", "--model", str(model), "--calib",
-                               str(text_file), "--nsamples", "4", "--seqlen", "32", "--epochs", "2",
-                               "--batch-size", "2", "--out", str(out), "--quiet"],
-                              env=dict(env, WRITES_LOG=str(tmp_path / f"{out.name}.log"), **extra), capture_output=True,
-                              text=True, timeout=HANG_GUARD_S)
-
-    full = compress(tmp_path / "full")
-    assert full.returncode == 0, full.stderr
-    killed = compress(tmp_path / "resumed", KILL_AFTER="1")
+def test_two_processes_killed_after_a_block_resume_to_the_artifact_of_an_uninterrupted_run(inputs, two_processes,
+                                                                                            tmp_path):
+    script, _, full = two_processes
+    args, out = [*compress_args(inputs), "--out", str(tmp_path / "resumed")], tmp_path / "resumed"
+    killed = torchrun_logged(script, args, tmp_path / "resumed.log", KILL_AFTER="1")
     assert killed.returncode != 0
-    checkpoint = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
-    assert checkpoint["next_block"] == 1 and not (tmp_path / "resumed" / "manifest.json").exists()
-    resumed = compress(tmp_path / "resumed")  # the same command again
+    checkpoint = json.loads((out / "checkpoint.json").read_text())
+    assert checkpoint["next_block"] == 1 and not (out / "manifest.json").exists()
+    resumed = torchrun_logged(script, args, tmp_path / "resumed.log")  # the same command again
     assert resumed.returncode == 0, resumed.stderr
     assert "(resumed)" in resumed.stdout
-    assert not list((tmp_path / "resumed").glob("checkpoint*"))
+    assert not list(out.glob("checkpoint*"))
     # Rank 0 alone writes: the checkpoints after blocks 1 and 2 (of 3), then the artifact.
-    assert (tmp_path / "full.log").read_text().splitlines() == [
+    assert (full.parent / "full.log").read_text().splitlines() == [
         "checkpoint 1 by rank 0", "checkpoint 2 by rank 0", "artifact by rank 0"]
     assert (tmp_path / "resumed.log").read_text().splitlines() == [
         "checkpoint 1 by rank 0", "checkpoint 2 by rank 0", "artifact by rank 0"]
     # The checkpoint holds both whole streams and the finished blocks, and every process takes its own
     # share back: the resumed run repeats the uninterrupted one's arithmetic exactly (tolerance 0).
     for name in ("adapters.safetensors", "importance.safetensors"):
-        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        a, b = load_file(full / name), load_file(out / name)
         assert a.keys() == b.keys() and a
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: the resumed run differs"
-    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("full", "resumed")]
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (full, out)]
     assert [m["stats"]["world_size"] for m in manifests] == [2, 2]
     assert [m["stats"]["resumed"] for m in manifests] == [False, True]
