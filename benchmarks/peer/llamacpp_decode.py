@@ -154,7 +154,12 @@ def _prompt(llm, text_path: str, count: int) -> list[int]:
 
 
 def _argmax_last(llm) -> int:
-    return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    """Greedy next token: argmax of the last evaluated token's logits (llama-cpp-python keeps
+    `scores` only with logits_all, so otherwise they are read from the context)."""
+    if llm._logits_all:
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
 
 
 def run_check(spec: dict) -> dict:
