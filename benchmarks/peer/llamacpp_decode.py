@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix != ".json":
         out = out / "llamacpp.json"
     result = {"command": " ".join(["benchmarks/peer/llamacpp_decode.py", *(argv if argv is not None else sys.argv[1:])]),
-              "source_gguf": src.name, "llama_cpp_version": llama_cpp.__version__, "gguf_version": version("gguf"),
+              "source_gguf": src.name, "llama_cpp_version": llama_cpp.__version__, "llama_cpp_path": llama_cpp.__file__,
+              "gguf_version": version("gguf"),
               "system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
               "compared": "Q4_1 is the shipped file; F16 and Q8_0 are its tensors de-quantised and re-quantised "
                           "(token_embd is Q8_0 in the source and copied into Q8_0), not the bfloat16 checkpoint",
