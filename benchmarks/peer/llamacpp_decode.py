@@ -138,9 +138,31 @@ def _vm_hwm_mib() -> float:
     return float("nan")
 
 
-def _load(path: str, threads: int, n_ctx: int):
+def _no_extra_bufts() -> None:
+    """Loads models with llama_model_params.use_extra_bufts = false (no AMX / repacked weight
+    buffers): on this project's VM (AVX-512 + AMX reported) llama.cpp 0.3.36's default segfaults in
+    the first decode of a Q4_1 or Q8_0 model, F16 not. Llama() takes no argument for it, so the
+    defaults it starts from are patched; every format runs with the same setting."""
+    import llama_cpp.llama_cpp as capi
+
+    if getattr(capi.llama_model_default_params, "_epts_patched", False):
+        return
+    default = capi.llama_model_default_params
+
+    def patched():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    patched._epts_patched = True
+    capi.llama_model_default_params = patched
+
+
+def _load(path: str, threads: int, n_ctx: int, extra_bufts: bool = False):
     from llama_cpp import Llama
 
+    if not extra_bufts:
+        _no_extra_bufts()
     return Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                  seed=0, verbose=False)
 
@@ -167,6 +189,8 @@ def run_check(spec: dict) -> dict:
     its tokens 2..n, a coarse sign that the weights survived the conversion)."""
     from llama_cpp import Llama
 
+    if not spec.get("extra_bufts"):
+        _no_extra_bufts()
     llm = Llama(model_path=spec["path"], n_ctx=512, n_batch=512, n_threads=spec["threads"], seed=0,
                 logits_all=True, verbose=False)
     ids = llm.tokenize(CHECK_PROMPT.encode(), add_bos=True, special=False)
@@ -192,7 +216,9 @@ def run_one(spec: dict) -> dict:
     import llama_cpp
 
     start = time.perf_counter()
-    llm = _load(spec["path"], spec["threads"], spec["prompt_tokens"] + spec["new_tokens"] + 16)
+    llm = _load(spec["path"], spec["threads"], spec["prompt_tokens"] + spec["new_tokens"] + 16,
+                spec.get("extra_bufts", False))
+    assert llm.model_params.use_extra_bufts == spec.get("extra_bufts", False)
     load_s = time.perf_counter() - start
     prompt = _prompt(llm, spec["text"], spec["prompt_tokens"])
     new = []
@@ -208,14 +234,14 @@ def run_one(spec: dict) -> dict:
             "tokens_per_s": (len(new) - 1) / (t2 - t1), "prefill_s": t1 - t0,
             "peak_rss_mib": _vm_hwm_mib(), "file_mib": os.path.getsize(spec["path"]) / 2**20,
             "llama_cpp_version": llama_cpp.__version__, "prompt_tokens": len(prompt), "new_tokens": len(new),
-            "load_s": load_s, "first_new_ids": new[:8]}
+            "load_s": load_s, "extra_bufts": bool(llm.model_params.use_extra_bufts), "first_new_ids": new[:8]}
 
 
 def _child(mode: str, spec: dict) -> dict:
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), f"--{mode}", json.dumps(spec)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{mode} {spec['format']} threads {spec.get('threads')} failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} {spec['format']} threads {spec.get('threads')} failed (exit {r.returncode}):\n{r.stderr[-3000:]}{r.stdout[-1000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -241,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-tokens", type=int, default=16, help="tokens of the sanity completion")
     parser.add_argument("--convert-only", action="store_true", help="write the conversions, check them, stop")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--extra-bufts", action="store_true",
+                        help="keep llama.cpp's extra (AMX / repacked) weight buffers (segfaults on this project's VM)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode" / "llamacpp.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--check", help=argparse.SUPPRESS)
@@ -268,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {paths[fmt]} ({paths[fmt].stat().st_size / 2**20:.1f} MiB) in "
                   f"{time.perf_counter() - start:.0f} s: {', '.join(kinds)}", flush=True)
     base = {"text": args.text, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "check_tokens": args.check_tokens}
+            "check_tokens": args.check_tokens, "extra_bufts": args.extra_bufts}
     checks = []
     if not args.skip_check:
         for fmt, path in paths.items():
