@@ -15,7 +15,8 @@ the tokenizer are copied; only `general.file_type` is set to the new type. So F1
 Q4_1 model's weights, not the original bfloat16 checkpoint's: they show llama.cpp's speed and
 memory at those formats, not their accuracy.
 
-Measured, per format (Q4_1 original, F16, Q8_0) and thread count, each in a fresh subprocess:
+Measured, per format (Q4_1 original, F16, Q8_0) and thread count, each in a fresh subprocess,
+`--repeats` times interleaved (a row is the median; every run's numbers are kept beside it):
 prefill of a `--prompt-tokens` prompt (the start of WikiText-2's test text, tokenised by llama.cpp's
 own tokenizer, truncated to exactly that many tokens), then `--new-tokens` greedy tokens (argmax of
 the logits, temperature 0; EOS ignored: the loop never stops early). tokens_per_s = (new tokens - 1)
@@ -23,6 +24,8 @@ the logits, temperature 0; EOS ignored: the loop never stops early). tokens_per_
 of the prompt's eval to the first new token; peak_rss_mib from VmHWM in /proc/self/status (weights
 are mmap'ed, llama.cpp's default, so touched weight pages count). Before timing, each file is loaded
 once and a short greedy completion is printed (a check that the conversion gives sensible text).
+Models load with llama.cpp's extra (AMX / repacked) weight buffers off, for every format alike:
+on this project's VM they segfault at the first Q4_1 or Q8_0 decode (`--extra-bufts` keeps them).
 """
 
 from __future__ import annotations
@@ -246,11 +249,12 @@ def _child(mode: str, spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kind | model | format | threads | decode tok/s | prefill s | peak RSS MiB | file MiB |",
+    lines = ["| kind | model | format | threads | decode tok/s (median; runs) | prefill s (median) | peak RSS MiB | file MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        each = ", ".join(f"{v:.1f}" for v in r.get("tokens_per_s_runs", []))
         lines.append(f"| {r['kind']} {r['llama_cpp_version']} | {r['model']} | {r['format']} | {r['threads']} | "
-                     f"{r['tokens_per_s']:.2f} | {r['prefill_s']:.3f} | {r['peak_rss_mib']:.0f} | {r['file_mib']:.1f} |")
+                     f"{r['tokens_per_s']:.2f} ({each}) | {r['prefill_s']:.3f} | {r['peak_rss_mib']:.0f} | {r['file_mib']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per row (the row is their median)")
     parser.add_argument("--text", default=str(TEXT), help="prompt text (its start is used)")
     parser.add_argument("--check-tokens", type=int, default=16, help="tokens of the sanity completion")
     parser.add_argument("--convert-only", action="store_true", help="write the conversions, check them, stop")
@@ -305,13 +310,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check {fmt}: {CHECK_PROMPT!r} -> {c['completion']!r}; prompt NLL {c['prompt_nll']:.3f}", flush=True)
     if args.convert_only:
         return 0
+    runs: dict = {}
+    for rep in range(args.repeats):  # interleaved: each format and thread count sees the same noise
+        for n in [int(t) for t in args.threads.split(",")]:
+            for fmt, path in paths.items():
+                row = _child("one", {**base, "format": fmt, "path": str(path), "threads": n})
+                runs.setdefault((fmt, n), []).append(row)
+                print(f"run {rep + 1}: {fmt} threads {n}: {row['tokens_per_s']:.2f} tokens/s, prefill "
+                      f"{row['prefill_s']:.3f} s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     rows = []
-    for n in [int(t) for t in args.threads.split(",")]:
-        for fmt, path in paths.items():
-            row = _child("one", {**base, "format": fmt, "path": str(path), "threads": n})
-            rows.append(row)
-            print(f"{fmt} threads {n}: {row['tokens_per_s']:.2f} tokens/s, prefill {row['prefill_s']:.3f} s, "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    for done in runs.values():  # one row each: medians, with every run's numbers beside them
+        med = lambda key: float(np.median([r[key] for r in done]))  # noqa: E731
+        row = {**done[0], "tokens_per_s": med("tokens_per_s"), "prefill_s": med("prefill_s"),
+               "peak_rss_mib": max(r["peak_rss_mib"] for r in done), "repeats": len(done),
+               "tokens_per_s_runs": [r["tokens_per_s"] for r in done], "prefill_s_runs": [r["prefill_s"] for r in done]}
+        row.pop("load_s")
+        rows.append(row)
     import llama_cpp
     import gguf  # noqa: F401
     from importlib.metadata import version
