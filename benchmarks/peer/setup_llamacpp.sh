@@ -4,6 +4,10 @@
 # llama-cpp-python builds llama.cpp from source with cmake (5-15 minutes on 2 cores): a plain
 # CPU build, native instructions, no BLAS, no CUDA/Metal/Vulkan; it runs under `nice` so that it
 # does not crowd other work on a shared machine. Versions come from llamacpp-constraints.txt.
+# On this project's VM (AVX-512 + AMX) the build's default extra weight buffers (AMX / repack)
+# segfault on Q4_1 / Q8_0 models; llamacpp_decode.py turns them off when it loads a model.
+# benchmarks/quiet.sh pauses every process whose command line says "python", and the compiler
+# runs of this build do (their paths name llama-cpp-python): a quiet run elsewhere stalls it.
 #
 #     bash benchmarks/peer/setup_llamacpp.sh            # then
 #     benchmarks/peer/.venv-llamacpp/bin/python benchmarks/peer/llamacpp_decode.py
