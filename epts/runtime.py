@@ -32,8 +32,9 @@ class RuntimeModel:
     def __init__(self, elastic: ElasticModel, sparsity: float | dict[int, float] | None = None, packed: bool = False):
         self.elastic = elastic
         self.packed = packed
-        plan = elastic._per_block(0.0 if sparsity is None else sparsity)
-        self.sparsity: dict[int, float] = {b: 0.0 for b in range(len(elastic.blocks))}  # starts as the dense base
+        # Without a sparsity it starts as the dense base, which any artifact serves, whatever its range.
+        self.sparsity: dict[int, float] = {b: 0.0 for b in range(len(elastic.blocks))}
+        plan = dict(self.sparsity) if sparsity is None else elastic._per_block(sparsity)
         if packed:
             kernels.require()
             model = _packed_copy(elastic, plan)

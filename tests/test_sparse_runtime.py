@@ -223,3 +223,16 @@ def test_packed_runtime_of_a_streamed_base_and_the_generate_dial(tmp_path):
     assert len(lines) == 2 and all("tokens/s decoding" in line and "MiB of weights" in line for line in lines)
     sizes = [float(line.split(" MiB of weights")[0].rsplit(" ", 1)[1]) for line in lines]
     assert sizes[1] < sizes[0]  # sparser is smaller
+
+
+def test_a_runtime_starts_dense_whatever_the_trained_range(tmp_path):
+    # A single-sparsity artifact (one group, 0.6) still starts as its dense base, packed or not.
+    narrow = compress(tiny_model("llama"), random_windows(4, 32),
+                      EPTSConfig(epochs=1, boundaries=(0.599999, 0.6), ranks=(4,), mix_weights=(1.0,),
+                                 calib=CalibConfig(nsamples=4, seqlen=32, batch_size=2)), progress=False)
+    for packed in (False, True):
+        served = RuntimeModel(narrow, packed=packed)
+        assert served.sparsity == {0: 0.0, 1: 0.0, 2: 0.0}
+        served.set_sparsity(0.6)
+        with pytest.raises(ValueError, match="outside the trained range"):
+            served.set_sparsity(0.3)
