@@ -91,3 +91,28 @@ def test_prose_paragraphs_stop_at_the_first_section():
            "Notes:\n    More words here that read like a sentence of prose but are under a section header.\n")
     assert prose_paragraphs(doc) == [
         "Compute the thing for the caller in a way that is easy to follow for anyone reading it."]
+
+
+def test_the_harness_reads_ridge_refits_and_tables_the_other_text(tmp_path):
+    import pytest
+
+    from benchmarks.experiments import refit_config, write_table
+
+    assert refit_config("auto", 10, 0.0).ridge == 0 and refit_config("auto", 10, 0.0).mode == "auto"
+    r = refit_config("ridge:1", 10, 0.0)
+    assert (r.mode, r.ridge) == ("all", 1.0)
+    r = refit_config("bare:ridge=0.1", 20, 0.0)
+    assert (r.mode, r.ridge, r.iters) == ("bare", 0.1, 20)
+    with pytest.raises(ValueError):
+        refit_config("all:lambda=1", 10, 0.0)
+    rows = [{"variant": "dense", "scope": "blocks=6", "sparsity": 0.0, "ppl_heldout": 30.0, "ppl_other": 20.0,
+             "commit": "c", "command": "cmd", "compress_seconds": None},
+            {"variant": "sparsegpt", "scope": "blocks=6", "sparsity": 0.5, "ppl_heldout": 35.0, "ppl_other": 25.0,
+             "commit": "c", "command": "cmd", "compress_seconds": 3.0},
+            {"variant": "default+refit-all-r1", "scope": "blocks=6", "sparsity": 0.5, "ppl_heldout": 34.0,
+             "ppl_other": 26.0, "commit": "c", "command": "cmd", "compress_seconds": 9.0}]
+    write_table(rows, tmp_path / "results.md", [0.5])
+    table = (tmp_path / "results.md").read_text()
+    assert "### perplexity on other" in table and "### perplexity on heldout / other" in table
+    assert "| default+refit-all-r1 | blocks=6 | 34.00 / 26.00 |" in table
+    assert "| default+refit-all-r1 | blocks=6 | 26.00 (+4.0 %) |" in table
