@@ -145,7 +145,7 @@ def run(args) -> None:
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
     for name, description, fields in variants:
-        refits = [refit_config(token, args.refit_iters, args.refit_margin) for token in args.refit]
+        refits = [parse_refit(token, args.refit_iters, args.refit_margin) for token in args.refit]
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
                           + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "")
                           + (f"-r{r.ridge:g}" if r.ridge else "") for r in refits]
@@ -186,7 +186,7 @@ def run(args) -> None:
     write_table(store.rows, args.out / "results.md", args.sparsities)
 
 
-def refit_config(token: str, iters: int, margin: float) -> RefitConfig:
+def parse_refit(token: str, iters: int, margin: float) -> RefitConfig:
     """A `--refit` token: MODE, MODE:ridge=X, or ridge:X (= all:ridge=X)."""
     mode, _, option = token.partition(":")
     ridge = 0.0

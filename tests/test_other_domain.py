@@ -96,7 +96,7 @@ def test_prose_paragraphs_stop_at_the_first_section():
 def test_the_harness_reads_ridge_refits_and_tables_the_other_text(tmp_path):
     import pytest
 
-    from benchmarks.experiments import refit_config, write_table
+    from benchmarks.experiments import parse_refit as refit_config, write_table
 
     assert refit_config("auto", 10, 0.0).ridge == 0 and refit_config("auto", 10, 0.0).mode == "auto"
     r = refit_config("ridge:1", 10, 0.0)
