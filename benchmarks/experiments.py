@@ -4,6 +4,7 @@ with SparseGPT and Wanda on the same blocks and the same held-out text.
     python -m benchmarks.experiments benchmarks/experiments/*.yaml --blocks 6     # cheap proxy
     python -m benchmarks.experiments benchmarks/experiments/default.yaml          # every block
     python -m benchmarks.experiments ... --test     # also WikiText-2 test (final report only)
+    python -m benchmarks.experiments ... --other-text OTHER.txt   # also a held-out text of another domain
 
 Variants are chosen on held-out windows of the calibration file (`wiki.valid.tokens`) that no
 calibration window overlaps, never on WikiText-2 test. `--blocks N` compresses (and prunes, for
@@ -13,6 +14,12 @@ file holds EPTSConfig fields (see epts/config.py), an optional `description` and
 the calibration file; the held-out windows stay the same). Rows are appended
 to OUT/rows.jsonl as they finish (a rerun skips what is there); OUT/results.md is the table, each
 row with its command and commit.
+
+`--other-text PATH` also scores every variant and baseline on the first `--other-windows`
+non-overlapping windows of another text (`benchmarks/other_domain.py` builds one that is not
+Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, auto, all), a
+mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), or `ridge:X`,
+short for `all:ridge=X`.
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ def run(args) -> None:
     # n samples are the first n of those for more), so a 64-window variant is not scored on its own data.
     exclude = max([cc.nsamples, *counts.values()])
     texts = {"heldout": heldout_windows(valid, exclude, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)}
+    if args.other_text:
+        texts["other"] = eval_windows(tokenize(base.tokenizer, args.other_text), args.eval_seqlen, args.other_windows)
     if args.test:
         texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, 64)
     scope = f"blocks={args.blocks or 'all'}" + (f",heldout-excludes={exclude}" if exclude != cc.nsamples else "")
@@ -143,9 +152,10 @@ def run(args) -> None:
             log.info("%s %g: %s", method, s, store.rows[-1])
             del pruned
     for name, description, calibration, fields in variants:
-        refits = [RefitConfig(mode, args.refit_iters, args.refit_margin) for mode in args.refit]
+        refits = [parse_refit(token, args.refit_iters, args.refit_margin) for token in args.refit]
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
-                          + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "") for r in refits]
+                          + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "")
+                          + (f"-r{r.ridge:g}" if r.ridge else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -187,12 +197,26 @@ def run(args) -> None:
     write_table(store.rows, args.out / "results.md", args.sparsities)
 
 
+def parse_refit(token: str, iters: int, margin: float) -> RefitConfig:
+    """A `--refit` token: MODE, MODE:ridge=X, or ridge:X (= all:ridge=X)."""
+    mode, _, option = token.partition(":")
+    ridge = 0.0
+    if mode == "ridge":
+        mode, ridge = "all", float(option)
+    elif option:
+        key, _, value = option.partition("=")
+        if key != "ridge" or not value:
+            raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X or ridge:X")
+        ridge = float(value)
+    return RefitConfig(mode, iters, margin, ridge=ridge)
+
+
 def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:
     by = {}
     for r in rows:
         by.setdefault((r["variant"], r["scope"]), {})[r["sparsity"]] = r
     lines = []
-    for text in ("heldout", "test"):
+    for text in ("heldout", "other", "test"):
         if not any(f"ppl_{text}" in r for r in rows):
             continue
         lines += [f"### perplexity on {text}", "",
@@ -220,6 +244,18 @@ def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:
         dense = [r for r in rows if r["variant"] == "dense" and f"ppl_{text}" in r]
         if dense:
             lines.append(f"\ndense: {dense[-1][f'ppl_{text}']:.2f}\n")
+    if any("ppl_other" in r for r in rows):  # the two held-out texts side by side
+        lines += ["### perplexity on heldout / other", "",
+                  "| variant | scope | " + " | ".join(f"{s:g}" for s in sparsities) + " |",
+                  "|---|---|" + "---|" * len(sparsities)]
+        for (variant, scope), cells in by.items():
+            vals = []
+            for s in sparsities:
+                r = cells.get(0.0 if variant == "dense" else s) or {}
+                pair = [r.get(f"ppl_{t}") for t in ("heldout", "other")]
+                vals.append(" / ".join("-" if v is None else f"{v:.2f}" for v in pair))
+            lines.append(f"| {variant} | {scope} | " + " | ".join(vals) + " |")
+        lines.append("")
     commands = dict.fromkeys(r["command"] for r in rows)
     lines += ["commands:", "", *[f"    {c}" for c in commands]]
     path.write_text("\n".join(lines) + "\n")
@@ -238,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--heldout-windows", type=int, default=32)
+    p.add_argument("--other-text", type=Path, default=None,
+                   help="also evaluate on this text of another domain (benchmarks/other_domain.py builds one)")
+    p.add_argument("--other-windows", type=int, default=64, help="windows of --other-text, from its start")
     p.add_argument("--test", action="store_true", help="also evaluate on WikiText-2 test (final table only)")
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
     p.add_argument("--keep-artifacts", action="store_true",

@@ -456,10 +456,13 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="refit: conjugate-gradient steps towards the exact least-squares weights")
     p.add_argument("--refit-margin", type=float, default=RefitConfig.margin,
                    help="refit auto: the relative drop of a block's error needed to replace its adapters")
+    p.add_argument("--refit-ridge", type=float, default=RefitConfig.ridge,
+                   help="refit: pull each layer's solution toward the merged weights it replaces, with a ridge of "
+                        "this times the mean diagonal of the layer's Hessian (0: plain least squares)")
 
 
 def _refit_config(args) -> RefitConfig:
-    return RefitConfig(args.refit, args.refit_iters, args.refit_margin)
+    return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge)
 
 
 def _cmd_export(args) -> None:

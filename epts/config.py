@@ -107,17 +107,26 @@ class RefitConfig:
     error the refit must bring before it replaces that block's adapters (a block served with no
     adapter is always refit), and the calibration windows that error is measured on. Defaults
     chosen on held-out calibration-file windows (docs/RECIPE.md): a margin of 0.05 was worse than 0
-    overall."""
+    overall.
+
+    `ridge` (0, off, by default) regularises each layer's refit toward the weights it
+    replaces, the merged M(s) * (W + sum B A) (the bare mask M(s) * W in a block with no adapter):
+    minimise ||(X - W_dense) H^1/2||^2 + lambda ||X - W_merged||^2 over the kept weights, with
+    lambda = ridge * mean(diag(H)) (scale-free), solved by the same conjugate gradients started from
+    the merged weights. ridge 0 is today's refit exactly (started from the bare mask)."""
 
     mode: str = "auto"
     iters: int = 10
     margin: float = 0.0
     compare_windows: int = 8
+    ridge: float = 0.0
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
+        if not self.ridge >= 0:
+            raise ValueError(f"refit ridge must be >= 0, got {self.ridge}")
         if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:
             raise ValueError(f"refit needs iters >= 1, a margin in [0, 1) and compare_windows >= 1, got {self.iters}, "
                              f"{self.margin} and {self.compare_windows}")

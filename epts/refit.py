@@ -133,7 +133,7 @@ def _regenerated(elastic: ElasticModel, record: dict, progress: bool) -> torch.T
 
 
 def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor,
-                         iters: int) -> torch.Tensor:
+                         iters: int, ridge: float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """Minimise sum_i (w_i - x_i) H (w_i - x_i)^T over x supported off `pruned`, every row at once,
     by `iters` steps of conjugate gradients from the bare mask (w with the pruned weights zeroed).
     `hessian` and its `inverse` come dampened (`SparseGPTPruner.inverse_hessian`). The
@@ -143,16 +143,32 @@ def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: t
     relative excess error over the optimum: 6.5e-4 after 10 steps and 2e-9 after 20, against
     1.3e-2 and 1.8e-3 for Jacobi steps from SparseGPT's OBS sweep). Shapes: weight, pruned
     (d_out, d_in); hessian, inverse (d_in, d_in); one device; float32 result. Written here: batched
-    conjugate gradients over rows with per-row masks is not in torch."""
+    conjugate gradients over rows with per-row masks is not in torch.
+
+    With `ridge` > 0 the objective gains lambda * |x_i - a_i|^2, lambda = ridge *
+    mean(diag(H)), pulling the solution toward `anchor` (d_out, d_in; the merged weights the refit
+    replaces, required then): the system matrix becomes H + lambda I on the kept weights, the
+    preconditioner its inverse, and the steps start from the anchor on the mask. ridge 0 runs the
+    code above unchanged."""
     h, hinv = hessian.float(), inverse.float()
     keep = (~pruned).float()
-    x = weight.float() * keep
-    residual = ((weight.float() - x) @ h) * keep  # minus half the gradient
+    lam = 0.0
+    if ridge > 0:
+        if anchor is None:
+            raise ValueError("a ridge refit needs the anchor weights it pulls toward")
+        lam = ridge * float(torch.diagonal(h).mean())
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h + lam * eye))
+        x = anchor.float() * keep
+    else:
+        x = weight.float() * keep
+    # Minus half the gradient; the ridge term (a - x) is zero at the start, x = a on the mask.
+    residual = ((weight.float() - x) @ h) * keep
     z = (residual @ hinv) * keep
     direction = z.clone()
     rz = (residual * z).sum(1)
     for _ in range(iters):
-        hd = (direction @ h) * keep
+        hd = (direction @ h + lam * direction) * keep if lam else (direction @ h) * keep
         curvature = (direction * hd).sum(1)
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
         x += alpha[:, None] * direction
@@ -214,8 +230,10 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                 report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
-            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters)
             layers = prunable_linears(model.model, block)
+            anchors = {name: layer.weight for name, layer in layers.items()} if config.ridge > 0 else None
+            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters, config.ridge,
+                                    anchors)
             # Only "auto" compares, in blocks with adapters: elsewhere the merged weights are not needed.
             compare = mode == "auto" and _has_adapters(elastic, b, sparsity)
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
@@ -246,10 +264,12 @@ def _has_adapters(elastic: ElasticModel, index: int, sparsity: float) -> bool:
 
 
 def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner, stream: torch.Tensor,
-                 iters: int) -> dict[str, torch.Tensor]:
+                 iters: int, ridge: float = 0.0, anchors: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The refit weights of every prunable layer of block `index`: Hessians of the layers' inputs
     when the base block runs on `stream` (SparseGPT's convention: the unpruned block on the pruned
-    model's activations), then the least-squares weights on the elastic mask M(sparsity)."""
+    model's activations), then the least-squares weights on the elastic mask M(sparsity), pulled
+    toward `anchors` (the served block's merged weights, by layer name) with `ridge` > 0."""
     layers = prunable_linears(elastic.base.model, base_runner.block)
     pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
     base_runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
@@ -257,5 +277,7 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
     for name, p in pruners.items():
         pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
         hessian, inverse, _ = p.inverse_hessian()
-        weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters).to(p.layer.weight.dtype)
+        anchor = None if anchors is None else anchors[name].to(p.layer.weight.device)
+        weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters, ridge,
+                                             anchor).to(p.layer.weight.dtype)
     return weights

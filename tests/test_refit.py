@@ -189,3 +189,57 @@ def test_the_auto_margin_keeps_adapters_unless_the_refit_clearly_wins(elastic_ti
     assert loose.choices == ["refit" if r < m else "adapters" for m, r in loose.errors]
     with pytest.raises(ValueError, match="margin in"):
         RefitConfig("auto", margin=1.0)
+
+
+def test_the_ridge_refit_moves_from_the_least_squares_optimum_toward_the_anchor():
+    # Issue 19: min ||(w - x) H^1/2||^2 + lambda ||x - a||^2 on the mask, lambda = ridge * mean(diag H).
+    pruner, _ = _pruner(seed=3)
+    w = pruner.layer.weight.data
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.6  # True = pruned
+    hessian, inverse, _ = pruner.inverse_hessian()
+    anchor = (w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))).masked_fill(mask, 0.0)
+    optimum = _optimum(w, hessian, mask)
+    assert torch.equal(masked_least_squares(w, hessian, inverse, mask, 20, ridge=0.0, anchor=anchor),
+                       masked_least_squares(w, hessian, inverse, mask, 20))  # ridge 0: today's refit exactly
+    distances, previous = [], None
+    for ridge in (0.01, 0.1, 1.0, 10.0, 1e4):
+        x = masked_least_squares(w, hessian, inverse, mask, 30, ridge=ridge, anchor=anchor)
+        assert torch.equal(x == 0, mask)
+        lam = ridge * torch.diagonal(hessian).mean()
+        # The exact ridge solution, row by row on the kept weights.
+        exact = torch.zeros_like(w)
+        for i, row in enumerate(~mask):
+            hk = hessian[row][:, row]
+            exact[i, row] = torch.linalg.solve(hk + lam * torch.eye(int(row.sum())), hessian[row] @ w[i] + lam * anchor[i, row])
+        assert torch.allclose(x, exact, atol=1e-4, rtol=1e-4)
+        distances.append(((x - anchor).norm() / (optimum - anchor).norm()).item())
+        if previous is not None:
+            assert (x - optimum).norm() > (previous - optimum).norm()
+        previous = x
+    assert all(a > b for a, b in zip(distances, distances[1:]))
+    assert distances[0] > 0.9 and distances[-1] < 1e-2
+    with pytest.raises(ValueError, match="anchor"):
+        masked_least_squares(w, hessian, inverse, mask, 5, ridge=1.0)
+
+
+def test_refit_with_ridge_zero_is_the_refit_and_a_ridge_keeps_the_masks(elastic_tiny):
+    from epts.config import RefitConfig
+
+    elastic, windows = elastic_tiny
+    plan = {0: 0.6, 1: 0.3, 2: 0.0}
+    weights = {}
+    for key, config in {"plain": RefitConfig("all"), "zero": RefitConfig("all", ridge=0.0),
+                        "ridge": RefitConfig("all", ridge=1.0), "merged": RefitConfig("none")}.items():
+        model = elastic.materialize(plan)
+        refit(elastic, model, plan, windows, config, progress=False)
+        weights[key] = [l.weight.detach().clone() for blk in decoder_blocks(model.model)
+                        for l in prunable_linears(model.model, blk).values()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["plain"], weights["zero"]))
+    for x, p, m in zip(weights["ridge"], weights["plain"], weights["merged"]):
+        assert torch.equal(x == 0, m == 0)
+    # Between the merged weights and the plain refit in blocks 0-1 (block 2 is dense and untouched).
+    moved = [((x - m).norm() / (p - m).norm().clamp_min(1e-12)).item()
+             for x, p, m in zip(weights["ridge"], weights["plain"], weights["merged"]) if not torch.equal(p, m)]
+    assert moved and all(0 < d < 1 for d in moved)
+    with pytest.raises(ValueError, match="ridge"):
+        RefitConfig("all", ridge=-1.0)

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 20): overwrite and resume, concurrent writers, model
+"""Nothing lost, nothing silently wrong: overwrite and resume, concurrent writers, model
 folders as download tools leave them, signals and scratch space, config types, clean errors."""
 
 import argparse
