@@ -236,3 +236,11 @@ def test_a_runtime_starts_dense_whatever_the_trained_range(tmp_path):
         served.set_sparsity(0.6)
         with pytest.raises(ValueError, match="outside the trained range"):
             served.set_sparsity(0.3)
+
+
+def test_a_compressed_folder_loads_packed_by_default_with_the_same_weights(exported):
+    dense_dir, packed_dir = exported
+    dense = load_model(dense_dir).model.state_dict()
+    layers = packed_layers(load_model(packed_dir).model)
+    assert len(layers) == 21
+    assert all(torch.equal(layer.dense_weight(), dense[f"{name}.weight"]) for name, layer in layers.items())
