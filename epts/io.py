@@ -115,8 +115,11 @@ LOCK = ".epts-lock"
 def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (created if missing) for the block: `flock` on its file
     LOCK, which the OS releases when the process ends, however it ends. Raises FileExistsError,
-    naming `flag` (the option that chose the folder), when another process holds it."""
+    naming `flag` (the option that chose the folder), when another process holds it. A folder
+    this call created and nothing was written into is removed again (a run that failed early
+    leaves no trace)."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -127,6 +130,9 @@ def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
                                   f"another {flag}") from None
         yield folder
     finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:
+            (folder / LOCK).unlink(missing_ok=True)
+            folder.rmdir()
         os.close(fd)
 
 

@@ -56,7 +56,8 @@ def test_the_kernel_path_itself_is_checked_past_the_decode_limit(path, monkeypat
     monkeypatch.setattr(sparse_linear, "DECODE_TOKENS", 64)
     w = pruned(33, 200, 0.7, torch.float32)
     x = torch.randn(20, 200)
-    torch.testing.assert_close(SparseLinear.from_dense(w, path=path)(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    # float32 sums in another order than F.linear's: a few ulps of the largest outputs apart.
+    torch.testing.assert_close(SparseLinear.from_dense(w, path=path)(x), F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
 def test_bias_leading_dimensions_and_repack():

@@ -115,8 +115,8 @@ def test_the_task_maker_command_writes_the_same_task(task, tmp_path):
                         "--seed", "1"], capture_output=True, text=True)
     assert r.returncode == 0 and "chance 0.25" in r.stdout, r.stderr
     assert (tmp_path / "epts_next_sentence.jsonl").read_text() == task.with_suffix(".jsonl").read_text()
-    r = subprocess.run([sys.executable, "-m", "epts.cli", "task", str(WIKI_TEST), str(tmp_path), "--docs", "999999"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "epts.cli", "task", str(WIKI_TEST), str(tmp_path), "--docs", "999999",
+                        "--overwrite"], capture_output=True, text=True)
     assert r.returncode == 2 and "give a longer text or fewer documents" in r.stderr
 
 
