@@ -7,7 +7,7 @@
 # The one-shot Wanda baseline demo is scripts/demo_wanda.sh.
 #
 # Text: WikiText-2 from EPTS_DATA when that folder holds it, else from the Hugging Face hub when it answers
-# (`python -m epts.demo source`), else none at all: the model calibrates on windows it writes itself and
+# (`python scripts/demo_text.py source`), else none at all: the model calibrates on windows it writes itself and
 # perplexity is measured on other text it writes (held out; not WikiText-2, not comparable to any figure).
 # Arguments go to `epts compress` and override the preset (e.g. `--nsamples 2` for a quick check).
 # Environment: EPTS_DATA (folder of wiki.valid.tokens and wiki.test.raw, default ../shared/data/wikitext2),
@@ -27,7 +27,7 @@ artifact=$out/artifact
 fresh=()
 [ -f "$artifact/manifest.json" ] && fresh=(--overwrite)
 
-found=$(.venv/bin/python -m epts.demo source "$data")
+found=$(.venv/bin/python scripts/demo_text.py source "$data")
 case $found in
   local)
     calib=(--calib "$data/wiki.valid.tokens"); eval_data=$data/wiki.test.raw; label="WikiText-2"
@@ -43,7 +43,7 @@ case $found in
   compare with no published figure"
     mkdir -p "$out"
     # One window more than evaluated: decoded and tokenised again, the text may come out a few tokens shorter.
-    .venv/bin/python -m epts.demo text --model "$model" --out "$eval_data" --nsamples $((windows + 1)) --seqlen 512 ;;
+    .venv/bin/python scripts/demo_text.py text --model "$model" --out "$eval_data" --nsamples $((windows + 1)) --seqlen 512 ;;
 esac
 echo "demo text: $text"
 start=$SECONDS

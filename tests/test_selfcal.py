@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from epts.models import load_model
 from epts.refit import artifact_calibration
 from epts.selfcal import SelfCalConfig, _draw, _ordinary_tokens, _window_generator, generate_windows
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
                     calib=CalibConfig(nsamples=3, seqlen=16))
 
@@ -233,6 +235,6 @@ def test_the_demo_uses_local_wikitext_then_the_hub_then_none(tmp_path, no_proxy)
     # As scripts/demo.sh asks: one word on stdout.
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for where, word in ((folder, "local"), (tmp_path / "missing", "none")):
-        r = subprocess.run([sys.executable, "-m", "epts.demo", "source", str(where)], capture_output=True, text=True,
-                           env=env)
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_text.py"), "source", str(where)],
+                           capture_output=True, text=True, env=env)
         assert r.returncode == 0 and r.stdout == f"{word}\n" and not r.stderr, r.stderr

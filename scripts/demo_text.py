@@ -1,5 +1,5 @@
-"""The helpers scripts/demo.sh runs, as `python -m epts.demo COMMAND` (not imported by `import epts`,
-so runpy runs it without a warning):
+"""The helpers scripts/demo.sh runs, as `python scripts/demo_text.py COMMAND` (the demo's plumbing, so
+it lives beside the demo, not in the library):
 
 - `source FOLDER`: print which text the demo can use, `local`, `hub` or `none` (`epts.data.pick_text_source`);
 - `text --out FILE`: write held-out self-generated text to evaluate on when there is none
@@ -12,12 +12,12 @@ import argparse
 import logging
 import sys
 
-from .data import pick_text_source
-from .selfcal import SelfCalConfig, write_text
+from epts.data import pick_text_source
+from epts.selfcal import SelfCalConfig, write_text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epts.demo", description="helpers of scripts/demo.sh")
+    parser = argparse.ArgumentParser(prog="scripts/demo_text.py", description="helpers of scripts/demo.sh")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("source", help="print local, hub or none: the WikiText-2 the demo can use")
     p.add_argument("folder", help="folder that may hold wiki.valid.tokens and wiki.test.raw")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(pick_text_source(args.folder, args.timeout))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .models import load_model
+    from epts.models import load_model
 
     try:
         loaded = load_model(args.model)
