@@ -131,7 +131,7 @@ def run(args) -> None:
     if args.other_text:
         texts["other"] = eval_windows(tokenize(base.tokenizer, args.other_text), args.eval_seqlen, args.other_windows)
     if args.test:
-        texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, 64)
+        texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, args.test_windows)
     scope = f"blocks={args.blocks or 'all'}" + (f",heldout-excludes={exclude}" if exclude != cc.nsamples else "")
 
     def row(variant, sparsity, ppl, seconds, extra=None):
@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
     p.add_argument("--keep-artifacts", action="store_true",
                    help="save each variant's artifact in OUT/artifacts/NAME (and reuse it when it is there)")
+    p.add_argument("--test-windows", type=int, default=64,
+                   help="windows of --test-data, from its start (64 is the protocol; fewer for a slow vocabulary)")
     p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
     p.add_argument("--refit-iters", type=int, default=RefitConfig.iters, help="refit: least-squares steps")
