@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -202,13 +203,22 @@ def group1_check(runner: BlockRunner, layers: dict[str, hilora.ElasticLinear], s
     return losses[0], losses[1]
 
 
-def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls, dense: torch.Tensor,
-                   elastic: torch.Tensor, config: EPTSConfig, progress: bool
-                   ) -> tuple[BlockState, torch.Tensor, torch.Tensor]:
-    """Everything METHOD.md does for block `b` (which is `block`); returns its state and the next
-    dense and elastic streams. A non-finite loss or gradient restarts the block with a lower
-    learning rate."""
-    cc = config.calib
+@dataclass(frozen=True)
+class Streams:
+    """The two streams entering a block, each (n, seqlen, hidden) on the CPU: the dense stream H
+    (the untouched model's hidden states) and the elastic stream P (the trained elastic blocks')."""
+
+    dense: torch.Tensor
+    elastic: torch.Tensor
+
+
+def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams, config: EPTSConfig, *,
+                   progress: bool = False) -> tuple[BlockState, Streams]:
+    """Everything METHOD.md does for block `b` (0-based) of `model`, fed by `calls` and `streams`;
+    returns its state and the streams entering the next block. A non-finite loss or gradient
+    restarts the block with a lower learning rate; `NonFiniteError` once the retries are spent."""
+    dense, elastic = streams.dense, streams.elastic
+    block = decoder_blocks(model)[b]
     block_start = time.perf_counter()
     runner = calls.runner(b, block)
     originals = prunable_linears(model, block)
@@ -220,7 +230,7 @@ def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls
         lr = config.lr * config.retry_lr_factor**attempt
         # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
         # draws), so a block's result does not depend on how the blocks before it were run.
-        gen = _block_generator(cc.seed, b)
+        gen = _block_generator(config.calib.seed, b)
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
                                inherit=config.inherit_adapters)
         try:
@@ -256,7 +266,7 @@ def compress_block(model: nn.Module, block: nn.Module, b: int, calls: BlockCalls
     )
     log.info("block %d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, state.seconds,
              ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
-    return state, targets, mixed
+    return state, Streams(targets, mixed)
 
 
 def compress(
@@ -304,9 +314,10 @@ def compress(
         checkpoint = load_checkpoint(folder, key, config.num_groups, settings) if folder is not None else None
         resumed = checkpoint is not None
         if checkpoint is None:
-            states, dense, elastic = [], calls.hidden, store.clone(calls.hidden)
+            states, streams = [], Streams(calls.hidden, store.clone(calls.hidden))
         else:
-            states, dense, elastic = checkpoint[0], store.keep(checkpoint[1][mine]), store.keep(checkpoint[2][mine])
+            states = checkpoint[0]
+            streams = Streams(store.keep(checkpoint[1][mine]), store.keep(checkpoint[2][mine]))
             log.info("resuming %s after block %d of %d", folder, len(states), len(blocks))
         # The pipeline alone holds the streams from here, so the captured one is freed after block 1.
         checkpoint = calls.hidden = None
@@ -314,13 +325,13 @@ def compress(
                        disable=not progress)
         for b in range(len(states), len(blocks)):
             with resident(blocks[b]):  # a streamed block's weights: loaded, used, released
-                state, dense, elastic = compress_block(model, blocks[b], b, calls, dense, elastic, config, progress)
+                state, streams = compress_block(model, b, calls, streams, config, progress=progress)
             states.append(state)
             overall.update()
             if folder is not None and b + 1 < len(blocks):
-                streams = [distributed.gather(s, mine, len(windows)) for s in (dense, elastic)]
+                gathered = [distributed.gather(s, mine, len(windows)) for s in (streams.dense, streams.elastic)]
                 if distributed.is_main():
-                    save_checkpoint(folder, key, states, *streams, settings)
+                    save_checkpoint(folder, key, states, *gathered, settings)
         overall.close()
     finally:
         store.close()

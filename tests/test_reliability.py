@@ -57,11 +57,10 @@ def test_another_command_on_an_unfinished_folder_is_refused(tmp_path, text_file)
     config = EPTSConfig(epochs=1, calib=CalibConfig(nsamples=2, seqlen=32))
     out = tmp_path / "art"
     # Leave a checkpoint behind, as a killed run would.
-    states, dense, elastic = [], None, None
     calls = reconstruct.capture_block_calls(loaded.model, random_windows(2, 32), 8)
-    state, dense, elastic = reconstruct.compress_block(loaded.model, reconstruct.decoder_blocks(loaded.model)[0], 0,
-                                                       calls, calls.hidden, calls.hidden.clone(), config, False)
-    save_checkpoint(out, "some-other-run", [state], dense, elastic)
+    streams = reconstruct.Streams(calls.hidden, calls.hidden.clone())
+    state, streams = reconstruct.compress_block(loaded.model, 0, calls, streams, config)
+    save_checkpoint(out, "some-other-run", [state], streams.dense, streams.elastic)
     with pytest.raises(ArtifactError, match="unfinished run of another compress command"):
         reconstruct.compress(loaded, random_windows(2, 32), config, out=out, progress=False)
 

@@ -25,7 +25,7 @@ from epts.checkpoint import CHECKPOINT, run_key, run_settings, save_checkpoint
 from epts.config import CalibConfig, EPTSConfig
 from epts.io import LOCK, folder_lock, publish_folder
 from epts.models import ModelLoadError, fingerprint, load_model, save_model
-from epts.reconstruct import capture_block_calls, compress, compress_block, decoder_blocks
+from epts.reconstruct import Streams, capture_block_calls, compress, compress_block, decoder_blocks
 from epts.streams import ScratchSpaceError, StreamStore, scratch_prefix, sweep_scratch
 
 CONFIG = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
@@ -70,10 +70,10 @@ def _unfinished_run(out: Path, config: EPTSConfig) -> None:
     loaded = tiny_model("llama")
     windows = random_windows(config.calib.nsamples, config.calib.seqlen)
     calls = capture_block_calls(loaded.model, windows, 8)
-    state, dense, elastic = compress_block(loaded.model, decoder_blocks(loaded.model)[0], 0, calls, calls.hidden,
-                                           calls.hidden.clone(), config, False)
+    state, streams = compress_block(loaded.model, 0, calls, Streams(calls.hidden, calls.hidden.clone()), config)
     fp = fingerprint(loaded.model)
-    save_checkpoint(out, run_key(config, fp, windows), [state], dense, elastic, run_settings(config, fp, windows))
+    save_checkpoint(out, run_key(config, fp, windows), [state], streams.dense, streams.elastic,
+                    run_settings(config, fp, windows))
 
 
 def test_resume_with_overwrite_is_refused_and_keeps_the_checkpoint(tmp_path, model_dir, calib_file):
