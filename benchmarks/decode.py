@@ -7,7 +7,8 @@
 Layers: y = W x for LLaMA-7B's shapes, bfloat16 values, the sparse kernel at 0.5 / 0.6 / 0.7
 against PyTorch's dense bfloat16 and dense float32 (`F.linear`), each timed in turn within one loop
 so that the machine's noise falls on all of them alike; the bytes-read limit (dense bfloat16 bytes
-over packed bytes) beside each row.
+over packed bytes) beside each row. Each candidate cycles through copies of its weight past
+`--stream-mib` (1 GiB), so the weights come from DRAM as in a 7B decode step, not from the cache.
 
 Models: every row is a fresh process (its peak RSS is its own): greedy decode of `--new-tokens`
 tokens after a `--prompt-tokens` prompt (WikiText-2 test text where ../shared/data has it, else
@@ -55,7 +56,12 @@ def random_pruned(rows: int, cols: int, sparsity: float, generator: torch.Genera
     return torch.zeros_like(w).scatter_(1, idx, w.gather(1, idx))
 
 
-def layer_rows(threads: list[int], repeats: int) -> list[dict]:
+def layer_rows(threads: list[int], repeats: int, stream_mib: int) -> list[dict]:
+    """Per-layer rows. Each candidate cycles through copies of its weight that together exceed
+    `stream_mib` MiB (past the last-level cache), so that every call reads its weight from DRAM, as a
+    decode step does; `stream_mib` 0 times one cache-resident copy."""
+    import copy
+
     from epts.sparse import SparseLinear
 
     rows = []
@@ -66,31 +72,44 @@ def layer_rows(threads: list[int], repeats: int) -> list[dict]:
         packed = {s: SparseLinear.from_dense(random_pruned(out_f, in_f, s, g).bfloat16()) for s in SPARSITIES}
         x32 = torch.randn(1, in_f, generator=g)
         x16 = x32.bfloat16()
+
+        def copies(thing, nbytes):
+            n = max(1, math.ceil(stream_mib * 2**20 / nbytes))
+            return [thing] + [copy.deepcopy(thing) for _ in range(n - 1)]
+
+        weights = {"dense_fp32": (copies(dense32, dense32.numel() * 4), x32),
+                   "dense_bf16": (copies(dense16, dense16.numel() * 2), x16),
+                   **{s: (copies(layer, layer.packed_bytes()), x16) for s, layer in packed.items()}}
+
+        def run(key):
+            many, x = weights[key]
+            for w in many:
+                F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+            return len(many)
+
         for n in threads:
             torch.set_num_threads(n)
-            calls = {"dense_fp32": lambda: F.linear(x32, dense32), "dense_bf16": lambda: F.linear(x16, dense16),
-                     **{s: (lambda layer=layer: layer(x16)) for s, layer in packed.items()}}
-            times: dict = {k: [] for k in calls}
-            for _ in range(3):  # warm-up
-                for call in calls.values():
-                    call()
+            times: dict = {k: [] for k in weights}
+            for key in weights:  # warm-up
+                run(key)
             for _ in range(repeats):  # in turn: every candidate sees the same noise
-                for key, call in calls.items():
+                for key in weights:
                     start = time.perf_counter()
-                    call()
-                    times[key].append(time.perf_counter() - start)
+                    calls = run(key)
+                    times[key].append((time.perf_counter() - start) / calls)
             med = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in times.items()}
             dense_us = min(med["dense_fp32"], med["dense_bf16"])
             for s, layer in packed.items():
                 rows.append({"kind": "layer", "shape": f"{out_f}x{in_f}", "dtype": "bfloat16", "sparsity": s,
                              "threads": n, "dense_us": dense_us, "dense_bf16_us": med["dense_bf16"],
                              "dense_fp32_us": med["dense_fp32"], "sparse_us": med[s],
-                             "speedup": dense_us / med[s], "bytes_limit": bytes_limit(s),
+                             "speedup": dense_us / med[s], "bytes_limit": bytes_limit(s), "stream_mib": stream_mib,
                              "dense_rss_mib": dense16.numel() * 2 / 2**20,
                              "sparse_rss_mib": layer.packed_bytes() / 2**20})
                 print(f"layer {out_f}x{in_f} threads {n} s {s}: dense bf16 {med['dense_bf16']:.0f} us, fp32 "
                       f"{med['dense_fp32']:.0f} us, sparse {med[s]:.0f} us: {dense_us / med[s]:.2f}x "
                       f"(bytes limit {bytes_limit(s):.2f}x)", flush=True)
+        del weights
     return rows
 
 
@@ -251,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m,llama-7b",
                         help="comma-separated: smollm2-135m, gemma3-270m, llama-7b; or none")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per layer candidate")
+    parser.add_argument("--repeats", type=int, default=15, help="timed passes per layer candidate")
+    parser.add_argument("--stream-mib", type=int, default=1024,
+                        help="layers: copies of each weight past this many MiB, read from DRAM as in decode "
+                             "(0: one cache-resident copy)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--big-prompt-tokens", type=int, default=32, help="LLaMA-7B shape: prompt tokens")
@@ -264,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
     threads = [int(t) for t in args.threads.split(",")]
-    rows = layer_rows(threads, args.repeats) if args.layers != "none" else []
+    rows = layer_rows(threads, args.repeats, args.stream_mib) if args.layers != "none" else []
     models = [] if args.models == "none" else args.models.split(",")
     rows += model_rows(models, threads, args)
     out = Path(args.out)

@@ -30,7 +30,10 @@ namespace {
 
 constexpr int64_t kPad = 64;   // elements of padding the caller leaves after the values
 constexpr int64_t kMaxTokens = 8;  // rows of x handled in one pass over the weights
-constexpr int64_t kPrefetchBytes = 1024;
+// Software prefetch distance in the values stream (the mask's is a quarter): measured on weights
+// streamed from DRAM (11008x4096 bf16, 0.5 and 0.7, 1 and 2 threads), 2 KiB read 6-17 % faster
+// than 1 KiB, 4-8 KiB no better, and no prefetch 25 % slower.
+constexpr int64_t kPrefetchBytes = 2048;
 
 enum class Path { Portable, Avx2, Avx512, Avx512Bf16 };  // Avx512Bf16: Avx512, with vdpbf16ps for bfloat16
 
