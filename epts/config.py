@@ -122,7 +122,7 @@ class RefitConfig:
     ridge: float = 0.0
 
     def __post_init__(self):
-        _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int})
+        _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if not self.ridge >= 0:
