@@ -262,7 +262,7 @@ def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:
     print("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", type=Path, help="variant config files (EPTSConfig fields)")
     p.add_argument("--blocks", type=int, default=None, help="compress only the first N blocks (proxy)")
@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run(args)
 

@@ -104,3 +104,26 @@ def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys)
     assert lines[0].split()[1] != lines[1].split()[1]  # 1 step instead of 4: another model
     with pytest.raises(SystemExit):
         main([str(tmp_path / "art"), "0.6"])
+
+
+def test_quality_json_labels_the_default_export_and_takes_window_counts_from_the_command(tmp_path):
+    command = ("python -m benchmarks.experiments benchmarks/experiments/default.yaml --sparsities 0.5 --test "
+               "--test-windows 16 --heldout-windows 8 --other-text X --other-windows 4 --out O")
+    rows = [{"variant": v, "sparsity": s, "scope": "blocks=all", "commit": "abc1234", "command": command,
+             "ppl_heldout": p, "ppl_other": p + 1, "ppl_test": p + 2}
+            for v, s, p in [("dense", 0.0, 10.0), ("sparsegpt", 0.5, 20.0), ("default", 0.5, 19.0),
+                            ("default+refit-auto", 0.5, 18.0)]]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "q" / "m.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.quality_json", str(src), "--default", "default+refit-auto",
+                        "--model", "m", "--to", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())["rows"]
+    assert len(got) == 12
+    epts = {(g["text"], g["ppl"], g["windows"]) for g in got if g["method"] == "epts"}
+    assert epts == {("heldout", 18.0, 8), ("other-domain", 19.0, 4), ("wikitext2-test", 20.0, 16)}
+    assert {g["variant"] for g in got if g["method"] == "epts-variant"} == {"default"}
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.quality_json", str(src), "--default", "nope", "--model",
+                          "m", "--to", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "no row of variant 'nope'" in bad.stderr
