@@ -95,9 +95,9 @@ def streams_of(config, monkeypatch):
     original = COMPRESS_BLOCK
 
     def spy(*args, **kwargs):
-        state, dense, elastic = original(*args, **kwargs)
-        seen.append((state.adapters, dense, elastic))
-        return state, dense, elastic
+        state, streams = original(*args, **kwargs)
+        seen.append((state.adapters, streams.dense, streams.elastic))
+        return state, streams
 
     monkeypatch.setattr(reconstruct, "compress_block", spy)
     reconstruct.compress(tiny_model("llama"), random_windows(4, 32), config, progress=False)
