@@ -262,6 +262,13 @@ def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:
     print("\n".join(lines))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", type=Path, help="variant config files (EPTSConfig fields)")
@@ -281,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
     p.add_argument("--keep-artifacts", action="store_true",
                    help="save each variant's artifact in OUT/artifacts/NAME (and reuse it when it is there)")
-    p.add_argument("--test-windows", type=int, default=64,
+    p.add_argument("--test-windows", type=positive_int, default=64,
                    help="windows of --test-data, from its start (64 is the protocol; fewer for a slow vocabulary)")
     p.add_argument("--refit", type=lambda t: [x for x in t.split(",") if x and x != "none"], default=[],
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--to", type=Path, required=True)
     args = p.parse_args(argv)
+    if not args.rows.is_file():
+        raise SystemExit(f"{args.rows}: no such rows file; pass the rows.jsonl a benchmarks.experiments run wrote")
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     if not any(r["variant"] == args.default for r in rows):
         raise SystemExit(f"{args.rows}: no row of variant {args.default!r}; pass one of "
