@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/decode")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one model row, in a child process
     args = parser.parse_args(argv)
+    if args.stream_mib < 0:
+        parser.error(f"--stream-mib {args.stream_mib}: pass 0 (one cache-resident copy) or a positive size in MiB")
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0

@@ -280,10 +280,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--heldout-windows", type=int, default=32)
+    p.add_argument("--heldout-windows", type=positive_int, default=32)
     p.add_argument("--other-text", type=Path, default=None,
                    help="also evaluate on this text of another domain (benchmarks/other_domain.py builds one)")
-    p.add_argument("--other-windows", type=int, default=64, help="windows of --other-text, from its start")
+    p.add_argument("--other-windows", type=positive_int, default=64, help="windows of --other-text, from its start")
     p.add_argument("--test", action="store_true", help="also evaluate on WikiText-2 test (final table only)")
     p.add_argument("--test-data", type=Path, default=DATA / "wiki.test.raw")
     p.add_argument("--keep-artifacts", action="store_true",
