@@ -17,7 +17,7 @@ row with its command and commit.
 
 `--other-text PATH` also scores every variant and baseline on the first `--other-windows`
 non-overlapping windows of another text (`benchmarks/other_domain.py` builds one that is not
-Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, auto, all), a
+Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, block, auto, all), a
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), or `ridge:X`,
 short for `all:ridge=X`.
 """
@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import math
-import random
 import shlex
 import sys
 import time
@@ -39,32 +38,21 @@ import torch
 
 from benchmarks.run import DATA, commit
 from epts.config import RefitConfig
+from epts.data import heldout_windows
 
 log = logging.getLogger("benchmarks.experiments")
 
 BASELINES = ("sparsegpt", "wanda")
 
 
-def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, eval_seqlen: int,
-                    count: int) -> torch.Tensor:
-    """`count` non-overlapping windows of `eval_seqlen` tokens that share no token with the
-    calibration windows drawn by `data.calibration_windows(tokens, nsamples, seqlen, seed)`."""
-    n = tokens.numel()
-    rng = random.Random(seed)  # the calibration sampler's own sequence
-    used = torch.zeros(n, dtype=torch.bool)
-    for _ in range(nsamples):
-        start = rng.randint(0, n - seqlen - 1)
-        used[start : start + seqlen] = True
-    # From the end of the file backwards: far from nothing in particular, but fixed and documented.
-    windows = []
-    for start in range(n - eval_seqlen, -1, -eval_seqlen):
-        if not used[start : start + eval_seqlen].any():
-            windows.append(tokens[start : start + eval_seqlen])
-            if len(windows) == count:
-                break
+def heldout_text(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, eval_seqlen: int,
+                 count: int) -> torch.Tensor:
+    """`count` windows of `eval_seqlen` tokens free of the calibration windows, from the end of the
+    file backwards (`data.heldout_windows`; the export's refit choice takes its own from the start)."""
+    windows = heldout_windows(tokens, nsamples, seqlen, seed, count, eval_seqlen, from_end=True)
     if len(windows) < count:
         raise ValueError(f"only {len(windows)} held-out windows of {eval_seqlen} tokens are free of calibration")
-    return torch.stack(windows)
+    return windows
 
 
 def load_variant(path: Path) -> tuple[str, str, str, dict]:
@@ -127,7 +115,7 @@ def run(args) -> None:
     # Held-out windows avoid every window any variant here calibrates on (the sampler's windows for
     # n samples are the first n of those for more), so a 64-window variant is not scored on its own data.
     exclude = max([cc.nsamples, *counts.values()])
-    texts = {"heldout": heldout_windows(valid, exclude, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)}
+    texts = {"heldout": heldout_text(valid, exclude, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)}
     if args.other_text:
         texts["other"] = eval_windows(tokenize(base.tokenizer, args.other_text), args.eval_seqlen, args.other_windows)
     if args.test:
@@ -154,7 +142,7 @@ def run(args) -> None:
     for name, description, calibration, fields in variants:
         refits = [parse_refit(token, args.refit_iters, args.refit_margin) for token in args.refit]
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
-                          + (f"-m{r.margin:g}" if r.mode == "auto" and r.margin else "")
+                          + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
                           + (f"-r{r.ridge:g}" if r.ridge else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
@@ -165,6 +153,10 @@ def run(args) -> None:
                                        progress=not args.quiet)
         else:
             windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
+        # What `epts export` holds out for its refit choice: windows of the calibration text from its
+        # start (the scores' held-out windows come from its end); none for self-generated windows.
+        choice = None if calibration == "self-generated" else heldout_windows(
+            valid, counts[name], cc.seqlen, cc.seed, RefitConfig.compare_windows)
         kept = args.out / "artifacts" / name
         if args.keep_artifacts and (kept / "manifest.json").is_file():
             elastic = ElasticModel.load(kept, base=base)  # a rerun (e.g. with --refit) reuses the kept artifact
@@ -188,7 +180,7 @@ def run(args) -> None:
                 info = {}
                 if refit_config is not None:
                     report = refit(elastic, runtime.loaded, runtime.sparsity, windows, refit_config,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, heldout=choice)
                     info = {"refit": report.to_dict()}
                 rows.append(row(variant, s, evaluate(runtime.loaded, texts), seconds, {**extra, **info}))
                 log.info("%s %g: %s", variant, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})

@@ -1,4 +1,4 @@
-"""The export's refit ("auto") at several settings on one kept artifact: for each
+"""The export's per-block refit choice ("block", the default before "auto") at several settings on one kept artifact: for each
 SPARSITY:COMPARE_WINDOWS:ITERS, the held-out perplexity, which blocks were refit (R) or kept their
 adapters (a), and the refit's seconds. What docs/RECIPE.md's "choice on all 32 windows" and "20 steps"
 rows measure (the artifact of `benchmarks.experiments ... --keep-artifacts`):
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from benchmarks.experiments import heldout_windows
+from benchmarks.experiments import heldout_text
 from epts.artifact import ElasticModel
 from epts.runtime import RuntimeModel
 from epts.config import RefitConfig
@@ -28,7 +28,7 @@ def parse_spec(text: str) -> tuple[float, RefitConfig]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"{text!r} is not SPARSITY:COMPARE_WINDOWS:ITERS, e.g. 0.7:32:10")
     try:
-        return float(parts[0]), RefitConfig("auto", int(parts[2]), 0.0, int(parts[1]))
+        return float(parts[0]), RefitConfig("block", int(parts[2]), 0.0, int(parts[1]))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     cc = elastic.config.calib
     windows = artifact_calibration(elastic, args.calib)
     tokens = tokenize(elastic.base.tokenizer, args.calib or elastic.calibration["source"], role="calib")
-    held = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)
+    held = heldout_text(tokens, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)
     runtime = RuntimeModel(elastic)
     print("sparsity:compare_windows:iters  held-out ppl  blocks (R refit, a adapters kept)  refit s")
     for sparsity, config in args.specs:

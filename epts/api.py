@@ -187,8 +187,10 @@ def export(
     else:
         plan = allocate(elastic, sparsity, allocation, config.owl_m, config.owl_lambda)
     if refit.mode != "none":  # its text is reread and checked before the long work, not after
-        refit_windows, used = refit_calibration(elastic, None if allocation == "search" else calib,
-                                                None if allocation == "search" else "--calib", progress)
+        text = refit_calibration(elastic, None if allocation == "search" else calib,
+                                 None if allocation == "search" else "--calib", progress,
+                                 refit.compare_windows if refit.mode == "auto" else 0)
+        used = text.record
     check_scratch_space(elastic.base.model, "exporting a streamed model")
     start = time.perf_counter()
     model = elastic.materialize(plan)
@@ -196,8 +198,8 @@ def export(
         seconds = time.perf_counter() - start
         if refit.mode != "none":
             with StreamStore(config.stream_memory_mb) as store:
-                extra["refit"] = _refit(elastic, model, plan, refit_windows, refit, elastic.config.calib.batch_size,
-                                        progress, store).to_dict()
+                extra["refit"] = _refit(elastic, model, plan, text.windows, refit, elastic.config.calib.batch_size,
+                                        progress, store, text.heldout).to_dict()
             extra["refit"]["calibration"] = used
         source = str(Path(artifact).resolve()) if not isinstance(artifact, ElasticModel) else None
         meta = {"artifact": source, "sparsity": sparsity, "allocation": allocation,
@@ -216,8 +218,10 @@ def export(
             meta["command"] = command
         details = {"artifact": source} if source else {}
         if "refit" in extra:
+            chosen = extra["refit"]["chosen"]
             details["refit (kept weights re-solved on the calibration)"] = (
-                f"{refit.mode}: {extra['refit']['refit_blocks']} of {len(plan)} blocks")
+                f"{refit.mode}{f' (chose {chosen})' if chosen else ''}: {extra['refit']['refit_blocks']} of "
+                f"{len(plan)} blocks")
             whose = "the artifact's own windows" if used["artifact_windows"] else \
                 "not the windows the artifact was trained on"
             details["refit calibration"] = f"{used['source']} ({whose})"

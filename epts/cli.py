@@ -448,14 +448,15 @@ def _print_compress_summary(elastic: ElasticModel, out: Path) -> None:
 
 def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--refit", choices=list(REFIT_MODES), default=default,
-                   help="re-solve the kept weights on the artifact's calibration with the masks fixed (OBS sweep, "
-                        "then least squares): in blocks that serve the sparsity with no adapter (bare), there and "
-                        "in blocks where it lowers the block's error by more than --refit-margin (auto), or "
-                        "everywhere (all)")
+                   help="re-solve the kept weights on the artifact's calibration with the masks fixed (least "
+                        "squares): in blocks that serve the sparsity with no adapter (bare), in every block (all), "
+                        "bare or all, whichever has the lower loss on held-out windows of the calibration text "
+                        "(auto), or bare and in blocks where it lowers the block's error by more than "
+                        "--refit-margin (block)")
     p.add_argument("--refit-iters", type=_positive_int, default=RefitConfig.iters,
                    help="refit: conjugate-gradient steps towards the exact least-squares weights")
     p.add_argument("--refit-margin", type=float, default=RefitConfig.margin,
-                   help="refit auto: the relative drop of a block's error needed to replace its adapters")
+                   help="refit block: the relative drop of a block's error needed to replace its adapters")
     p.add_argument("--refit-ridge", type=float, default=RefitConfig.ridge,
                    help="refit: pull each layer's solution toward the merged weights it replaces, with a ridge of "
                         "this times the mean diagonal of the layer's Hessian (0: plain least squares)")
@@ -620,14 +621,17 @@ def _cmd_eval(args) -> None:
         if args.eval_data:
             check_context(elastic.base.model, args.eval_seqlen)
             print("| sparsity | perplexity | switch s |\n|---|---|---|")
-        windows = refit_calibration(elastic, args.calib, progress=args.progress)[0] if args.refit != "none" else None
+        config = _refit_config(args)
+        text = refit_calibration(elastic, args.calib, progress=args.progress,
+                                 heldout=config.compare_windows if config.mode == "auto" else 0
+                                 ) if config.mode != "none" else None
         for s in sparsities:
             start = time.perf_counter()
             runtime.set_sparsity(s)
-            if windows is not None:  # what `epts export --refit` gives, measured without writing a folder
+            if text is not None:  # what `epts export --refit` gives, measured without writing a folder
                 with StreamStore(args.stream_memory) as store:
-                    refit(elastic, runtime.loaded, runtime.sparsity, windows, _refit_config(args),
-                          elastic.config.calib.batch_size, args.progress, store)
+                    refit(elastic, runtime.loaded, runtime.sparsity, text.windows, config,
+                          elastic.config.calib.batch_size, args.progress, store, text.heldout)
             seconds = time.perf_counter() - start
             if args.eval_data:
                 ppl = _ppl(runtime.loaded, args)

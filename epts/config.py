@@ -96,18 +96,20 @@ class PruneConfig:
             raise ValueError(f"OWL allocation needs an unstructured sparsity, not the N:M pattern {self.pattern}")
 
 
-REFIT_MODES = ("none", "bare", "auto", "all")
+REFIT_MODES = ("none", "bare", "block", "auto", "all")
 
 
 @dataclass
 class RefitConfig:
     """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
-    calibration with the masks fixed ("none", "bare", "auto", "all"); the conjugate-gradient steps
-    towards the exact least-squares weights; for "auto", the relative drop of a block's output
-    error the refit must bring before it replaces that block's adapters (a block served with no
-    adapter is always refit), and the calibration windows that error is measured on. Defaults
-    chosen on held-out calibration-file windows (docs/RECIPE.md): a margin of 0.05 was worse than 0
-    overall.
+    calibration with the masks fixed ("none"; "bare": only those with no adapter; "all"; "auto":
+    "bare" or "all", whichever has the lower loss on `compare_windows` held-out windows of the
+    calibration text; "block": a choice block by block on the block's output error); the
+    conjugate-gradient steps towards the exact least-squares weights; for "block", the relative drop
+    of a block's output error the refit must bring before it replaces that block's adapters, and
+    the number of calibration windows that error is measured on (`compare_windows`, also the
+    held-out windows of "auto"). Defaults chosen on held-out calibration-file windows
+    (docs/RECIPE.md): a margin of 0.05 was worse than 0 overall.
 
     `ridge` (0, off, by default) regularises each layer's refit toward the weights it
     replaces, the merged M(s) * (W + sum B A) (the bare mask M(s) * W in a block with no adapter):

@@ -167,13 +167,41 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     if nsamples > distinct:
         raise DataError(f"calibration text has {n} tokens, so only {distinct} distinct windows of {seqlen} tokens, "
                         f"fewer than the {nsamples} asked: use more text, a smaller --nsamples or a smaller --seqlen")
-    rng = random.Random(seed)  # same sequence as random.seed(seed) then random.randint
-    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
+    starts = _calibration_starts(n, nsamples, seqlen, seed)
     repeated = nsamples - len(set(starts))
     if repeated:
         log.warning("calibration: %d of the %d windows drawn repeat another (the text has only %d distinct windows "
                     "of %d tokens): more text gives more distinct windows", repeated, nsamples, distinct, seqlen)
     return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def _calibration_starts(n: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    rng = random.Random(seed)  # same sequence as random.seed(seed) then random.randint
+    return [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
+
+
+def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, count: int,
+                    eval_seqlen: int | None = None, from_end: bool = False) -> torch.Tensor:
+    """Up to `count` non-overlapping windows of `eval_seqlen` tokens (default `seqlen`) of `tokens`
+    that share no token with the calibration windows `calibration_windows(tokens, nsamples, seqlen,
+    seed)` draws: text of the calibration's domain that the calibration did not see. Taken on the
+    grid of `eval_seqlen` from the start of the text, or backwards from its end (`from_end`), so
+    that two users of one file (the export's refit choice, the experiment harness's scores) take
+    different windows. (k, eval_seqlen) int64 with k <= count; k is 0 when the text has no free window."""
+    eval_seqlen = eval_seqlen or seqlen
+    n = tokens.numel()
+    used = torch.zeros(n, dtype=torch.bool)
+    if n - seqlen - 1 >= 0:
+        for start in _calibration_starts(n, nsamples, seqlen, seed):
+            used[start : start + seqlen] = True
+    starts = range(n - eval_seqlen, -1, -eval_seqlen) if from_end else range(0, n - eval_seqlen + 1, eval_seqlen)
+    windows = []
+    for start in starts:
+        if len(windows) == count:
+            break
+        if not used[start : start + eval_seqlen].any():
+            windows.append(tokens[start : start + eval_seqlen])
+    return torch.stack(windows) if windows else tokens.new_zeros((0, eval_seqlen))
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

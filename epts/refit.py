@@ -7,10 +7,14 @@ OBS update) for its one target. A refit gives an export that update, taken to it
 elastic mask M(s) fixed, the kept weights of each layer are re-solved to the exact least-squares
 weights against the Hessian of its inputs (`masked_least_squares`), block by block on the exported
 model's own activations, with SparseGPT's convention for the Hessian (the unpruned block on the
-pruned model's stream). Blocks served with no adapter are always refit; in a block with adapters
-the refit weights replace the merged ones (`M(s) * (W + sum B A)`) only where they lower the block's
-output error against METHOD.md's target (the dense block on the dense stream) on the first
-calibration windows by more than a margin ("auto"; `RefitConfig`), or everywhere ("all").
+pruned model's stream). Blocks served with no adapter are always refit. Whether the refit also
+replaces the merged weights (`M(s) * (W + sum B A)`) of the blocks with adapters is decided for the
+whole model ("auto", the default; `RefitConfig`): both candidates, adapters kept ("bare") and every
+block refit ("all"), are scored by their loss on held-out windows of the calibration text, windows
+no calibration window overlaps, and the lower wins. Which one that is depends on the model and the
+sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on SmolLM2, the refit on
+Gemma-3), and a choice block by block on the block's output error was fooled by Gemma-3's large
+residual stream; "block" keeps that per-block choice as an option.
 
 The calibration windows are the ones the artifact was trained on, recomputed from its recorded
 source and checked against its recorded sha256 (`artifact.calibration_record`), so a refit needs no
@@ -32,7 +36,8 @@ from .artifact import ElasticModel, windows_sha256
 from .baselines.sparsegpt import SparseGPTPruner
 from .blocks import capture_block_calls
 from .config import RefitConfig
-from .data import calibration_set
+from .data import calibration_windows, heldout_windows, tokenize
+from .evaluate import mean_nll
 from .hilora import active_adapters
 from .importance import mask_from_ranks
 from .models import LoadedModel
@@ -49,16 +54,35 @@ class RefitReport:
     """What a refit did: per block, "refit", "adapters" (merged weights kept) or "dense" (sparsity
     0, untouched), and the block's output error (mean squared, float32) with the merged and with
     the refit weights against the dense target on the first `RefitConfig.compare_windows`
-    calibration windows (NaN where not run: the target is computed in "auto" only, which compares)."""
+    calibration windows (NaN where not run: the target is computed in "block" only, which compares).
+    In "auto", `losses` holds each candidate's mean next-token loss (nats) on the scored windows,
+    `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration"."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
     errors: list[tuple[float, float]] = field(default_factory=list)  # (merged, refit) per block
     seconds: float = 0.0
+    chosen: str | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    scored_on: str | None = None
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
-                "refit_blocks": self.choices.count("refit"), "seconds": self.seconds}
+                "refit_blocks": self.choices.count("refit"), "seconds": self.seconds, "chosen": self.chosen,
+                "losses": self.losses, "scored_on": self.scored_on}
+
+
+@dataclass
+class RefitText:
+    """The refit's text: the calibration `windows` (n, seqlen) it solves on; `heldout` (k, seqlen)
+    windows of the same text that no calibration window overlaps, on which "auto" scores its
+    candidates (None where there is no text to hold out: self-generated windows or windows passed as
+    a tensor); and the `record` of where they come from (source, sha256, whether they are the
+    windows the artifact was trained on)."""
+
+    windows: torch.Tensor
+    heldout: torch.Tensor | None
+    record: dict
 
 
 def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib",
@@ -70,13 +94,23 @@ def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "
     source, when the artifact was calibrated on windows passed as a tensor, or when the recorded
     file is missing or no longer gives the same windows; its advice names `flag`, the option that
     passes the refit's text (None: there is none)."""
+    return _calibration(elastic, calib, flag, progress)[0]
+
+
+def _calibration(elastic: ElasticModel, calib, flag: str | None, progress: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`artifact_calibration`'s windows and the tokens of the text they were drawn from (None for
+    ready windows and self-generated ones)."""
     cc = elastic.config.calib
     if calib is not None:
-        return calibration_set(elastic.base.tokenizer, calib, cc.nsamples, cc.seqlen, cc.seed)
+        if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+            return calib, None
+        tokens = tokenize(elastic.base.tokenizer, calib, role="calib")
+        return calibration_windows(tokens, cc.nsamples, cc.seqlen, cc.seed), tokens
     record = elastic.calibration or {}
     source = record.get("source")
     if source == SELF_GENERATED:
-        return _regenerated(elastic, record, progress)
+        return _regenerated(elastic, record, progress), None
 
     def give(what: str) -> str:
         return f"pass {what} with {flag}" if flag else f"restore {what}"
@@ -85,7 +119,8 @@ def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "
         raise ValueError(f"the artifact was calibrated on windows passed as a tensor, not on a file it can reread: "
                          f"{give('the calibration text for the refit')}, or use --refit none")
     try:
-        windows = calibration_set(elastic.base.tokenizer, source, cc.nsamples, cc.seqlen, cc.seed)
+        tokens = tokenize(elastic.base.tokenizer, source, role="calib")
+        windows = calibration_windows(tokens, cc.nsamples, cc.seqlen, cc.seed)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot reread the artifact's calibration text {source} for the refit ({err}): {give('it')}, "
                          f"or use --refit none") from None
@@ -93,14 +128,25 @@ def artifact_calibration(elastic: ElasticModel, calib=None, flag: str | None = "
     if recorded and windows_sha256(windows) != recorded:
         raise ValueError(f"the calibration text {source} no longer gives the windows the artifact was trained on "
                          f"(sha256 differs): {give('the original text')}, or use --refit none")
-    return windows
+    return windows, tokens
 
 
 def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--calib",
-                      progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """The refit's windows (`artifact_calibration`) and their record: source, sha256 and whether
-    they are the windows the artifact was trained on (a warning is logged when they are not)."""
-    windows = artifact_calibration(elastic, calib, flag, progress)
+                      progress: bool = True, heldout: int = RefitConfig.compare_windows) -> RefitText:
+    """The refit's windows (`artifact_calibration`), up to `heldout` windows of the same text that
+    none of them overlaps (taken from the start of the text, `data.heldout_windows`), and their
+    record: source, sha256 and whether they are the windows the artifact was trained on (a warning
+    is logged when they are not)."""
+    windows, tokens = _calibration(elastic, calib, flag, progress)
+    held = None
+    if tokens is not None and heldout > 0:
+        cc = elastic.config.calib
+        held = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, heldout)
+        if len(held) < heldout:
+            log.warning("the refit's text holds only %d windows of %d tokens that no calibration window overlaps, "
+                        "fewer than the %d its choice is scored on: more text gives a surer choice", len(held),
+                        cc.seqlen, heldout)
+        held = held if len(held) else None
     trained = elastic.calibration or {}
     if calib is None:
         source = trained.get("source")
@@ -111,7 +157,7 @@ def refit_calibration(elastic: ElasticModel, calib=None, flag: str | None = "--c
     if not own:
         log.warning("the refit re-solves the kept weights on windows of %s, not on the ones the artifact was trained "
                     "on (%s)", source, trained.get("source"))
-    return windows, {"source": source, "windows_sha256": digest, "artifact_windows": own}
+    return RefitText(windows, held, {"source": source, "windows_sha256": digest, "artifact_windows": own})
 
 
 def _regenerated(elastic: ElasticModel, record: dict, progress: bool) -> torch.Tensor:
@@ -190,43 +236,86 @@ def _mse(out: torch.Tensor | None, target: torch.Tensor | None) -> float:
 @torch.no_grad()
 def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
           config: RefitConfig | str = "auto", batch_size: int = 8, progress: bool = True,
-          store: StreamStore | None = None) -> RefitReport:
+          store: StreamStore | None = None, heldout: torch.Tensor | None = None) -> RefitReport:
     """Refit, in place, the prunable weights of `model`, the elastic model materialised at `plan`
     ({block: sparsity}, `ElasticModel.materialize`), on calibration `windows` (n, seqlen) token ids.
 
     `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
     sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
-    masks) and keeps the adapters elsewhere; "auto" also refits a block with adapters where that
-    lowers its output error against the dense target, on the first `config.compare_windows`
-    windows, by more than `config.margin` (relative; 0 by default: any drop); "all" refits every
-    block at a nonzero sparsity; "none" does nothing. `config.iters` conjugate-gradient steps
-    (`masked_least_squares`) solve each layer for the least-squares weights on its mask. Streamed
-    models are processed one resident block at a time. The result keeps exactly the masks M(s) of
-    the plan. The streams (about three of n x seqlen x hidden at a time) live in `store` (default:
-    RAM; `epts.streams`). Raises ValueError for an unknown mode.
+    masks) and keeps the adapters elsewhere; "all" refits every block at a nonzero sparsity;
+    "auto" makes both and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
+    windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
+    when there are none, on the first `config.compare_windows` calibration windows, with a warning;
+    "block" also refits a block with adapters where that lowers its output error against the
+    dense target, on the first `config.compare_windows` windows, by more than `config.margin`
+    (relative; 0 by default: any drop); "none" does nothing. `config.iters` conjugate-gradient
+    steps (`masked_least_squares`) solve each layer for the least-squares weights on its mask.
+    Streamed models are processed one resident block at a time. The result keeps exactly the masks
+    M(s) of the plan. The streams (about three of n x seqlen x hidden at a time) live in `store`
+    (default: RAM; `epts.streams`). Raises ValueError for an unknown mode.
     """
     config = RefitConfig(config) if isinstance(config, str) else config
-    mode = config.mode
+    if config.mode == "none":
+        return RefitReport("none")
+    if config.mode != "auto":
+        return _refit_pass(elastic, model, plan, windows, config, config.mode, batch_size, progress, store)
+    start = time.perf_counter()
+    scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
+    if scored_on == "calibration":
+        log.warning("refit auto: no held-out text of the calibration's domain (self-generated windows, windows passed "
+                    "as a tensor, or a text with no window left over): keeping the adapters or refitting every block "
+                    "is decided on the first %d calibration windows, which both were fitted to; pass --calib TEXT "
+                    "for a choice on text they did not see", config.compare_windows)
+        heldout = windows[: config.compare_windows]
+    adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
+    report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+    report.chosen = "bare"
+    if adapted:
+        # Blocks before the first one with adapters see the same stream in both candidates: their
+        # refit weights carry over, and so does the restore below.
+        first = adapted[0]
+        losses = {"bare": mean_nll(model.model, heldout, batch_size)}
+        every = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, first)
+        losses["all"] = mean_nll(model.model, heldout, batch_size)
+        if losses["all"] < losses["bare"]:
+            report, report.chosen = every, "all"
+        else:
+            elastic.merge_into(model.model, {b: s for b, s in plan.items() if b >= first and s > 0})
+            report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, first)
+            report.chosen = "bare"
+        report.losses = losses
+        log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting every block: %s",
+                 losses["bare"], losses["all"], "every block refit" if report.chosen == "all" else "adapters kept")
+    report.mode, report.scored_on = "auto", scored_on
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
+                config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
+                reuse_before: int = 0) -> RefitReport:
+    """One pass of `refit` in `mode` ("bare", "block" or "all") over the blocks in order, each refit
+    on the stream the blocks before it give. Blocks before `reuse_before` keep the weights they have
+    (a pass that refit them on the same stream already ran)."""
     report = RefitReport(mode)
-    if mode == "none":
-        return report
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
     calls = capture_block_calls(model.model, windows, batch_size, store)
     elastic_stream = calls.hidden
-    # METHOD.md's target (the dense block on the dense stream) decides only in "auto", and only on
+    # METHOD.md's target (the dense block on the dense stream) decides only in "block", and only on
     # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.
     few = config.compare_windows
-    dense = elastic_stream[:few] if mode == "auto" else None
+    dense = elastic_stream[:few] if mode == "block" else None
     for b, block in enumerate(tqdm(blocks, desc=f"refit ({mode})", disable=not progress)):
         sparsity = plan.get(b, 0.0)
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
             target = base_runner.run(dense) if dense is not None else None
-            if sparsity == 0 or (mode == "bare" and _has_adapters(elastic, b, sparsity)):
+            adapters = sparsity > 0 and _has_adapters(elastic, b, sparsity)
+            if sparsity == 0 or b < reuse_before or (mode == "bare" and adapters):
                 out = runner.run(elastic_stream)
-                report.choices.append("dense" if sparsity == 0 else "adapters")
+                report.choices.append("dense" if sparsity == 0 else "refit" if b < reuse_before else "adapters")
                 report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
@@ -234,8 +323,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
             anchors = {name: layer.weight for name, layer in layers.items()} if config.ridge > 0 else None
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters, config.ridge,
                                     anchors)
-            # Only "auto" compares, in blocks with adapters: elsewhere the merged weights are not needed.
-            compare = mode == "auto" and _has_adapters(elastic, b, sparsity)
+            # Only "block" compares, in blocks with adapters: elsewhere the merged weights are not needed.
+            compare = mode == "block" and adapters
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
             few_merged = runner.run(elastic_stream[:few]) if compare else None
             for name, layer in layers.items():

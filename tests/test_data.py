@@ -6,7 +6,7 @@ import torch
 
 from conftest import ByteTokenizer, tiny_model
 from epts import evaluate_ppl
-from epts.data import DataError, calibration_windows, eval_windows, read_text
+from epts.data import DataError, calibration_windows, eval_windows, heldout_windows, read_text
 
 
 def test_calibration_windows_follow_the_reference_sampler():
@@ -16,6 +16,21 @@ def test_calibration_windows_follow_the_reference_sampler():
     starts = [random.randint(0, 1000 - 50 - 1) for _ in range(5)]
     assert torch.equal(windows, torch.stack([torch.arange(s, s + 50) for s in starts]))
     assert not torch.equal(windows, calibration_windows(tokens, 5, 50, seed=1))
+
+
+def test_heldout_windows_share_no_token_with_the_calibration():
+    tokens = torch.arange(5000)
+    calib = set(calibration_windows(tokens, 20, 100, seed=3).reshape(-1).tolist())
+    head = heldout_windows(tokens, 20, 100, 3, count=8)
+    tail = heldout_windows(tokens, 20, 100, 3, count=8, eval_seqlen=50, from_end=True)
+    assert head.shape == (8, 100) and tail.shape == (8, 50)
+    for windows in (head, tail):
+        assert not calib & set(windows.reshape(-1).tolist())
+        assert all(int(w[0]) % w.numel() == 0 for w in windows)  # on the grid, so never overlapping
+    assert int(head[0, 0]) < int(tail[-1, 0]) and not set(head.reshape(-1).tolist()) & set(tail.reshape(-1).tolist())
+    # A text the calibration covers gives as many as it has, possibly none.
+    assert len(heldout_windows(tokens[:400], 40, 100, 0, count=8)) == 0
+    assert len(heldout_windows(tokens[:400], 1, 100, 0, count=8)) in (2, 3)  # of 4, one or two covered
 
 
 def test_eval_windows_are_non_overlapping_from_the_start():
