@@ -268,7 +268,18 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                     "for a choice on text they did not see", config.compare_windows)
         heldout = windows[: config.compare_windows]
     adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
-    report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+    bare_blocks = len(adapted) < sum(s > 0 for s in plan.values())
+
+    def bare(reuse_before: int = 0) -> RefitReport:
+        if bare_blocks:
+            return _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store,
+                               reuse_before)
+        # Every block serves with adapters: the merged model is the "bare" candidate as it stands.
+        count = len(decoder_blocks(model.model))
+        return RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
+                           [(float("nan"), float("nan"))] * count)
+
+    report = bare()
     report.chosen = "bare"
     if adapted:
         # Blocks before the first one with adapters see the same stream in both candidates: their
@@ -281,7 +292,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
             report, report.chosen = every, "all"
         else:
             elastic.merge_into(model.model, {b: s for b, s in plan.items() if b >= first and s > 0})
-            report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, first)
+            report = bare(first)
             report.chosen = "bare"
         report.losses = losses
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting every block: %s",

@@ -120,7 +120,10 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
     import epts.refit as refit_module
 
     elastic, windows = elastic_tiny
-    plan = {0: 0.3, 1: 0.6, 2: 0.6}  # block 1 onward serves with adapters
+    # Block 0 serves with bare masks (refit by both candidates, on the same stream), block 1 onward
+    # with adapters: "bare" refits block 0 alone, "all" every block.
+    monkeypatch.setattr(elastic.blocks[0], "group1_adapter", False)
+    plan = {0: 0.3, 1: 0.6, 2: 0.6}
     candidates = {}
     for mode in ("bare", "all"):
         model = elastic.materialize(plan)
@@ -131,7 +134,7 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
     monkeypatch.setattr(refit_module, "mean_nll", lambda model, w, batch_size: next(scores))
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, "auto", progress=False, heldout=windows[:2])
-    assert report.chosen == chosen and report.losses == {"bare": losses[0], "all": losses[1]}
+    assert report.choices[0] == "refit" and report.chosen == chosen and report.losses == {"bare": losses[0], "all": losses[1]}
     assert report.scored_on == "heldout" and report.mode == "auto"
     # The loser is undone exactly, the restore included.
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), candidates[chosen]))
