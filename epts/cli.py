@@ -463,6 +463,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _refit_config(args) -> RefitConfig:
+    if args.refit_margin != RefitConfig.margin and args.refit != "block":
+        raise ValueError(f"--refit-margin sets the per-block choice of --refit block, but --refit is {args.refit}: "
+                         "drop --refit-margin, or pass --refit block")
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge)
 
 

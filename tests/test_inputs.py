@@ -434,3 +434,10 @@ def test_written_files_get_the_umasks_permissions(tmp_path, model_dir, text_file
     assert any(p.suffix == ".safetensors" for p in written)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
     assert all(m == (oct(0o755) if (tmp_path / p).is_dir() else oct(0o644)) for p, m in modes.items()), modes
+
+
+def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path, artifact):
+    message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out",
+                        "--refit-margin", "0.1")
+    assert "--refit-margin sets the per-block choice of --refit block, but --refit is auto" in message
+    assert not (tmp_path / "out").exists()

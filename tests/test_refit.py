@@ -12,7 +12,7 @@ from epts.config import CalibConfig, EPTSConfig
 from epts.importance import Pattern, mask_from_ranks
 from epts.models import load_model
 from epts.reconstruct import compress
-from epts.refit import artifact_calibration, masked_least_squares, refit
+from epts.refit import artifact_calibration, masked_least_squares, refit, refit_calibration
 
 CONFIG = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
                     calib=CalibConfig(nsamples=4, seqlen=32))
@@ -220,6 +220,21 @@ def test_the_artifact_calibration_is_reread_and_checked(tmp_path, text_file):
     elastic.calibration = {"source": "tensor", "sha256": None}
     with pytest.raises(ValueError, match="calibrated on windows passed as a tensor"):
         artifact_calibration(elastic)
+
+
+def test_the_refit_holds_out_windows_of_its_text_and_says_when_there_are_few(tmp_path, text_file, caplog):
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
+                        calib=CalibConfig(nsamples=2, seqlen=16))
+    elastic = compress(load_model(tiny_model_folder(tmp_path / "model")), text_file, config, progress=False)
+    text = refit_calibration(elastic, heldout=4, progress=False)
+    assert text.heldout.shape == (4, 16) and torch.equal(text.windows, artifact_calibration(elastic))
+    tokens = elastic.base.tokenizer(text_file.read_text(), return_tensors="pt").input_ids.reshape(-1)
+    assert torch.equal(text.heldout[0], tokens[:16]) or torch.equal(text.heldout[0], tokens[16:32])  # from the start
+    with caplog.at_level("WARNING"):
+        many = refit_calibration(elastic, heldout=10**6, progress=False)
+    assert 4 < len(many.heldout) < 10**6 and "fewer than the 1000000 its choice is scored on" in caplog.text
+    assert refit_calibration(elastic, heldout=0, progress=False).heldout is None
+    assert refit_calibration(elastic, text.windows, progress=False).heldout is None  # ready windows: nothing to hold out
 
 
 def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_file):
