@@ -491,6 +491,10 @@ def _cmd_export(args) -> None:
         whose = "the artifact's own windows" if used["artifact_windows"] else "NOT the artifact's training windows"
         print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
               f"in {done['seconds']:.0f} s, on {used['source']} ({whose})")
+        if done["losses"]:
+            kept = "every block refit" if done["chosen"] == "all" else "the adapters kept"
+            print(f"  chose {kept}: held-out loss {done['losses']['bare']:.4f} keeping the adapters, "
+                  f"{done['losses']['all']:.4f} refitting every block ({done['scored_on']} windows)")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

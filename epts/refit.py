@@ -41,7 +41,7 @@ from .evaluate import mean_nll
 from .hilora import active_adapters
 from .importance import mask_from_ranks
 from .models import LoadedModel
-from .offload import resident
+from .offload import is_streamed, resident
 from .selfcal import SOURCE as SELF_GENERATED
 from .selfcal import regenerate
 from .streams import StreamStore
@@ -285,11 +285,21 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         # Blocks before the first one with adapters see the same stream in both candidates: their
         # refit weights carry over, and so does the restore below.
         first = adapted[0]
-        losses = {"bare": mean_nll(model.model, heldout, batch_size)}
-        every = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, first)
-        losses["all"] = mean_nll(model.model, heldout, batch_size)
+        # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
+        # export's peak memory on a large vocabulary.
+        losses = {"bare": mean_nll(model.model, heldout, 1)}
+        # The "bare" weights the "all" pass overwrites are kept to undo it, unless the model is
+        # streamed (larger than RAM): there they are made again.
+        saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
+        every = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, first, saved)
+        losses["all"] = mean_nll(model.model, heldout, 1)
         if losses["all"] < losses["bare"]:
             report, report.chosen = every, "all"
+        elif saved is not None:
+            blocks = decoder_blocks(model.model)
+            for b, weights in saved.items():
+                for name, layer in prunable_linears(model.model, blocks[b]).items():
+                    layer.weight.copy_(weights[name])
         else:
             elastic.merge_into(model.model, {b: s for b, s in plan.items() if b >= first and s > 0})
             report = bare(first)
@@ -304,10 +314,11 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
 
 def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                 config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
-                reuse_before: int = 0) -> RefitReport:
+                reuse_before: int = 0, saved: dict[int, dict[str, torch.Tensor]] | None = None) -> RefitReport:
     """One pass of `refit` in `mode` ("bare", "block" or "all") over the blocks in order, each refit
     on the stream the blocks before it give. Blocks before `reuse_before` keep the weights they have
-    (a pass that refit them on the same stream already ran)."""
+    (a pass that refit them on the same stream already ran). `saved`, when given, receives a copy of
+    the prunable weights of each block before the pass changes them ({block: {layer name: weight}})."""
     report = RefitReport(mode)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
@@ -331,6 +342,8 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
                 elastic_stream, dense = out, target
                 continue
             layers = prunable_linears(model.model, block)
+            if saved is not None:
+                saved[b] = {name: layer.weight.detach().clone() for name, layer in layers.items()}
             anchors = {name: layer.weight for name, layer in layers.items()} if config.ridge > 0 else None
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters, config.ridge,
                                     anchors)

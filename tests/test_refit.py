@@ -114,11 +114,13 @@ def _weights(model):
             for l in prunable_linears(model.model, blk).values()]
 
 
+@pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again
 @pytest.mark.parametrize("losses, chosen", [((1.0, 2.0), "bare"), ((2.0, 1.0), "all")])
 def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elastic_tiny, monkeypatch, losses,
-                                                                              chosen):
+                                                                              chosen, streamed):
     import epts.refit as refit_module
 
+    monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
     elastic, windows = elastic_tiny
     # Block 0 serves with bare masks (refit by both candidates, on the same stream), block 1 onward
     # with adapters: "bare" refits block 0 alone, "all" every block.
