@@ -95,15 +95,20 @@ def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys)
                         calib=CalibConfig(nsamples=2, seqlen=16))
     compress(load_model(tiny_model_folder(tmp_path / "model")), text_file, config, out=tmp_path / "art",
              progress=False)
-    main([str(tmp_path / "art"), "0.6:2:4", "0.6:1:1", "--heldout-windows", "3", "--eval-seqlen", "32"])
+    main([str(tmp_path / "art"), "0.6:2:4", "0.6:1:1", "0.6:2:4:auto", "--heldout-windows", "3",
+          "--eval-seqlen", "32"])
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[0] for line in lines] == ["0.6:2:4", "0.6:1:1"]
-    for line in lines:
-        _, ppl, choices, seconds = line.split()
-        assert math.isfinite(float(ppl)) and len(choices) == 3 and set(choices) <= {"R", "a"}
+    assert [line.split()[0] for line in lines] == ["0.6:2:4", "0.6:1:1", "0.6:2:4:auto"]
+    for line in lines[:2]:
+        _, ppl, choices, seconds, chose = line.split()
+        assert math.isfinite(float(ppl)) and len(choices) == 3 and set(choices) <= {"R", "a"} and chose == "-"
     assert lines[0].split()[1] != lines[1].split()[1]  # 1 step instead of 4: another model
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "art"), "0.6"])
+    _, ppl, choices, seconds, chose, bare, every = lines[2].split()
+    losses = {k: float(v) for k, v in (bare.split("="), every.split("="))}
+    assert chose == min(losses, key=losses.get) and choices == ("RRR" if chose == "all" else "aaa")
+    for bad in ("0.6", "0.6:2:4:all"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "art"), bad])
 
 
 def test_quality_json_labels_the_default_export_and_takes_window_counts_from_the_command(tmp_path):
