@@ -260,14 +260,16 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     if config.mode != "auto":
         return _refit_pass(elastic, model, plan, windows, config, config.mode, batch_size, progress, store)
     start = time.perf_counter()
-    scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
+    adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
+    scored_on = None
+    if adapted:  # else both candidates are the same model: nothing to choose
+        scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
     if scored_on == "calibration":
         log.warning("refit auto: no held-out text of the calibration's domain (self-generated windows, windows passed "
                     "as a tensor, or a text with no window left over): keeping the adapters or refitting every block "
                     "is decided on the first %d calibration windows, which both were fitted to; pass --calib TEXT "
                     "for a choice on text they did not see", config.compare_windows)
         heldout = windows[: config.compare_windows]
-    adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
     bare_blocks = len(adapted) < sum(s > 0 for s in plan.values())
 
     def bare(reuse_before: int = 0) -> RefitReport:

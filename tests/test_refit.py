@@ -174,6 +174,7 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
         for state, mark in zip(elastic.blocks, marks):
             state.group1_adapter = mark
     assert report.chosen == "bare" and report.losses == {} and report.choices == ["refit"] * 3
+    assert report.scored_on is None  # nothing to choose: both candidates are this model
 
 
 def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_tiny):
