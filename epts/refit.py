@@ -272,28 +272,23 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         heldout = windows[: config.compare_windows]
     bare_blocks = len(adapted) < sum(s > 0 for s in plan.values())
 
-    def bare(reuse_before: int = 0) -> RefitReport:
-        if bare_blocks:
-            return _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store,
-                               reuse_before)
-        # Every block serves with adapters: the merged model is the "bare" candidate as it stands.
+    if bare_blocks:
+        report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+    else:  # every block serves with adapters: the merged model is the "bare" candidate as it stands
         count = len(decoder_blocks(model.model))
-        return RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
-                           [(float("nan"), float("nan"))] * count)
-
-    report = bare()
+        report = RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
+                             [(float("nan"), float("nan"))] * count)
     report.chosen = "bare"
     if adapted:
-        # Blocks before the first one with adapters see the same stream in both candidates: their
-        # refit weights carry over, and so does the restore below.
-        first = adapted[0]
         # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
         # export's peak memory on a large vocabulary.
         losses = {"bare": mean_nll(model.model, heldout, 1)}
-        # The "bare" weights the "all" pass overwrites are kept to undo it, unless the model is
-        # streamed (larger than RAM): there they are made again.
+        # The second candidate refits the blocks with adapters too, on its own stream; the blocks
+        # with bare masks keep their refit of the first pass (re-solving them on the slightly
+        # changed stream doubled the export's time at 0.3-0.4). The merged weights it overwrites
+        # are copied to undo it, or merged again for a streamed model (larger than RAM).
         saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
-        every = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, first, saved)
+        every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
         losses["all"] = mean_nll(model.model, heldout, 1)
         if losses["all"] < losses["bare"]:
             report, report.chosen = every, "all"
@@ -303,9 +298,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                 for name, layer in prunable_linears(model.model, blocks[b]).items():
                     layer.weight.copy_(weights[name])
         else:
-            elastic.merge_into(model.model, {b: s for b, s in plan.items() if b >= first and s > 0})
-            report = bare(first)
-            report.chosen = "bare"
+            elastic.merge_into(model.model, {b: plan[b] for b in adapted})
         report.losses = losses
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting every block: %s",
                  losses["bare"], losses["all"], "every block refit" if report.chosen == "all" else "adapters kept")
@@ -316,11 +309,11 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
 
 def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                 config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
-                reuse_before: int = 0, saved: dict[int, dict[str, torch.Tensor]] | None = None) -> RefitReport:
-    """One pass of `refit` in `mode` ("bare", "block" or "all") over the blocks in order, each refit
-    on the stream the blocks before it give. Blocks before `reuse_before` keep the weights they have
-    (a pass that refit them on the same stream already ran). `saved`, when given, receives a copy of
-    the prunable weights of each block before the pass changes them ({block: {layer name: weight}})."""
+                saved: dict[int, dict[str, torch.Tensor]] | None = None) -> RefitReport:
+    """One pass of `refit` in `mode` ("bare", "block", "all", or "adapted": only the blocks with
+    adapters, the others keep the weights a "bare" pass gave them) over the blocks in order, each
+    refit on the stream the blocks before it give. `saved`, when given, receives a copy of the
+    prunable weights of each block before the pass changes them ({block: {layer name: weight}})."""
     report = RefitReport(mode)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
@@ -337,9 +330,9 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
             target = base_runner.run(dense) if dense is not None else None
             adapters = sparsity > 0 and _has_adapters(elastic, b, sparsity)
-            if sparsity == 0 or b < reuse_before or (mode == "bare" and adapters):
+            if sparsity == 0 or (mode == "bare" and adapters) or (mode == "adapted" and not adapters):
                 out = runner.run(elastic_stream)
-                report.choices.append("dense" if sparsity == 0 else "refit" if b < reuse_before else "adapters")
+                report.choices.append("dense" if sparsity == 0 else "adapters" if adapters else "refit")
                 report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
