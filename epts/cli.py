@@ -492,9 +492,9 @@ def _cmd_export(args) -> None:
         print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
               f"in {done['seconds']:.0f} s, on {used['source']} ({whose})")
         if done["losses"]:
-            kept = "every block refit" if done["chosen"] == "all" else "the adapters kept"
+            kept = "the refit of the blocks with adapters" if done["chosen"] == "all" else "the adapters kept"
             print(f"  chose {kept}: held-out loss {done['losses']['bare']:.4f} keeping the adapters, "
-                  f"{done['losses']['all']:.4f} refitting every block ({done['scored_on']} windows)")
+                  f"{done['losses']['all']:.4f} refitting them ({done['scored_on']} windows)")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

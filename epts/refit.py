@@ -9,9 +9,9 @@ weights against the Hessian of its inputs (`masked_least_squares`), block by blo
 model's own activations, with SparseGPT's convention for the Hessian (the unpruned block on the
 pruned model's stream). Blocks served with no adapter are always refit. Whether the refit also
 replaces the merged weights (`M(s) * (W + sum B A)`) of the blocks with adapters is decided for the
-whole model ("auto", the default; `RefitConfig`): both candidates, adapters kept ("bare") and every
-block refit ("all"), are scored by their loss on held-out windows of the calibration text, windows
-no calibration window overlaps, and the lower wins. Which one that is depends on the model and the
+whole model ("auto", the default; `RefitConfig`): both candidates, adapters kept ("bare") and the
+blocks with adapters refit too ("all"), are scored by their loss on held-out windows of the
+calibration text, windows no calibration window overlaps, and the lower wins. Which one that is depends on the model and the
 sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on SmolLM2, the refit on
 Gemma-3), and a choice block by block on the block's output error was fooled by Gemma-3's large
 residual stream; "block" keeps that per-block choice as an option.
@@ -243,7 +243,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
     sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
     masks) and keeps the adapters elsewhere; "all" refits every block at a nonzero sparsity;
-    "auto" makes both and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
+    "auto" makes "bare" and then refits the blocks with adapters too (the blocks with bare masks
+    keeping their refit), and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
     windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
     when there are none, on the first `config.compare_windows` calibration windows, with a warning;
     "block" also refits a block with adapters where that lowers its output error against the
@@ -266,7 +267,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
     if scored_on == "calibration":
         log.warning("refit auto: no held-out text of the calibration's domain (self-generated windows, windows passed "
-                    "as a tensor, or a text with no window left over): keeping the adapters or refitting every block "
+                    "as a tensor, or a text with no window left over): keeping the adapters or refitting them "
                     "is decided on the first %d calibration windows, which both were fitted to; pass --calib TEXT "
                     "for a choice on text they did not see", config.compare_windows)
         heldout = windows[: config.compare_windows]
@@ -300,8 +301,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         else:
             elastic.merge_into(model.model, {b: plan[b] for b in adapted})
         report.losses = losses
-        log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting every block: %s",
-                 losses["bare"], losses["all"], "every block refit" if report.chosen == "all" else "adapters kept")
+        log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
+                 losses["bare"], losses["all"], "refit" if report.chosen == "all" else "adapters kept")
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
     return report
