@@ -103,8 +103,9 @@ REFIT_MODES = ("none", "bare", "block", "auto", "all")
 class RefitConfig:
     """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
     calibration with the masks fixed ("none"; "bare": only those with no adapter; "all"; "auto":
-    "bare" or "all", whichever has the lower loss on `compare_windows` held-out windows of the
-    calibration text; "block": a choice block by block on the block's output error); the
+    "bare", or "bare" with the blocks with adapters refit too, whichever has the lower loss on
+    `compare_windows` held-out windows of the calibration text; "block": a choice block by block on
+    the block's output error); the
     conjugate-gradient steps towards the exact least-squares weights; for "block", the relative drop
     of a block's output error the refit must bring before it replaces that block's adapters, and
     the number of calibration windows that error is measured on (`compare_windows`, also the
