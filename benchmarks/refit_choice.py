@@ -22,7 +22,7 @@ import math
 from benchmarks.experiments import heldout_text
 from epts.artifact import ElasticModel
 from epts.runtime import RuntimeModel
-from epts.config import RefitConfig
+from epts.config import REFIT_MASKS, RefitConfig
 from epts.data import heldout_windows, tokenize
 from epts.evaluate import mean_nll
 from epts.refit import artifact_calibration, refit
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", help="calibration text (default: the artifact's own, reread and checked)")
     parser.add_argument("--heldout-windows", type=int, default=24, help="held-out windows to evaluate on")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="held-out window length")
+    parser.add_argument("--mask", choices=REFIT_MASKS, default=RefitConfig.mask,
+                        help="the masks of the blocks re-solved (RefitConfig.mask)")
     args = parser.parse_args(argv)
 
     elastic = ElasticModel.load(args.artifact)
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = RuntimeModel(elastic)
     print("sparsity:compare_windows:iters[:mode]  held-out ppl  blocks (R refit, a adapters kept)  refit s  choice")
     for sparsity, config in args.specs:
+        config.mask = args.mask
         runtime.set_sparsity(sparsity)  # re-merges every block: each spec starts from the plain merge
         choice = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, config.compare_windows) \
             if config.mode == "auto" else None

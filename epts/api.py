@@ -221,7 +221,7 @@ def export(
             chosen = extra["refit"]["chosen"]
             details["refit (kept weights re-solved on the calibration)"] = (
                 f"{refit.mode}{f' (chose {chosen})' if chosen else ''}: {extra['refit']['refit_blocks']} of "
-                f"{len(plan)} blocks")
+                f"{len(plan)} blocks, on {refit.mask} masks")
             whose = "the artifact's own windows" if used["artifact_windows"] else \
                 "not the windows the artifact was trained on"
             details["refit calibration"] = f"{used['source']} ({whose})"

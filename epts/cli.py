@@ -23,7 +23,7 @@ from .arch import UnsupportedArchitectureError
 from .baselines import METHODS, prune
 from .artifact import ArtifactError, ElasticModel
 from .checkpoint import CHECKPOINT, is_unfinished_run
-from .config import (PRESETS, REFIT_MODES, CalibConfig, EPTSConfig, ExportConfig, PruneConfig, RefitConfig,
+from .config import (PRESETS, REFIT_MASKS, REFIT_MODES, CalibConfig, EPTSConfig, ExportConfig, PruneConfig, RefitConfig,
                      load_config_file)
 from .data import DataError
 from .evaluate import evaluate_ppl, generate_timed, peak_rss_mb
@@ -460,13 +460,16 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--refit-ridge", type=float, default=RefitConfig.ridge,
                    help="refit: pull each layer's solution toward the merged weights it replaces, with a ridge of "
                         "this times the mean diagonal of the layer's Hessian (0: plain least squares)")
+    p.add_argument("--refit-mask", choices=list(REFIT_MASKS), default=RefitConfig.mask,
+                   help="refit: the masks of the blocks re-solved: the elastic model's nested masks, or masks "
+                        "chosen again by SparseGPT's OBS saliency on the refit's Hessians (obs)")
 
 
 def _refit_config(args) -> RefitConfig:
     if args.refit_margin != RefitConfig.margin and args.refit != "block":
         raise ValueError(f"--refit-margin sets the per-block choice of --refit block, but --refit is {args.refit}: "
                          "drop --refit-margin, or pass --refit block")
-    return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge)
+    return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask)
 
 
 def _cmd_export(args) -> None:

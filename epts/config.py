@@ -97,6 +97,7 @@ class PruneConfig:
 
 
 REFIT_MODES = ("none", "bare", "block", "auto", "all")
+REFIT_MASKS = ("elastic", "obs")
 
 
 @dataclass
@@ -116,18 +117,30 @@ class RefitConfig:
     replaces, the merged M(s) * (W + sum B A) (the bare mask M(s) * W in a block with no adapter):
     minimise ||(X - W_dense) H^1/2||^2 + lambda ||X - W_merged||^2 over the kept weights, with
     lambda = ridge * mean(diag(H)) (scale-free), solved by the same conjugate gradients started from
-    the merged weights. ridge 0 is today's refit exactly (started from the bare mask)."""
+    the merged weights. ridge 0 is today's refit exactly (started from the bare mask).
+
+    `mask` ("elastic" or "obs") is the mask of the blocks the refit re-solves: the elastic model's
+    nested M(s), or one chosen again at export by SparseGPT's OBS saliency on the refit's own
+    Hessians, at the same sparsity per row (a re-solved block keeps nothing of its adapters, so
+    nothing ties it to M(s))."""
 
     mode: str = "auto"
     iters: int = 10
     margin: float = 0.0
     compare_windows: int = 8
     ridge: float = 0.0
+    mask: str = "obs"
 
     def __post_init__(self):
-        _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float})
+        _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
+                              "mask": str})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
+        if self.mask not in REFIT_MASKS:
+            raise ValueError(f"refit mask {self.mask!r} is not one of {', '.join(REFIT_MASKS)}")
+        if self.mask == "obs" and self.ridge > 0:
+            raise ValueError("a refit ridge pulls toward the weights on the elastic masks, which refit mask 'obs' "
+                             "replaces: pass mask 'elastic' (--refit-mask elastic) with a ridge")
         if not self.ridge >= 0:
             raise ValueError(f"refit ridge must be >= 0, got {self.ridge}")
         if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:

@@ -39,7 +39,7 @@ from .config import RefitConfig
 from .data import calibration_windows, heldout_windows, tokenize
 from .evaluate import mean_nll
 from .hilora import active_adapters
-from .importance import mask_from_ranks
+from .importance import Pattern, mask_from_ranks
 from .models import LoadedModel
 from .offload import is_streamed, resident
 from .selfcal import SOURCE as SELF_GENERATED
@@ -56,7 +56,8 @@ class RefitReport:
     the refit weights against the dense target on the first `RefitConfig.compare_windows`
     calibration windows (NaN where not run: the target is computed in "block" only, which compares).
     In "auto", `losses` holds each candidate's mean next-token loss (nats) on the scored windows,
-    `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration"."""
+    `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration". `mask` is
+    `RefitConfig.mask`: the masks of the blocks re-solved."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -65,11 +66,12 @@ class RefitReport:
     chosen: str | None = None
     losses: dict[str, float] = field(default_factory=dict)
     scored_on: str | None = None
+    mask: str = "elastic"
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
                 "refit_blocks": self.choices.count("refit"), "seconds": self.seconds, "chosen": self.chosen,
-                "losses": self.losses, "scored_on": self.scored_on}
+                "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask}
 
 
 @dataclass
@@ -179,7 +181,8 @@ def _regenerated(elastic: ElasticModel, record: dict, progress: bool) -> torch.T
 
 
 def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tensor, pruned: torch.Tensor,
-                         iters: int, ridge: float = 0.0, anchor: torch.Tensor | None = None) -> torch.Tensor:
+                         iters: int, ridge: float = 0.0, anchor: torch.Tensor | None = None,
+                         start: torch.Tensor | None = None) -> torch.Tensor:
     """Minimise sum_i (w_i - x_i) H (w_i - x_i)^T over x supported off `pruned`, every row at once,
     by `iters` steps of conjugate gradients from the bare mask (w with the pruned weights zeroed).
     `hessian` and its `inverse` come dampened (`SparseGPTPruner.inverse_hessian`). The
@@ -195,7 +198,9 @@ def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: t
     mean(diag(H)), pulling the solution toward `anchor` (d_out, d_in; the merged weights the refit
     replaces, required then): the system matrix becomes H + lambda I on the kept weights, the
     preconditioner its inverse, and the steps start from the anchor on the mask. ridge 0 runs the
-    code above unchanged."""
+    code above unchanged. Without a ridge, `start` (d_out, d_in) replaces the bare mask as the
+    first iterate (taken on the mask): a better start, such as SparseGPT's OBS solution, needs
+    fewer steps to the same optimum."""
     h, hinv = hessian.float(), inverse.float()
     keep = (~pruned).float()
     lam = 0.0
@@ -207,7 +212,7 @@ def masked_least_squares(weight: torch.Tensor, hessian: torch.Tensor, inverse: t
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h + lam * eye))
         x = anchor.float() * keep
     else:
-        x = weight.float() * keep
+        x = (weight if start is None else start).float() * keep
     # Minus half the gradient; the ridge term (a - x) is zero at the start, x = a on the mask.
     residual = ((weight.float() - x) @ h) * keep
     z = (residual @ hinv) * keep
@@ -252,7 +257,9 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     (relative; 0 by default: any drop); "none" does nothing. `config.iters` conjugate-gradient
     steps (`masked_least_squares`) solve each layer for the least-squares weights on its mask.
     Streamed models are processed one resident block at a time. The result keeps exactly the masks
-    M(s) of the plan. The streams (about three of n x seqlen x hidden at a time) live in `store`
+    M(s) of the plan, except with `config.mask` "obs" in the blocks it re-solves: there SparseGPT's
+    OBS saliency on the refit's Hessians chooses each layer's mask again, at the same sparsity per
+    row (a re-solved block keeps nothing of its adapters, so nothing ties it to M(s)). The streams (about three of n x seqlen x hidden at a time) live in `store`
     (default: RAM; `epts.streams`). Raises ValueError for an unknown mode.
     """
     config = RefitConfig(config) if isinstance(config, str) else config
@@ -278,7 +285,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     else:  # every block serves with adapters: the merged model is the "bare" candidate as it stands
         count = len(decoder_blocks(model.model))
         report = RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
-                             [(float("nan"), float("nan"))] * count)
+                             [(float("nan"), float("nan"))] * count, mask=config.mask)
     report.chosen = "bare"
     if adapted:
         # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
@@ -315,7 +322,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     adapters, the others keep the weights a "bare" pass gave them) over the blocks in order, each
     refit on the stream the blocks before it give. `saved`, when given, receives a copy of the
     prunable weights of each block before the pass changes them ({block: {layer name: weight}})."""
-    report = RefitReport(mode)
+    report = RefitReport(mode, mask=config.mask)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
@@ -342,7 +349,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
                 saved[b] = {name: layer.weight.detach().clone() for name, layer in layers.items()}
             anchors = {name: layer.weight for name, layer in layers.items()} if config.ridge > 0 else None
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters, config.ridge,
-                                    anchors)
+                                    anchors, config.mask == "obs")
             # Only "block" compares, in blocks with adapters: elsewhere the merged weights are not needed.
             compare = mode == "block" and adapters
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
@@ -373,20 +380,26 @@ def _has_adapters(elastic: ElasticModel, index: int, sparsity: float) -> bool:
 
 
 def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner, stream: torch.Tensor,
-                 iters: int, ridge: float = 0.0, anchors: dict[str, torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
+                 iters: int, ridge: float = 0.0, anchors: dict[str, torch.Tensor] | None = None,
+                 obs: bool = False) -> dict[str, torch.Tensor]:
     """The refit weights of every prunable layer of block `index`: Hessians of the layers' inputs
     when the base block runs on `stream` (SparseGPT's convention: the unpruned block on the pruned
     model's activations), then the least-squares weights on the elastic mask M(sparsity), pulled
-    toward `anchors` (the served block's merged weights, by layer name) with `ridge` > 0."""
+    toward `anchors` (the served block's merged weights, by layer name) with `ridge` > 0. With
+    `obs` (`RefitConfig.mask` "obs") the mask is SparseGPT's instead, chosen by OBS saliency on
+    these Hessians at the same sparsity per row, and the steps start from SparseGPT's OBS solution."""
     layers = prunable_linears(elastic.base.model, base_runner.block)
     pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
     base_runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
     weights = {}
     for name, p in pruners.items():
-        pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
+        start = None
+        if obs:
+            start, pruned = p.prune(Pattern(sparsity=sparsity))
+        else:
+            pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
         hessian, inverse, _ = p.inverse_hessian()
         anchor = None if anchors is None else anchors[name].to(p.layer.weight.device)
-        weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters, ridge,
-                                             anchor).to(p.layer.weight.dtype)
+        weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters, ridge, anchor,
+                                             start).to(p.layer.weight.dtype)
     return weights

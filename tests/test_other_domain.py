@@ -100,11 +100,13 @@ def test_the_harness_reads_ridge_refits_and_tables_the_other_text(tmp_path):
 
     assert refit_config("auto", 10, 0.0).ridge == 0 and refit_config("auto", 10, 0.0).mode == "auto"
     r = refit_config("ridge:1", 10, 0.0)
-    assert (r.mode, r.ridge) == ("all", 1.0)
+    assert (r.mode, r.ridge, r.mask) == ("all", 1.0, "elastic")  # a ridge pulls toward the elastic masks' weights
     r = refit_config("bare:ridge=0.1", 20, 0.0)
     assert (r.mode, r.ridge, r.iters) == ("bare", 0.1, 20)
-    with pytest.raises(ValueError):
-        refit_config("all:lambda=1", 10, 0.0)
+    assert refit_config("auto:mask=obs", 10, 0.0).mask == "obs"
+    for bad in ("all:lambda=1", "auto:mask=wanda", "auto:mask="):
+        with pytest.raises(ValueError):
+            refit_config(bad, 10, 0.0)
     rows = [{"variant": "dense", "scope": "blocks=6", "sparsity": 0.0, "ppl_heldout": 30.0, "ppl_other": 20.0,
              "commit": "c", "command": "cmd", "compress_seconds": None},
             {"variant": "sparsegpt", "scope": "blocks=6", "sparsity": 0.5, "ppl_heldout": 35.0, "ppl_other": 25.0,

@@ -8,7 +8,7 @@ import torch
 from conftest import random_windows, tiny_model, tiny_model_folder
 from epts.arch import decoder_blocks, prunable_linears
 from epts.baselines.sparsegpt import SparseGPTPruner
-from epts.config import CalibConfig, EPTSConfig
+from epts.config import CalibConfig, EPTSConfig, RefitConfig
 from epts.importance import Pattern, mask_from_ranks
 from epts.models import load_model
 from epts.reconstruct import compress
@@ -89,7 +89,7 @@ def test_refit_keeps_the_elastic_masks_and_chooses_the_lower_error(elastic_tiny,
     model = elastic.materialize(plan)
     merged = {(b, n): l.weight.detach().clone() for b, blk in enumerate(decoder_blocks(model.model))
               for n, l in prunable_linears(model.model, blk).items()}
-    report = refit(elastic, model, plan, windows, mode, progress=False)
+    report = refit(elastic, model, plan, windows, RefitConfig(mode, mask="elastic"), progress=False)
     assert report.choices[2] == "dense"
     if mode == "all":
         assert report.choices[:2] == ["refit", "refit"]
@@ -186,7 +186,7 @@ def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_ti
         model = elastic.materialize(plan)
         before = [[l.weight.detach().clone() for l in prunable_linears(model.model, blk).values()]
                   for blk in decoder_blocks(model.model)]
-        report = refit(elastic, model, plan, windows, "bare", progress=False)
+        report = refit(elastic, model, plan, windows, RefitConfig("bare", mask="elastic"), progress=False)
         after = [[l.weight for l in prunable_linears(model.model, blk).values()] for blk in decoder_blocks(model.model)]
     finally:
         for state, mark in zip(elastic.blocks, marks):
@@ -247,7 +247,7 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
     config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5),
                         calib=CalibConfig(nsamples=2, seqlen=16))
     compress(load_model(folder), text_file, config, out=tmp_path / "art", progress=False)
-    meta = export(tmp_path / "art", 0.5, tmp_path / "out", refit="all", progress=False)
+    meta = export(tmp_path / "art", 0.5, tmp_path / "out", refit=RefitConfig("all", mask="elastic"), progress=False)
     assert meta["refit"]["choices"] == ["refit"] * 3 and meta["refit"]["refit_blocks"] == 3
     plain = export(tmp_path / "art", 0.5, tmp_path / "plain", progress=False, refit="none")
     assert "refit" not in plain
@@ -256,8 +256,15 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
     for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(x == 0, y == 0) or "proj" not in name, name
     assert any(not torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
-    assert "| refit (kept weights re-solved on the calibration) | all: 3 of 3 blocks |" in (
+    assert "| refit (kept weights re-solved on the calibration) | all: 3 of 3 blocks, on elastic masks |" in (
         tmp_path / "out" / "README.md").read_text()
+    # OBS masks: other masks at exactly the same sparsity, and the card says so.
+    obs = export(tmp_path / "art", 0.5, tmp_path / "obs", refit=RefitConfig("all", mask="obs"), progress=False)
+    assert obs["refit"]["mask"] == "obs" and obs["total_sparsity"] == pytest.approx(plain["total_sparsity"], abs=1e-12)
+    c = load_model(tmp_path / "obs")
+    assert any(not torch.equal(x == 0, y == 0) for (name, x), (_, y)
+               in zip(c.model.named_parameters(), b.model.named_parameters()) if "proj" in name)
+    assert "all: 3 of 3 blocks, on obs masks |" in (tmp_path / "obs" / "README.md").read_text()
     default = export(tmp_path / "art", 0.5, tmp_path / "default", progress=False)["refit"]
     assert default["mode"] == "auto" and default["scored_on"] == "heldout"
     assert default["chosen"] == min(default["losses"], key=default["losses"].get)
@@ -266,8 +273,6 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
 
 
 def test_the_block_margin_keeps_adapters_unless_the_refit_clearly_wins(elastic_tiny):
-    from epts.config import RefitConfig
-
     elastic, windows = elastic_tiny
     plan = {b: 0.6 for b in range(3)}  # group 2: every block serves it with adapters
     strict = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("block", margin=0.999), progress=False)
@@ -310,13 +315,11 @@ def test_the_ridge_refit_moves_from_the_least_squares_optimum_toward_the_anchor(
 
 
 def test_refit_with_ridge_zero_is_the_refit_and_a_ridge_keeps_the_masks(elastic_tiny):
-    from epts.config import RefitConfig
-
     elastic, windows = elastic_tiny
     plan = {0: 0.6, 1: 0.3, 2: 0.0}
     weights = {}
-    for key, config in {"plain": RefitConfig("all"), "zero": RefitConfig("all", ridge=0.0),
-                        "ridge": RefitConfig("all", ridge=1.0), "merged": RefitConfig("none")}.items():
+    for key, config in {"plain": RefitConfig("all", mask="elastic"), "zero": RefitConfig("all", ridge=0.0, mask="elastic"),
+                        "ridge": RefitConfig("all", ridge=1.0, mask="elastic"), "merged": RefitConfig("none")}.items():
         model = elastic.materialize(plan)
         refit(elastic, model, plan, windows, config, progress=False)
         weights[key] = [l.weight.detach().clone() for blk in decoder_blocks(model.model)
@@ -330,3 +333,51 @@ def test_refit_with_ridge_zero_is_the_refit_and_a_ridge_keeps_the_masks(elastic_
     assert moved and all(0 < d < 1 for d in moved)
     with pytest.raises(ValueError, match="ridge"):
         RefitConfig("all", ridge=-1.0)
+
+
+def test_sparsegpt_reports_the_mask_it_chose_and_a_refit_from_its_solution_reaches_the_optimum():
+    pruner, x = _pruner(seed=3)
+    w = pruner.layer.weight.data.clone()
+    solution, pruned = pruner.prune(Pattern(sparsity=0.5))
+    assert torch.equal(solution, pruner.pruned_weight(Pattern(sparsity=0.5)))
+    assert torch.equal(pruned.sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
+    assert not solution[pruned].any()
+    hessian, inverse, _ = pruner.inverse_hessian()
+    error = lambda v: ((w - v) @ hessian * (w - v)).sum().item()  # noqa: E731
+    best = error(_optimum(w, hessian, pruned))
+    from_bare = masked_least_squares(w, hessian, inverse, pruned, iters=2)
+    from_obs = masked_least_squares(w, hessian, inverse, pruned, iters=2, start=solution)
+    assert torch.equal(from_obs == 0, pruned)
+    # OBS's sweep is a good start: two steps from it land nearer the optimum than from the bare mask.
+    assert best <= error(from_obs) < error(from_bare) and error(from_obs) < error(solution)
+
+
+@pytest.mark.parametrize("mode", ["bare", "all"])
+def test_refit_mask_obs_rechooses_the_masks_of_the_blocks_it_resolves(elastic_tiny, monkeypatch, mode):
+    elastic, windows = elastic_tiny
+    monkeypatch.setattr(elastic.blocks[0], "group1_adapter", False)
+    monkeypatch.setattr(elastic.blocks[1], "group1_adapter", True)
+    plan = {0: 0.3, 1: 0.3, 2: 0.6}  # bare masks, then adapters in blocks 1-2
+    chosen = []
+    real = SparseGPTPruner.prune
+    monkeypatch.setattr(SparseGPTPruner, "prune", lambda self, pattern: chosen.append(real(self, pattern)) or chosen[-1])
+    model = elastic.materialize(plan)
+    report = refit(elastic, model, plan, windows, RefitConfig(mode, mask="obs"), progress=False)
+    resolved = [0] if mode == "bare" else [0, 1, 2]
+    assert [b for b, c in enumerate(report.choices) if c == "refit"] == resolved and report.mask == "obs"
+    layers = [(b, name, layer) for b, blk in enumerate(decoder_blocks(model.model))
+              for name, layer in prunable_linears(model.model, blk).items()]
+    obs = iter(chosen)
+    for b, name, layer in layers:
+        elastic_pruned = ~mask_from_ranks(elastic.ranks(b, name), plan[b])
+        if b in resolved:  # SparseGPT's mask, in the order the refit solved them, at the same count per row
+            _, pruned = next(obs)
+            assert torch.equal(layer.weight == 0, pruned) and not torch.equal(pruned, elastic_pruned)
+            assert torch.equal(pruned.sum(1), elastic_pruned.sum(1))
+        else:
+            assert torch.equal(layer.weight == 0, elastic_pruned)
+    assert next(obs, None) is None
+    with pytest.raises(ValueError, match="refit mask 'wanda' is not one of elastic, obs"):
+        RefitConfig(mask="wanda")
+    with pytest.raises(ValueError, match="ridge"):
+        RefitConfig(mask="obs", ridge=0.5)

@@ -81,7 +81,13 @@ class SparseGPTPruner:
     def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         """The layer's weight (d_out, d_in), in its dtype, pruned to `pattern` with OBS updates of the
         weights kept."""
+        return self.prune(pattern)[0]
+
+    def prune(self, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pruned_weight` and the mask it chose: the pruned weights (bool, d_out x d_in, True where
+        pruned; exactly the zeros of the OBS sweep even where an update lands on zero)."""
         w = self.layer.weight.data.clone().float()
+        pruned = torch.zeros_like(w, dtype=torch.bool)
         rows, cols = w.shape
         blocksize = self.blocksize
         if pattern.is_nm:
@@ -124,5 +130,6 @@ class SparseGPTPruner:
                 w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
                 err1[:, i] = e
             w[:, i1:i2] = q1
+            pruned[:, i1:i2] = prune1
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        return w.to(self.layer.weight.dtype)
+        return w.to(self.layer.weight.dtype), pruned
