@@ -122,14 +122,15 @@ class RefitConfig:
     `mask` ("elastic" or "obs") is the mask of the blocks the refit re-solves: the elastic model's
     nested M(s), or one chosen again at export by SparseGPT's OBS saliency on the refit's own
     Hessians, at the same sparsity per row (a re-solved block keeps nothing of its adapters, so
-    nothing ties it to M(s))."""
+    nothing ties it to M(s)). "elastic" by default: "obs" is better on held-out text of the
+    calibration's domain from 0.5 up and worse off it (docs/RECIPE.md)."""
 
     mode: str = "auto"
     iters: int = 10
     margin: float = 0.0
     compare_windows: int = 8
     ridge: float = 0.0
-    mask: str = "obs"
+    mask: str = "elastic"
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
@@ -140,7 +141,7 @@ class RefitConfig:
             raise ValueError(f"refit mask {self.mask!r} is not one of {', '.join(REFIT_MASKS)}")
         if self.mask == "obs" and self.ridge > 0:
             raise ValueError("a refit ridge pulls toward the weights on the elastic masks, which refit mask 'obs' "
-                             "replaces: pass mask 'elastic' (--refit-mask elastic) with a ridge")
+                             "replaces: drop one of the two (--refit-ridge, --refit-mask obs)")
         if not self.ridge >= 0:
             raise ValueError(f"refit ridge must be >= 0, got {self.ridge}")
         if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:

@@ -444,10 +444,10 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (("--refit-ridge", "1"), "a refit ridge pulls toward the weights on the elastic masks, which refit mask 'obs' "
-                             "replaces: pass mask 'elastic' (--refit-mask elastic) with a ridge"),
-    (("--refit", "none", "--refit-mask", "elastic"), "--refit-mask sets the masks of the blocks a refit re-solves, "
-                                                     "but --refit is none"),
+    (("--refit-ridge", "1", "--refit-mask", "obs"), "a refit ridge pulls toward the weights on the elastic masks, "
+                                                    "which refit mask 'obs' replaces: drop one of the two"),
+    (("--refit", "none", "--refit-mask", "obs"), "--refit-mask sets the masks of the blocks a refit re-solves, "
+                                                 "but --refit is none"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
