@@ -19,7 +19,7 @@ row with its command and commit.
 non-overlapping windows of another text (`benchmarks/other_domain.py` builds one that is not
 Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, block, auto, all), a
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), a mode with the
-mask of its blocks without adapters (`auto:mask=obs`, `RefitConfig.mask`), or `ridge:X`, short for
+masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), or `ridge:X`, short for
 `all:ridge=X`.
 """
 
@@ -145,9 +145,7 @@ def run(args) -> None:
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
                           + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
                           + (f"-r{r.ridge:g}" if r.ridge else "")
-                          # A ridge implies the elastic masks (`RefitConfig`): its rows keep their name.
-                          + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask and not r.ridge else "")
-                          for r in refits]
+                          + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -194,18 +192,17 @@ def run(args) -> None:
 
 
 def parse_refit(token: str, iters: int, margin: float) -> RefitConfig:
-    """A `--refit` token: MODE, MODE:ridge=X (on the elastic masks), MODE:mask=M (`RefitConfig.mask`), or
-    ridge:X (= all:ridge=X)."""
+    """A `--refit` token: MODE, MODE:ridge=X, MODE:mask=M (`RefitConfig.mask`), or ridge:X (= all:ridge=X)."""
     mode, _, option = token.partition(":")
     ridge, mask = 0.0, RefitConfig.mask
     if mode == "ridge":
-        mode, ridge, mask = "all", float(option), "elastic"
+        mode, ridge = "all", float(option)
     elif option:
         key, _, value = option.partition("=")
         if key not in ("ridge", "mask") or not value:
             raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X, MODE:mask=M or ridge:X")
         if key == "ridge":
-            ridge, mask = float(value), "elastic"
+            ridge = float(value)
         else:
             mask = value
     return RefitConfig(mode, iters, margin, ridge=ridge, mask=mask)

@@ -467,8 +467,8 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
 
 def _refit_config(args) -> RefitConfig:
     if args.refit_mask != RefitConfig.mask and args.refit == "none":
-        raise ValueError(f"--refit-mask sets the masks of the blocks a refit re-solves, but --refit is none: drop "
-                         f"--refit-mask, or choose a --refit mode")
+        raise ValueError("--refit-mask sets the masks of the blocks a refit re-solves, but --refit is none: drop "
+                         "--refit-mask, or choose a --refit mode")
     if args.refit_margin != RefitConfig.margin and args.refit != "block":
         raise ValueError(f"--refit-margin sets the per-block choice of --refit block, but --refit is {args.refit}: "
                          "drop --refit-margin, or pass --refit block")

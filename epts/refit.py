@@ -259,8 +259,9 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     Streamed models are processed one resident block at a time. The result keeps exactly the masks
     M(s) of the plan, except with `config.mask` "obs" in the blocks it re-solves: there SparseGPT's
     OBS saliency on the refit's Hessians chooses each layer's mask again, at the same sparsity per
-    row (a re-solved block keeps nothing of its adapters, so nothing ties it to M(s)). The streams (about three of n x seqlen x hidden at a time) live in `store`
-    (default: RAM; `epts.streams`). Raises ValueError for an unknown mode.
+    row (a re-solved block keeps nothing of its adapters, so nothing ties it to M(s)). The streams
+    (about three of n x seqlen x hidden at a time) live in `store` (default: RAM; `epts.streams`).
+    Raises ValueError for an unknown mode.
     """
     config = RefitConfig(config) if isinstance(config, str) else config
     if config.mode == "none":

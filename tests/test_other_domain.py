@@ -100,7 +100,7 @@ def test_the_harness_reads_ridge_refits_and_tables_the_other_text(tmp_path):
 
     assert refit_config("auto", 10, 0.0).ridge == 0 and refit_config("auto", 10, 0.0).mode == "auto"
     r = refit_config("ridge:1", 10, 0.0)
-    assert (r.mode, r.ridge, r.mask) == ("all", 1.0, "elastic")  # a ridge pulls toward the elastic masks' weights
+    assert (r.mode, r.ridge, r.mask) == ("all", 1.0, "elastic")
     r = refit_config("bare:ridge=0.1", 20, 0.0)
     assert (r.mode, r.ridge, r.iters) == ("bare", 0.1, 20)
     assert refit_config("auto:mask=obs", 10, 0.0).mask == "obs"

@@ -318,8 +318,9 @@ def test_refit_with_ridge_zero_is_the_refit_and_a_ridge_keeps_the_masks(elastic_
     elastic, windows = elastic_tiny
     plan = {0: 0.6, 1: 0.3, 2: 0.0}
     weights = {}
-    for key, config in {"plain": RefitConfig("all", mask="elastic"), "zero": RefitConfig("all", ridge=0.0, mask="elastic"),
-                        "ridge": RefitConfig("all", ridge=1.0, mask="elastic"), "merged": RefitConfig("none")}.items():
+    configs = {"plain": RefitConfig("all", mask="elastic"), "zero": RefitConfig("all", ridge=0.0, mask="elastic"),
+               "ridge": RefitConfig("all", ridge=1.0, mask="elastic"), "merged": RefitConfig("none")}
+    for key, config in configs.items():
         model = elastic.materialize(plan)
         refit(elastic, model, plan, windows, config, progress=False)
         weights[key] = [l.weight.detach().clone() for blk in decoder_blocks(model.model)
@@ -360,7 +361,8 @@ def test_refit_mask_obs_rechooses_the_masks_of_the_blocks_it_resolves(elastic_ti
     plan = {0: 0.3, 1: 0.3, 2: 0.6}  # bare masks, then adapters in blocks 1-2
     chosen = []
     real = SparseGPTPruner.prune
-    monkeypatch.setattr(SparseGPTPruner, "prune", lambda self, pattern: chosen.append(real(self, pattern)) or chosen[-1])
+    monkeypatch.setattr(SparseGPTPruner, "prune",
+                        lambda self, pattern: chosen.append(real(self, pattern)) or chosen[-1])
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, RefitConfig(mode, mask="obs"), progress=False)
     resolved = [0] if mode == "bare" else [0, 1, 2]
