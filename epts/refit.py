@@ -11,10 +11,10 @@ pruned model's stream). Blocks served with no adapter are always refit. Whether 
 replaces the merged weights (`M(s) * (W + sum B A)`) of the blocks with adapters is decided for the
 whole model ("auto", the default; `RefitConfig`): both candidates, adapters kept ("bare") and the
 blocks with adapters refit too ("all"), are scored by their loss on held-out windows of the
-calibration text, windows no calibration window overlaps, and the lower wins. Which one that is depends on the model and the
-sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on SmolLM2, the refit on
-Gemma-3), and a choice block by block on the block's output error was fooled by Gemma-3's large
-residual stream; "block" keeps that per-block choice as an option.
+calibration text, windows no calibration window overlaps, and the lower wins. Which one that is
+depends on the model and the sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on
+SmolLM2, the refit on Gemma-3), and a choice block by block on the block's output error was fooled
+by Gemma-3's large residual stream; "block" keeps that per-block choice as an option.
 
 The calibration windows are the ones the artifact was trained on, recomputed from its recorded
 source and checked against its recorded sha256 (`artifact.calibration_record`), so a refit needs no
