@@ -201,15 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format_arg(p)
     p.add_argument("--allocation", choices=["uniform", "owl", "search"], default="uniform",
                    help="per-block sparsities for the global --sparsity budget")
-    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x the mean score)")
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL spread lambda of the per-block sparsity")
+    p.add_argument("--owl-m", type=float, default=ExportConfig.owl_m, help="OWL outlier threshold M (x the mean score)")
+    p.add_argument("--owl-lambda", type=float, default=ExportConfig.owl_lambda,
+                   help="OWL spread lambda of the per-block sparsity")
     p.add_argument("--calib", help="search: calibration text whose loss scores allocations; refit: calibration "
                                    "text (default: the artifact's own, reread and checked)")
     _add_refit_args(p, RefitConfig.mode)
-    p.add_argument("--search-seconds", type=float, default=120.0, help="search: time budget")
-    p.add_argument("--search-samples", type=_positive_int, default=8, help="search: calibration windows")
-    p.add_argument("--search-seqlen", type=_positive_int, default=256, help="search: tokens per window")
-    p.add_argument("--search-start", choices=["uniform", "owl"], default="owl", help="search: starting allocation")
+    p.add_argument("--search-seconds", type=float, default=ExportConfig.search_seconds, help="search: time budget")
+    p.add_argument("--search-samples", type=_positive_int, default=ExportConfig.search_samples,
+                   help="search: calibration windows")
+    p.add_argument("--search-seqlen", type=_positive_int, default=ExportConfig.search_seqlen,
+                   help="search: tokens per window")
+    p.add_argument("--search-start", choices=["uniform", "owl"], default=ExportConfig.search_start,
+                   help="search: starting allocation")
     p.add_argument("--base", help="base model, if not the artifact's recorded spec")
     _add_dtype_arg(p)
     _add_device_arg(p)
@@ -299,7 +303,18 @@ def _ppl(loaded, args) -> float:
     return evaluate_ppl(loaded, args.eval_data, args.eval_seqlen, args.max_windows, progress=args.progress)
 
 
+def _refuse_unused(args, defaults: object, names: tuple[str, ...], used: bool, needs: str) -> None:
+    """Raise ValueError, in one line, when any option `names` (argparse dests) is set away from its
+    default on `defaults` (a config class) while nothing would read it (`used` False): a value a
+    user typed must not be dropped silently. `needs` says what makes those options count."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != getattr(defaults, n)]
+    if given and not used:
+        raise ValueError(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with {needs}: drop "
+                         f"{'them' if len(given) > 1 else 'it'}, or add {needs}")
+
+
 def _cmd_prune(args) -> None:
+    _refuse_unused(args, PruneConfig, ("owl_m", "owl_lambda"), args.allocation == "owl", "--allocation owl")
     config = PruneConfig(
         method=args.method,
         pattern=Pattern.parse(args.pattern or args.sparsity or "0.5"),
@@ -479,7 +494,13 @@ def _cmd_export(args) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite, {"artifact": args.artifact, "--base": args.base, "--calib": args.calib,
                                      "--eval-data": args.eval_data})
-    if args.allocation == "search" and not args.calib:
+    search = args.allocation == "search"
+    _refuse_unused(args, ExportConfig, ("search_seconds", "search_samples", "search_seqlen", "search_start"), search,
+                   "--allocation search")
+    _refuse_unused(args, ExportConfig, ("owl_m", "owl_lambda"),
+                   args.allocation == "owl" or (search and args.search_start == "owl"),
+                   "--allocation owl (or search starting from owl)")
+    if search and not args.calib:
         raise ValueError("--allocation search needs --calib (text whose loss scores the allocations)")
     if args.calib and args.refit == "none" and args.allocation != "search":
         raise ValueError("--calib is the refit's text (and the search's, with --allocation search), but --refit none "

@@ -453,3 +453,24 @@ def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, f
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
     assert expected in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--owl-m", "7"), "--owl-m only applies with --allocation owl (or search starting from owl): drop it"),
+    (("--allocation", "search", "--search-start", "uniform", "--owl-lambda", "0.2", "--calib", "x.txt"),
+     "--owl-lambda only applies with --allocation owl (or search starting from owl)"),
+    (("--search-seconds", "5", "--search-samples", "2"),
+     "--search-seconds, --search-samples only apply with --allocation search: drop them"),
+    (("--allocation", "owl", "--search-start", "uniform"), "--search-start only applies with --allocation search"),
+])
+def test_an_export_option_its_allocation_would_ignore_is_refused(capsys, tmp_path, artifact, flags, expected):
+    message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
+    assert expected in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_refuses_owl_options_without_owl(capsys, tmp_path, model_dir):
+    message = cli_error(capsys, "prune", "--model", model_dir, "--method", "magnitude", "--owl-lambda", "0.1",
+                        "--out", tmp_path / "out")
+    assert "--owl-lambda only applies with --allocation owl: drop it, or add --allocation owl" in message
+    assert not (tmp_path / "out").exists()
