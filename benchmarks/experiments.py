@@ -19,8 +19,9 @@ row with its command and commit.
 non-overlapping windows of another text (`benchmarks/other_domain.py` builds one that is not
 Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, block, auto, all), a
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), a mode with the
-masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), or `ridge:X`, short for
-`all:ridge=X`.
+masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), auto without SparseGPT's
+solution as a candidate for the blocks with bare masks (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`),
+or `ridge:X`, short for `all:ridge=X`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def run(args) -> None:
         names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
                           + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
                           + (f"-r{r.ridge:g}" if r.ridge else "")
-                          + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "") for r in refits]
+                          + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "")
+                          + ("-no-sparsegpt" if r.mode == "auto" and not r.sparsegpt else "") for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -192,20 +194,24 @@ def run(args) -> None:
 
 
 def parse_refit(token: str, iters: int, margin: float) -> RefitConfig:
-    """A `--refit` token: MODE, MODE:ridge=X, MODE:mask=M (`RefitConfig.mask`), or ridge:X (= all:ridge=X)."""
+    """A `--refit` token: MODE, MODE:ridge=X, MODE:mask=M (`RefitConfig.mask`), auto:sparsegpt=0
+    (`RefitConfig.sparsegpt` off), or ridge:X (= all:ridge=X)."""
     mode, _, option = token.partition(":")
-    ridge, mask = 0.0, RefitConfig.mask
+    ridge, mask, sparsegpt = 0.0, RefitConfig.mask, RefitConfig.sparsegpt
     if mode == "ridge":
         mode, ridge = "all", float(option)
     elif option:
         key, _, value = option.partition("=")
-        if key not in ("ridge", "mask") or not value:
-            raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X, MODE:mask=M or ridge:X")
+        if key not in ("ridge", "mask", "sparsegpt") or not value:
+            raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X, MODE:mask=M, "
+                             f"auto:sparsegpt=0 or ridge:X")
         if key == "ridge":
             ridge = float(value)
-        else:
+        elif key == "mask":
             mask = value
-    return RefitConfig(mode, iters, margin, ridge=ridge, mask=mask)
+        else:
+            sparsegpt = value
+    return RefitConfig(mode, iters, margin, ridge=ridge, mask=mask, sparsegpt=sparsegpt)
 
 
 def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:

@@ -123,7 +123,13 @@ class RefitConfig:
     nested M(s), or one chosen again at export by SparseGPT's OBS saliency on the refit's own
     Hessians, at the same sparsity per row (a re-solved block keeps nothing of its adapters, so
     nothing ties it to M(s)). "elastic" by default: "obs" is better on held-out text of the
-    calibration's domain from 0.5 up and worse off it (docs/RECIPE.md)."""
+    calibration's domain from 0.5 up and worse off it (docs/RECIPE.md).
+
+    `sparsegpt` (True by default; "auto" only): "auto" also scores, for the blocks served with bare
+    masks, SparseGPT's own solution (its OBS mask and weights) against their least-squares refit on
+    the same held-out windows, and keeps the better (docs/RECIPE.md: on Gemma-3-270M at 0.3 the
+    least-squares weights lose to it). It costs a SparseGPT pass over those blocks and one more
+    held-out score where there are bare masks (0.3-0.4 by default), nothing elsewhere."""
 
     mode: str = "auto"
     iters: int = 10
@@ -131,10 +137,11 @@ class RefitConfig:
     compare_windows: int = 8
     ridge: float = 0.0
     mask: str = "elastic"
+    sparsegpt: bool = True
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
-                              "mask": str})
+                              "mask": str, "sparsegpt": bool})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.mask not in REFIT_MASKS:

@@ -57,7 +57,9 @@ class RefitReport:
     calibration windows (NaN where not run: the target is computed in "block" only, which compares).
     In "auto", `losses` holds each candidate's mean next-token loss (nats) on the scored windows,
     `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration". `mask` is
-    `RefitConfig.mask`: the masks of the blocks re-solved."""
+    `RefitConfig.mask`: the masks of the blocks re-solved; `bare_solution` how the blocks served
+    with bare masks were solved: "least-squares" (the refit) or "sparsegpt" (SparseGPT's own mask and
+    weights, `RefitConfig.sparsegpt`; those blocks are then "sparsegpt" in `choices`)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -67,11 +69,13 @@ class RefitReport:
     losses: dict[str, float] = field(default_factory=dict)
     scored_on: str | None = None
     mask: str = "elastic"
+    bare_solution: str = "least-squares"
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
-                "refit_blocks": self.choices.count("refit"), "seconds": self.seconds, "chosen": self.chosen,
-                "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask}
+                "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds, "chosen": self.chosen,
+                "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
+                "bare_solution": self.bare_solution}
 
 
 @dataclass
@@ -252,6 +256,9 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     keeping their refit), and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
     windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
     when there are none, on the first `config.compare_windows` calibration windows, with a warning;
+    with `config.sparsegpt` it first scores the same way, for the blocks served with bare masks,
+    SparseGPT's own solution (its OBS mask and weights) against their least-squares refit, and
+    keeps the better before the blocks with adapters are tried;
     "block" also refits a block with adapters where that lowers its output error against the
     dense target, on the first `config.compare_windows` windows, by more than `config.margin`
     (relative; 0 by default: any drop); "none" does nothing. `config.iters` conjugate-gradient
@@ -270,60 +277,104 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         return _refit_pass(elastic, model, plan, windows, config, config.mode, batch_size, progress, store)
     start = time.perf_counter()
     adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
+    bare = [b for b, s in sorted(plan.items()) if s > 0 and b not in adapted]
     scored_on = None
-    if adapted:  # else both candidates are the same model: nothing to choose
+    if adapted or (bare and config.sparsegpt):  # else there is one candidate: nothing to choose
         scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
     if scored_on == "calibration":
         log.warning("refit auto: no held-out text of the calibration's domain (self-generated windows, windows passed "
-                    "as a tensor, or a text with no window left over): keeping the adapters or refitting them "
-                    "is decided on the first %d calibration windows, which both were fitted to; pass --calib TEXT "
-                    "for a choice on text they did not see", config.compare_windows)
+                    "as a tensor, or a text with no window left over): the refit's candidates are scored on the "
+                    "first %d calibration windows, which they were all fitted to; pass --calib TEXT for a choice "
+                    "on text they did not see", config.compare_windows)
         heldout = windows[: config.compare_windows]
-    bare_blocks = len(adapted) < sum(s > 0 for s in plan.values())
 
-    if bare_blocks:
+    losses: dict[str, float] = {}
+    if bare:
         report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+        if config.sparsegpt:
+            report, losses = _bare_solution(elastic, model, plan, windows, config, batch_size, progress, store,
+                                            report, heldout)
     else:  # every block serves with adapters: the merged model is the "bare" candidate as it stands
         count = len(decoder_blocks(model.model))
         report = RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
                              [(float("nan"), float("nan"))] * count, mask=config.mask)
+    bare_solution = report.bare_solution
     report.chosen = "bare"
     if adapted:
         # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
         # export's peak memory on a large vocabulary.
-        losses = {"bare": mean_nll(model.model, heldout, 1)}
+        kept = min(losses.values()) if losses else mean_nll(model.model, heldout, 1)
+        losses.setdefault("bare", kept)
         # The second candidate refits the blocks with adapters too, on its own stream; the blocks
-        # with bare masks keep their refit of the first pass (re-solving them on the slightly
+        # with bare masks keep their solution of the first pass (re-solving them on the slightly
         # changed stream doubled the export's time at 0.3-0.4). The merged weights it overwrites
         # are copied to undo it, or merged again for a streamed model (larger than RAM).
         saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
         every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
         losses["all"] = mean_nll(model.model, heldout, 1)
-        if losses["all"] < losses["bare"]:
+        if losses["all"] < kept:
             report, report.chosen = every, "all"
         elif saved is not None:
-            blocks = decoder_blocks(model.model)
-            for b, weights in saved.items():
-                for name, layer in prunable_linears(model.model, blocks[b]).items():
-                    layer.weight.copy_(weights[name])
+            _restore(model, saved)
         else:
             elastic.merge_into(model.model, {b: plan[b] for b in adapted})
-        report.losses = losses
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
-                 losses["bare"], losses["all"], "refit" if report.chosen == "all" else "adapters kept")
+                 kept, losses["all"], "refit" if report.chosen == "all" else "adapters kept")
+    report.losses = losses
+    report.bare_solution = bare_solution
+    if bare_solution == "sparsegpt":  # the "all" pass labels the blocks it left alone as refit
+        for b in bare:
+            report.choices[b] = "sparsegpt"
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _bare_solution(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
+                   config: RefitConfig, batch_size: int, progress: bool, store: StreamStore | None,
+                   refitted: RefitReport, heldout: torch.Tensor) -> tuple[RefitReport, dict[str, float]]:
+    """For "auto" with `config.sparsegpt`: the blocks served with bare masks, as the "bare" pass
+    `refitted` just left them (least squares on M(s)), against SparseGPT's own solution for them
+    (its OBS mask and weights, as `epts prune --method sparsegpt` gives at that sparsity), scored by
+    the mean next-token loss on `heldout`; keeps the lower. Why a candidate: on Gemma-3-270M at
+    0.3 the exact least-squares weights lose to SparseGPT's OBS sweep, even on SparseGPT's own
+    masks and with 4x the calibration windows (docs/RECIPE.md). Returns the report of the solution
+    kept and both losses ({"bare": ..., "sparsegpt": ...}, nats)."""
+    losses = {"bare": mean_nll(model.model, heldout, 1)}
+    saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
+    sparsegpt = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, saved,
+                            sparsegpt=True)
+    losses["sparsegpt"] = mean_nll(model.model, heldout, 1)
+    log.info("refit auto: held-out loss %.4f with the least-squares refit of the blocks with bare masks, %.4f with "
+             "SparseGPT's solution", losses["bare"], losses["sparsegpt"])
+    if losses["sparsegpt"] < losses["bare"]:
+        return sparsegpt, losses
+    if saved is not None:
+        _restore(model, saved)
+    else:  # a streamed model keeps no copy: the refit is solved again (deterministic)
+        refitted = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+    return refitted, losses
+
+
+def _restore(model: LoadedModel, saved: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Put back the prunable weights `_refit_pass` saved before it changed them."""
+    blocks = decoder_blocks(model.model)
+    for b, weights in saved.items():
+        for name, layer in prunable_linears(model.model, blocks[b]).items():
+            layer.weight.copy_(weights[name])
+
+
 def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                 config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
-                saved: dict[int, dict[str, torch.Tensor]] | None = None) -> RefitReport:
+                saved: dict[int, dict[str, torch.Tensor]] | None = None, sparsegpt: bool = False) -> RefitReport:
     """One pass of `refit` in `mode` ("bare", "block", "all", or "adapted": only the blocks with
     adapters, the others keep the weights a "bare" pass gave them) over the blocks in order, each
     refit on the stream the blocks before it give. `saved`, when given, receives a copy of the
-    prunable weights of each block before the pass changes them ({block: {layer name: weight}})."""
-    report = RefitReport(mode, mask=config.mask)
+    prunable weights of each block before the pass changes them ({block: {layer name: weight}}).
+    `sparsegpt` solves the blocks it re-solves with SparseGPT's own OBS mask and weights instead
+    of the least-squares refit (`RefitConfig.sparsegpt`)."""
+    report = RefitReport(mode, mask=config.mask, bare_solution="sparsegpt" if sparsegpt else "least-squares")
+    iters, ridge = (0, 0.0) if sparsegpt else (config.iters, config.ridge)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
@@ -348,9 +399,9 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             layers = prunable_linears(model.model, block)
             if saved is not None:
                 saved[b] = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-            anchors = {name: layer.weight for name, layer in layers.items()} if config.ridge > 0 else None
-            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, config.iters, config.ridge,
-                                    anchors, config.mask == "obs")
+            anchors = {name: layer.weight for name, layer in layers.items()} if ridge > 0 else None
+            refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters, ridge, anchors,
+                                    sparsegpt or config.mask == "obs")
             # Only "block" compares, in blocks with adapters: elsewhere the merged weights are not needed.
             compare = mode == "block" and adapters
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
@@ -364,7 +415,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
                 for name, layer in layers.items():
                     layer.weight.copy_(merged[name])
                 out = runner.run(elastic_stream)
-            report.choices.append("refit" if keep_refit else "adapters")
+            report.choices.append(("sparsegpt" if sparsegpt else "refit") if keep_refit else "adapters")
             report.errors.append(errors)
             elastic_stream, dense = out, target
     report.seconds = time.perf_counter() - start

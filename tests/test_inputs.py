@@ -448,6 +448,8 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                     "which refit mask 'obs' replaces: drop one of the two"),
     (("--refit", "none", "--refit-mask", "obs"), "--refit-mask sets the masks of the blocks a refit re-solves, "
                                                  "but --refit is none"),
+    (("--refit", "all", "--no-refit-sparsegpt"), "--no-refit-sparsegpt sets a candidate of --refit auto's choice, "
+                                                 "but --refit is all"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)

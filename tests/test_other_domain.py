@@ -104,7 +104,8 @@ def test_the_harness_reads_ridge_refits_and_tables_the_other_text(tmp_path):
     r = refit_config("bare:ridge=0.1", 20, 0.0)
     assert (r.mode, r.ridge, r.iters) == ("bare", 0.1, 20)
     assert refit_config("auto:mask=obs", 10, 0.0).mask == "obs"
-    for bad in ("all:lambda=1", "auto:mask=wanda", "auto:mask="):
+    assert refit_config("auto:sparsegpt=0", 10, 0.0).sparsegpt is False and refit_config("auto", 10, 0.0).sparsegpt
+    for bad in ("all:lambda=1", "auto:mask=wanda", "auto:mask=", "auto:sparsegpt=maybe"):
         with pytest.raises(ValueError):
             refit_config(bad, 10, 0.0)
     rows = [{"variant": "dense", "scope": "blocks=6", "sparsity": 0.0, "ppl_heldout": 30.0, "ppl_other": 20.0,
