@@ -308,16 +308,14 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         # The second candidate refits the blocks with adapters too, on its own stream; the blocks
         # with bare masks keep their solution of the first pass (re-solving them on the slightly
         # changed stream doubled the export's time at 0.3-0.4). The merged weights it overwrites
-        # are copied to undo it, or merged again for a streamed model (larger than RAM).
-        saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
-        every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
-        losses["all"] = mean_nll(model.model, heldout, 1)
-        if losses["all"] < kept:
-            report, report.chosen = every, "all"
-        elif saved is not None:
-            _restore(model, saved)
-        else:
-            elastic.merge_into(model.model, {b: plan[b] for b in adapted})
+        # are copied to undo it.
+        with _Saved(model) as saved:
+            every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
+            losses["all"] = mean_nll(model.model, heldout, 1)
+            if losses["all"] < kept:
+                report, report.chosen = every, "all"
+            else:
+                saved.restore(model)
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
                  kept, losses["all"], "refit" if report.chosen == "all" else "adapters kept")
     report.losses = losses
@@ -341,32 +339,49 @@ def _bare_solution(elastic: ElasticModel, model: LoadedModel, plan: dict[int, fl
     masks and with 4x the calibration windows (docs/RECIPE.md). Returns the report of the solution
     kept and both losses ({"bare": ..., "sparsegpt": ...}, nats)."""
     losses = {"bare": mean_nll(model.model, heldout, 1)}
-    saved = None if is_streamed(decoder_blocks(model.model)[0]) else {}
-    sparsegpt = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, saved,
-                            sparsegpt=True)
-    losses["sparsegpt"] = mean_nll(model.model, heldout, 1)
-    log.info("refit auto: held-out loss %.4f with the least-squares refit of the blocks with bare masks, %.4f with "
-             "SparseGPT's solution", losses["bare"], losses["sparsegpt"])
-    if losses["sparsegpt"] < losses["bare"]:
-        return sparsegpt, losses
-    if saved is not None:
-        _restore(model, saved)
-    else:  # a streamed model keeps no copy: the refit is solved again (deterministic)
-        refitted = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
+    with _Saved(model) as saved:
+        sparsegpt = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, saved,
+                                sparsegpt=True)
+        losses["sparsegpt"] = mean_nll(model.model, heldout, 1)
+        log.info("refit auto: held-out loss %.4f with the least-squares refit of the blocks with bare masks, %.4f "
+                 "with SparseGPT's solution", losses["bare"], losses["sparsegpt"])
+        if losses["sparsegpt"] < losses["bare"]:
+            return sparsegpt, losses
+        saved.restore(model)
     return refitted, losses
 
 
-def _restore(model: LoadedModel, saved: dict[int, dict[str, torch.Tensor]]) -> None:
-    """Put back the prunable weights `_refit_pass` saved before it changed them."""
-    blocks = decoder_blocks(model.model)
-    for b, weights in saved.items():
-        for name, layer in prunable_linears(model.model, blocks[b]).items():
-            layer.weight.copy_(weights[name])
+class _Saved(dict):
+    """The prunable weights of the blocks a candidate pass changes, {block: {layer name: weight}},
+    copied before it changes them so that a losing candidate is undone exactly: in RAM, or, for a
+    streamed model (larger than RAM), in scratch files (`StreamStore`) deleted on leaving the
+    `with` block."""
+
+    def __init__(self, model: LoadedModel):
+        super().__init__()
+        self.store = StreamStore(0 if is_streamed(decoder_blocks(model.model)[0]) else None)
+
+    def __enter__(self) -> "_Saved":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+    def keep(self, block: int, layers: dict[str, torch.nn.Linear]) -> None:
+        self[block] = {name: self.store.clone(layer.weight.detach()) for name, layer in layers.items()}
+
+    def restore(self, model: LoadedModel) -> None:
+        """Put the copied weights back (a streamed block's into its scratch file)."""
+        blocks = decoder_blocks(model.model)
+        for b, weights in self.items():
+            with resident(blocks[b], keep=True):
+                for name, layer in prunable_linears(model.model, blocks[b]).items():
+                    layer.weight.copy_(weights[name])
 
 
 def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                 config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
-                saved: dict[int, dict[str, torch.Tensor]] | None = None, sparsegpt: bool = False) -> RefitReport:
+                saved: _Saved | None = None, sparsegpt: bool = False) -> RefitReport:
     """One pass of `refit` in `mode` ("bare", "block", "all", or "adapted": only the blocks with
     adapters, the others keep the weights a "bare" pass gave them) over the blocks in order, each
     refit on the stream the blocks before it give. `saved`, when given, receives a copy of the
@@ -398,7 +413,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
                 continue
             layers = prunable_linears(model.model, block)
             if saved is not None:
-                saved[b] = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+                saved.keep(b, layers)
             anchors = {name: layer.weight for name, layer in layers.items()} if ridge > 0 else None
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters, ridge, anchors,
                                     sparsegpt or config.mask == "obs")
@@ -419,8 +434,8 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             report.errors.append(errors)
             elastic_stream, dense = out, target
     report.seconds = time.perf_counter() - start
-    log.info("refit (%s): %d of %d blocks refit in %.1f s", mode, report.choices.count("refit"), len(blocks),
-             report.seconds)
+    log.info("refit (%s%s): %d of %d blocks re-solved in %.1f s", mode, ", SparseGPT's solution" * sparsegpt,
+             report.to_dict()["refit_blocks"], len(blocks), report.seconds)
     return report
 
 
