@@ -73,8 +73,8 @@ class RefitReport:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
-                "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds, "chosen": self.chosen,
-                "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
+                "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds,
+                "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
                 "bare_solution": self.bare_solution}
 
 
@@ -463,6 +463,9 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
         start = None
         if obs:
             start, pruned = p.prune(Pattern(sparsity=sparsity))
+            if iters == 0:  # SparseGPT's own solution (RefitConfig.sparsegpt): nothing to solve
+                weights[name] = start
+                continue
         else:
             pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
         hessian, inverse, _ = p.inverse_hessian()
