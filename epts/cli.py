@@ -743,29 +743,54 @@ def main(argv: list[str] | None = None) -> int:
     sweep_scratch()  # what processes killed outright (SIGKILL, a lost node) left in TMPDIR
     # SIGTERM (pre-emption, `timeout`, torchrun stopping its workers) unwinds as Ctrl-C does, so
     # the scratch files and temporary folders are removed on the way out.
-    previous = signal.signal(signal.SIGTERM, _terminate) if _in_main_thread() else None
+    _SIGNALLED.clear()
+    previous = {}
+    if _in_main_thread():
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
     try:
         COMMANDS[args.command](args)
-    except _USER_ERRORS as err:
+    except KeyboardInterrupt as err:
+        return _stopped(args, isinstance(err, _Terminated))
+    except Exception as err:
+        # A signal raised inside a library call that catches what it calls (torch building a tensor
+        # from a storage does) comes back as another error: the signal is what stopped the command.
+        if _SIGNALLED:
+            return _stopped(args, _SIGNALLED[0] == signal.SIGTERM)
+        if not isinstance(err, _USER_ERRORS):
+            raise
         message = " ".join(str(err).split())  # one line, whatever the library underneath wrote
         print(f"epts {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        how = "terminated (SIGTERM)" if isinstance(err, _Terminated) else "interrupted"
-        print(f"\nepts {args.command}: {how}{_resume_hint(args)}", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(err, _Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, handler)
     return 0
+
+
+def _stopped(args, terminated: bool) -> int:
+    """Say that Ctrl-C or SIGTERM stopped the command, and what was kept; the exit status."""
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    print(f"\nepts {args.command}: {how}{_resume_hint(args)}", file=sys.stderr)
+    return 128 + signal.SIGTERM if terminated else 130
 
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, as SIGINT raises KeyboardInterrupt."""
 
 
+_SIGNALLED: list[int] = []  # the signals received while a command runs
+
+
 def _terminate(signum, frame) -> None:
+    _SIGNALLED.append(signum)
     raise _Terminated
+
+
+def _interrupt(signum, frame) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
 
 
 def _in_main_thread() -> bool:

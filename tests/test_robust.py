@@ -496,3 +496,26 @@ def test_a_moved_task_folder_names_the_missing_documents(tmp_path, calib_file):
     (tmp_path / "tasks").rename(tmp_path / "moved")
     with pytest.raises(ZeroShotError, match="which does not exist \\(was the task folder moved\\?\\)"):
         parse_tasks(str(tmp_path / "moved"))
+
+
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 128 + signal.SIGTERM, "terminated (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_a_library_turns_into_another_error_still_stops_like_ctrl_c(monkeypatch, capsys, tmp_path, signum,
+                                                                             status, said):
+    import epts.cli as cli
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here, at once
+        except BaseException:  # as torch does when a signal lands while it builds a tensor from a storage
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", swallowing)
+    assert cli.main(["eval", str(tmp_path / "model"), "--quiet"]) == status
+    err = capsys.readouterr().err
+    assert f"epts eval: {said}" in err and "could not determine" not in err
+    # A real error with no signal behind it is still the one-line user error.
+    monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: (_ for _ in ()).throw(ValueError("bad --data")))
+    assert cli.main(["eval", str(tmp_path / "model"), "--quiet"]) == 2
+    assert "epts eval: error: bad --data" in capsys.readouterr().err
