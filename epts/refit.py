@@ -57,9 +57,9 @@ class RefitReport:
     calibration windows (NaN where not run: the target is computed in "block" only, which compares).
     In "auto", `losses` holds each candidate's mean next-token loss (nats) on the scored windows,
     `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration". `mask` is
-    `RefitConfig.mask`: the masks of the blocks re-solved; `bare_solution` how the blocks served
-    with bare masks were solved: "least-squares" (the refit) or "sparsegpt" (SparseGPT's own mask and
-    weights, `RefitConfig.sparsegpt`; those blocks are then "sparsegpt" in `choices`)."""
+    `RefitConfig.mask`: the masks of the blocks re-solved. Blocks given SparseGPT's own mask and
+    weights (`RefitConfig.sparsegpt`) are "sparsegpt" in `choices`; `bare_solution` says so for the
+    whole export ("sparsegpt", else "least-squares")."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -69,7 +69,10 @@ class RefitReport:
     losses: dict[str, float] = field(default_factory=dict)
     scored_on: str | None = None
     mask: str = "elastic"
-    bare_solution: str = "least-squares"
+
+    @property
+    def bare_solution(self) -> str:
+        return "sparsegpt" if "sparsegpt" in self.choices else "least-squares"
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
@@ -298,7 +301,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         count = len(decoder_blocks(model.model))
         report = RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
                              [(float("nan"), float("nan"))] * count, mask=config.mask)
-    bare_solution = report.bare_solution
+    sparsegpt = report.bare_solution == "sparsegpt"
     report.chosen = "bare"
     if adapted:
         # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
@@ -319,8 +322,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
                  kept, losses["all"], "refit" if report.chosen == "all" else "adapters kept")
     report.losses = losses
-    report.bare_solution = bare_solution
-    if bare_solution == "sparsegpt":  # the "all" pass labels the blocks it left alone as refit
+    if sparsegpt:  # the "all" pass labels the blocks it left alone as refit
         for b in bare:
             report.choices[b] = "sparsegpt"
     report.mode, report.scored_on = "auto", scored_on
@@ -388,7 +390,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     prunable weights of each block before the pass changes them ({block: {layer name: weight}}).
     `sparsegpt` solves the blocks it re-solves with SparseGPT's own OBS mask and weights instead
     of the least-squares refit (`RefitConfig.sparsegpt`)."""
-    report = RefitReport(mode, mask=config.mask, bare_solution="sparsegpt" if sparsegpt else "least-squares")
+    report = RefitReport(mode, mask=config.mask)
     iters, ridge = (0, 0.0) if sparsegpt else (config.iters, config.ridge)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
