@@ -20,7 +20,7 @@ non-overlapping windows of another text (`benchmarks/other_domain.py` builds one
 Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, block, auto, all), a
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), a mode with the
 masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), auto without SparseGPT's
-solution as a candidate for the blocks with bare masks (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`),
+solution for every block as a candidate (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`),
 or `ridge:X`, short for `all:ridge=X`.
 """
 

@@ -219,11 +219,10 @@ def export(
         details = {"artifact": source} if source else {}
         if "refit" in extra:
             chosen = extra["refit"]["chosen"]
-            bare = ("; SparseGPT's solution for the blocks with bare masks"
-                    if extra["refit"]["bare_solution"] == "sparsegpt" else "")
+            solution = " (SparseGPT's solution)" if chosen == "sparsegpt" else ""
             details["refit (kept weights re-solved on the calibration)"] = (
                 f"{refit.mode}{f' (chose {chosen})' if chosen else ''}: {extra['refit']['refit_blocks']} of "
-                f"{len(plan)} blocks, on {refit.mask} masks{bare}")
+                f"{len(plan)} blocks, on {extra['refit']['mask']} masks{solution}")
             whose = "the artifact's own windows" if used["artifact_windows"] else \
                 "not the windows the artifact was trained on"
             details["refit calibration"] = f"{used['source']} ({whose})"

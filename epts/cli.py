@@ -479,8 +479,8 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="refit: the masks of the blocks re-solved: the elastic model's nested masks, or masks "
                         "chosen again by SparseGPT's OBS saliency on the refit's Hessians (obs)")
     p.add_argument("--no-refit-sparsegpt", dest="refit_sparsegpt", action="store_false",
-                   help="refit auto: do not score SparseGPT's own solution against the least-squares refit for "
-                        "the blocks served with bare masks (saves a SparseGPT pass at 0.3-0.4)")
+                   help="refit auto: do not score SparseGPT's own solution for every block as a candidate "
+                        "(saves a SparseGPT pass)")
 
 
 def _refit_config(args) -> RefitConfig:
@@ -526,14 +526,11 @@ def _cmd_export(args) -> None:
         print(f"refit ({done['mode']}): {done['refit_blocks']} of {len(done['choices'])} blocks re-solved "
               f"in {done['seconds']:.0f} s, on {used['source']} ({whose})")
         losses = done["losses"]
-        if "sparsegpt" in losses:
-            solution = "SparseGPT's solution" if done["bare_solution"] == "sparsegpt" else "the least-squares refit"
-            print(f"  blocks with bare masks: chose {solution}: held-out loss {losses['bare']:.4f} refit, "
-                  f"{losses['sparsegpt']:.4f} SparseGPT ({done['scored_on']} windows)")
-        if "all" in losses:
-            kept = "the refit of the blocks with adapters" if done["chosen"] == "all" else "the adapters kept"
-            print(f"  chose {kept}: held-out loss {min(losses['bare'], losses.get('sparsegpt', losses['bare'])):.4f} "
-                  f"keeping the adapters, {losses['all']:.4f} refitting them ({done['scored_on']} windows)")
+        if losses:
+            names = {"bare": "adapters kept" if "all" in losses else "least-squares refit",
+                     "all": "every block refit", "sparsegpt": "SparseGPT's solution"}
+            scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in ("bare", "all", "sparsegpt") if k in losses)
+            print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows)")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

@@ -104,11 +104,11 @@ REFIT_MASKS = ("elastic", "obs")
 class RefitConfig:
     """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
     calibration with the masks fixed ("none"; "bare": only those with no adapter; "all"; "auto":
-    "bare", or "bare" with the blocks with adapters refit too, whichever has the lower loss on
-    `compare_windows` held-out windows of the calibration text; "block": a choice block by block on
-    the block's output error); the
-    conjugate-gradient steps towards the exact least-squares weights; for "block", the relative drop
-    of a block's output error the refit must bring before it replaces that block's adapters, and
+    "bare", "bare" with the blocks with adapters refit too, or SparseGPT's solution (`sparsegpt`),
+    whichever has the lowest loss on `compare_windows` held-out windows of the calibration text;
+    "block": a choice block by block on the block's output error); the conjugate-gradient steps
+    towards the exact least-squares weights; for "block", the relative drop of a block's output
+    error the refit must bring before it replaces that block's adapters, and
     the number of calibration windows that error is measured on (`compare_windows`, also the
     held-out windows of "auto"). Defaults chosen on held-out calibration-file windows
     (docs/RECIPE.md): a margin of 0.05 was worse than 0 overall.
@@ -125,11 +125,11 @@ class RefitConfig:
     nothing ties it to M(s)). "elastic" by default: "obs" is better on held-out text of the
     calibration's domain from 0.5 up and worse off it (docs/RECIPE.md).
 
-    `sparsegpt` (True by default; "auto" only): "auto" also scores, for the blocks served with bare
-    masks, SparseGPT's own solution (its OBS mask and weights) against their least-squares refit on
-    the same held-out windows, and keeps the better (docs/RECIPE.md: on Gemma-3-270M at 0.3 the
-    least-squares weights lose to it). It costs a SparseGPT pass over those blocks and one more
-    held-out score where there are bare masks (0.3-0.4 by default), nothing elsewhere."""
+    `sparsegpt` (True by default; "auto" only): "auto" also scores SparseGPT's own solution for
+    every block (its OBS mask and weights at the block's sparsity: `epts prune --method sparsegpt`)
+    on the same held-out windows, and keeps it where it beats the other candidates (docs/RECIPE.md:
+    on Gemma-3-270M the least-squares weights lose to it at some sparsities). It costs one
+    SparseGPT pass and one more held-out score per export."""
 
     mode: str = "auto"
     iters: int = 10

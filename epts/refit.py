@@ -9,9 +9,10 @@ weights against the Hessian of its inputs (`masked_least_squares`), block by blo
 model's own activations, with SparseGPT's convention for the Hessian (the unpruned block on the
 pruned model's stream). Blocks served with no adapter are always refit. Whether the refit also
 replaces the merged weights (`M(s) * (W + sum B A)`) of the blocks with adapters is decided for the
-whole model ("auto", the default; `RefitConfig`): both candidates, adapters kept ("bare") and the
-blocks with adapters refit too ("all"), are scored by their loss on held-out windows of the
-calibration text, windows no calibration window overlaps, and the lower wins. Which one that is
+whole model ("auto", the default; `RefitConfig`): the candidates, adapters kept ("bare"), the
+blocks with adapters refit too ("all") and SparseGPT's own solution for every block ("sparsegpt"),
+are scored by their loss on held-out windows of the calibration text, windows no calibration
+window overlaps, and the lowest wins. Which one that is
 depends on the model and the sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on
 SmolLM2, the refit on Gemma-3), and a choice block by block on the block's output error was fooled
 by Gemma-3's large residual stream; "block" keeps that per-block choice as an option.
@@ -56,10 +57,9 @@ class RefitReport:
     the refit weights against the dense target on the first `RefitConfig.compare_windows`
     calibration windows (NaN where not run: the target is computed in "block" only, which compares).
     In "auto", `losses` holds each candidate's mean next-token loss (nats) on the scored windows,
-    `chosen` the winner ("bare" or "all"), and `scored_on` "heldout" or "calibration". `mask` is
-    `RefitConfig.mask`: the masks of the blocks re-solved. Blocks given SparseGPT's own mask and
-    weights (`RefitConfig.sparsegpt`) are "sparsegpt" in `choices`; `bare_solution` says so for the
-    whole export ("sparsegpt", else "least-squares")."""
+    `chosen` the winner ("bare", "all" or "sparsegpt"), and `scored_on` "heldout" or "calibration".
+    `mask` is the masks of the blocks re-solved: `RefitConfig.mask`, or "obs" where SparseGPT's own
+    mask and weights (`RefitConfig.sparsegpt`) won, its blocks then "sparsegpt" in `choices`."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -70,15 +70,10 @@ class RefitReport:
     scored_on: str | None = None
     mask: str = "elastic"
 
-    @property
-    def bare_solution(self) -> str:
-        return "sparsegpt" if "sparsegpt" in self.choices else "least-squares"
-
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
                 "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds,
-                "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
-                "bare_solution": self.bare_solution}
+                "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask}
 
 
 @dataclass
@@ -259,9 +254,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     keeping their refit), and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
     windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
     when there are none, on the first `config.compare_windows` calibration windows, with a warning;
-    with `config.sparsegpt` it first scores the same way, for the blocks served with bare masks,
-    SparseGPT's own solution (its OBS mask and weights) against their least-squares refit, and
-    keeps the better before the blocks with adapters are tried;
+    with `config.sparsegpt` it then scores the same way SparseGPT's own solution for every block
+    (its OBS mask and weights at the block's sparsity) against the winner, and keeps the better;
     "block" also refits a block with adapters where that lowers its output error against the
     dense target, on the first `config.compare_windows` windows, by more than `config.margin`
     (relative; 0 by default: any drop); "none" does nothing. `config.iters` conjugate-gradient
@@ -294,20 +288,16 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     losses: dict[str, float] = {}
     if bare:
         report = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store)
-        if config.sparsegpt:
-            report, losses = _bare_solution(elastic, model, plan, windows, config, batch_size, progress, store,
-                                            report, heldout)
     else:  # every block serves with adapters: the merged model is the "bare" candidate as it stands
         count = len(decoder_blocks(model.model))
         report = RefitReport("bare", ["adapters" if plan.get(b, 0.0) > 0 else "dense" for b in range(count)],
                              [(float("nan"), float("nan"))] * count, mask=config.mask)
-    sparsegpt = report.bare_solution == "sparsegpt"
     report.chosen = "bare"
-    if adapted:
+    if scored_on is not None:
         # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
         # export's peak memory on a large vocabulary.
-        kept = min(losses.values()) if losses else mean_nll(model.model, heldout, 1)
-        losses.setdefault("bare", kept)
+        losses["bare"] = mean_nll(model.model, heldout, 1)
+    if adapted:
         # The second candidate refits the blocks with adapters too, on its own stream; the blocks
         # with bare masks keep their solution of the first pass (re-solving them on the slightly
         # changed stream doubled the export's time at 0.3-0.4). The merged weights it overwrites
@@ -315,42 +305,42 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         with _Saved(model) as saved:
             every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
             losses["all"] = mean_nll(model.model, heldout, 1)
-            if losses["all"] < kept:
+            if losses["all"] < losses["bare"]:
                 report, report.chosen = every, "all"
             else:
                 saved.restore(model)
         log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
-                 kept, losses["all"], "refit" if report.chosen == "all" else "adapters kept")
+                 losses["bare"], losses["all"], "refit" if report.chosen == "all" else "adapters kept")
+    if config.sparsegpt and scored_on is not None:
+        report = _sparsegpt_candidate(elastic, model, plan, windows, config, batch_size, progress, store, report,
+                                      heldout, losses)
     report.losses = losses
-    if sparsegpt:  # the "all" pass labels the blocks it left alone as refit
-        for b in bare:
-            report.choices[b] = "sparsegpt"
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _bare_solution(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
-                   config: RefitConfig, batch_size: int, progress: bool, store: StreamStore | None,
-                   refitted: RefitReport, heldout: torch.Tensor) -> tuple[RefitReport, dict[str, float]]:
-    """For "auto" with `config.sparsegpt`: the blocks served with bare masks, as the "bare" pass
-    `refitted` just left them (least squares on M(s)), against SparseGPT's own solution for them
-    (its OBS mask and weights, as `epts prune --method sparsegpt` gives at that sparsity), scored by
-    the mean next-token loss on `heldout`; keeps the lower. Why a candidate: on Gemma-3-270M at
-    0.3 the exact least-squares weights lose to SparseGPT's OBS sweep, even on SparseGPT's own
-    masks and with 4x the calibration windows (docs/RECIPE.md). Returns the report of the solution
-    kept and both losses ({"bare": ..., "sparsegpt": ...}, nats)."""
-    losses = {"bare": mean_nll(model.model, heldout, 1)}
+def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
+                         config: RefitConfig, batch_size: int, progress: bool, store: StreamStore | None,
+                         current: RefitReport, heldout: torch.Tensor, losses: dict[str, float]) -> RefitReport:
+    """For "auto" with `config.sparsegpt`: SparseGPT's own solution for every block at its sparsity
+    (its OBS mask and weights, what `epts prune --method sparsegpt` gives), against the `current`
+    winner, scored by the mean next-token loss on `heldout` and added to `losses` as "sparsegpt";
+    keeps the lower and returns its report. Why a candidate: on Gemma-3-270M each layer's exact
+    least-squares weights fit the calibration better than SparseGPT's OBS sweep and the model
+    predicts held-out text worse, at 0.3 with any dampening, precision or calibration size tried
+    (docs/RECIPE.md); the choice makes the export at least SparseGPT's model on the choice windows."""
     with _Saved(model) as saved:
-        sparsegpt = _refit_pass(elastic, model, plan, windows, config, "bare", batch_size, progress, store, saved,
-                                sparsegpt=True)
+        solution = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, saved,
+                               sparsegpt=True)
         losses["sparsegpt"] = mean_nll(model.model, heldout, 1)
-        log.info("refit auto: held-out loss %.4f with the least-squares refit of the blocks with bare masks, %.4f "
-                 "with SparseGPT's solution", losses["bare"], losses["sparsegpt"])
-        if losses["sparsegpt"] < losses["bare"]:
-            return sparsegpt, losses
+        log.info("refit auto: held-out loss %.4f with SparseGPT's solution, %.4f with the %s candidate",
+                 losses["sparsegpt"], losses[current.chosen], current.chosen)
+        if losses["sparsegpt"] < losses[current.chosen]:
+            solution.chosen = "sparsegpt"
+            return solution
         saved.restore(model)
-    return refitted, losses
+    return current
 
 
 class _Saved(dict):
@@ -390,7 +380,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     prunable weights of each block before the pass changes them ({block: {layer name: weight}}).
     `sparsegpt` solves the blocks it re-solves with SparseGPT's own OBS mask and weights instead
     of the least-squares refit (`RefitConfig.sparsegpt`)."""
-    report = RefitReport(mode, mask=config.mask)
+    report = RefitReport(mode, mask="obs" if sparsegpt else config.mask)
     iters, ridge = (0, 0.0) if sparsegpt else (config.iters, config.ridge)
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)

@@ -138,48 +138,58 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
     report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False), progress=False,
                    heldout=windows[:2])
     assert report.choices[0] == "refit" and report.chosen == chosen and report.losses == {"bare": losses[0], "all": losses[1]}
-    assert report.scored_on == "heldout" and report.mode == "auto" and report.bare_solution == "least-squares"
+    assert report.scored_on == "heldout" and report.mode == "auto" and report.mask == "elastic"
     # The loser is undone exactly, the restore included.
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), candidates[chosen]))
     assert report.choices[1:] == (["adapters", "adapters"] if chosen == "bare" else ["refit", "refit"])
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("losses", [(1.0, 2.0, 3.0), (2.0, 1.0, 3.0), (2.0, 1.0, 0.5), (1.0, 2.0, 0.5)])
-def test_refit_auto_scores_sparsegpts_solution_for_the_blocks_with_bare_masks(elastic_tiny, monkeypatch, losses,
-                                                                             streamed):
-    import epts.refit as refit_module
+def _sparsegpt_model(plan: dict[int, float], windows):
+    """SparseGPT itself on the tiny model, every block at its sparsity of `plan` (one sparsity)."""
     from epts.baselines import prune
     from epts.config import PruneConfig
+
+    (sparsity,) = set(plan.values())
+    model = tiny_model("llama")
+    prune(model, windows, PruneConfig(method="sparsegpt", pattern=Pattern(sparsity=sparsity),
+                                      calib=CalibConfig(nsamples=4, seqlen=32)), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("losses", [(1.0, 2.0, 3.0), (2.0, 1.0, 3.0), (2.0, 3.0, 0.5), (3.0, 2.0, 1.5)])
+def test_refit_auto_scores_sparsegpts_solution_for_every_block(elastic_tiny, monkeypatch, losses, streamed):
+    import epts.refit as refit_module
 
     monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
     elastic, windows = elastic_tiny
     monkeypatch.setattr(elastic.blocks[0], "group1_adapter", False)
-    plan = {0: 0.3, 1: 0.6, 2: 0.6}
-    merged = _weights(elastic.materialize(plan))
-    least_squares = elastic.materialize(plan)
-    refit(elastic, least_squares, plan, windows, "bare", progress=False)
-    # SparseGPT itself on block 0 (its input is the embedding's output whatever the refit did).
-    sparsegpt = tiny_model("llama")
-    prune(sparsegpt, windows, PruneConfig(method="sparsegpt", pattern=Pattern(sparsity=0.3),
-                                          calib=CalibConfig(nsamples=4, seqlen=32)), progress=False, num_blocks=1)
+    plan = {0: 0.3, 1: 0.3, 2: 0.3}
+    monkeypatch.setattr(elastic.blocks[1], "group1_adapter", True)
+    monkeypatch.setattr(elastic.blocks[2], "group1_adapter", True)
+    candidates = {}
+    for mode in ("bare", "all"):
+        model = elastic.materialize(plan)
+        refit(elastic, model, plan, windows, mode, progress=False)
+        candidates[mode] = _weights(model)
+    candidates["sparsegpt"] = _weights(_sparsegpt_model(plan, windows))
     scores = iter(losses)
     monkeypatch.setattr(refit_module, "mean_nll", lambda model, w, batch_size: next(scores))
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, "auto", progress=False, heldout=windows[:2])
-    assert report.losses == {"bare": losses[0], "sparsegpt": losses[1], "all": losses[2]}
-    solution = "sparsegpt" if losses[1] < losses[0] else "least-squares"
-    assert report.bare_solution == solution and report.to_dict()["bare_solution"] == solution
-    assert report.chosen == ("all" if losses[2] < min(losses[:2]) else "bare")
-    assert report.choices[0] == ("sparsegpt" if solution == "sparsegpt" else "refit")
-    assert report.to_dict()["refit_blocks"] == (3 if report.chosen == "all" else 1)
-    weights, count = _weights(model), len(merged) // 3  # layers per block
-    expected = _weights(sparsegpt)[:count] if solution == "sparsegpt" else _weights(least_squares)[:count]
-    for x, y in zip(weights[:count], expected):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-    # Blocks 1-2: merged with their adapters, or refit (on their elastic masks) when "all" won.
-    for x, m in zip(weights[count:], merged[count:]):
-        assert torch.equal(x, m) == (report.chosen == "bare") and torch.equal(x == 0, m == 0)
+    assert report.losses == dict(zip(("bare", "all", "sparsegpt"), losses))
+    chosen = min(report.losses, key=report.losses.get)
+    assert report.chosen == chosen and report.to_dict()["chosen"] == chosen
+    assert report.choices == {"bare": ["refit", "adapters", "adapters"], "all": ["refit"] * 3,
+                              "sparsegpt": ["sparsegpt"] * 3}[chosen]
+    assert report.to_dict()["refit_blocks"] == (1 if chosen == "bare" else 3)
+    assert report.mask == ("obs" if chosen == "sparsegpt" else "elastic")
+    # Exactly the winner: SparseGPT's model itself, or the other candidates with the losers undone.
+    for x, y in zip(_weights(model), candidates[chosen]):
+        if chosen == "sparsegpt":
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(x, y)
 
 
 def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(elastic_tiny, caplog):
@@ -193,8 +203,9 @@ def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(el
         model = elastic.materialize(plan)
         refit(elastic, model, plan, windows, mode, progress=False)
         expected[mode] = mean_nll(model.model, heldout, 8)
+    expected["sparsegpt"] = mean_nll(_sparsegpt_model(plan, windows).model, heldout, 8)
     report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
-    assert report.losses == pytest.approx(expected, rel=1e-6)
+    assert report.losses == pytest.approx(expected, rel=1e-4)
     assert report.chosen == min(expected, key=expected.get)
     with caplog.at_level("WARNING"):
         fallback = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False)
@@ -218,8 +229,8 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
     assert report.scored_on is None  # nothing to choose: both candidates are this model
     # With SparseGPT's solution as a candidate there is a choice, and no pass for blocks with adapters.
     assert set(scored.losses) == {"bare", "sparsegpt"} and scored.scored_on == "heldout"
-    won = "sparsegpt" if scored.losses["sparsegpt"] < scored.losses["bare"] else "refit"
-    assert scored.choices == [won] * 3 and scored.chosen == "bare"
+    won = "sparsegpt" if scored.losses["sparsegpt"] < scored.losses["bare"] else "bare"
+    assert scored.choices == [{"sparsegpt": "sparsegpt", "bare": "refit"}[won]] * 3 and scored.chosen == won
 
 
 def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_tiny):
@@ -313,13 +324,10 @@ def test_export_with_refit_records_it_and_keeps_exact_sparsity(tmp_path, text_fi
     default = export(tmp_path / "art", 0.5, tmp_path / "default", progress=False)["refit"]
     assert default["mode"] == "auto" and default["scored_on"] == "heldout"
     losses = default["losses"]
-    kept = min(losses["bare"], losses.get("sparsegpt", float("inf")))
-    assert default["chosen"] == ("all" if losses["all"] < kept else "bare")
-    sparsegpt = "sparsegpt" in losses and losses["sparsegpt"] < losses["bare"]
-    assert default["bare_solution"] == ("sparsegpt" if sparsegpt else "least-squares")
+    assert set(losses) >= {"all", "sparsegpt"} and default["chosen"] == min(losses, key=losses.get)
     card = (tmp_path / "default" / "README.md").read_text()
     assert f"| refit (kept weights re-solved on the calibration) | auto (chose {default['chosen']}):" in card
-    assert ("SparseGPT's solution for the blocks with bare masks" in card) == sparsegpt
+    assert ("(SparseGPT's solution)" in card) == (default["chosen"] == "sparsegpt")
 
 
 def test_the_block_margin_keeps_adapters_unless_the_refit_clearly_wins(elastic_tiny):
