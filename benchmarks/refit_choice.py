@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = tokenize(elastic.base.tokenizer, args.calib or elastic.calibration["source"], role="calib")
     held = heldout_text(tokens, cc.nsamples, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)
     runtime = RuntimeModel(elastic)
-    print("sparsity:compare_windows:iters[:mode]  held-out ppl  blocks (R refit, a adapters kept)  refit s  choice")
+    print("sparsity:compare_windows:iters[:mode]  held-out ppl  blocks (R refit, a adapters kept, S SparseGPT's "
+          "solution)  refit s  choice")
     for sparsity, config in args.specs:
         config.mask = args.mask
         runtime.set_sparsity(sparsity)  # re-merges every block: each spec starts from the plain merge
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             if config.mode == "auto" else None
         report = refit(elastic, runtime.loaded, runtime.sparsity, windows, config, progress=False, heldout=choice)
         ppl = math.exp(mean_nll(runtime.loaded.model, held))
-        blocks = "".join("R" if c == "refit" else "a" for c in report.choices)
+        blocks = "".join({"refit": "R", "sparsegpt": "S"}.get(c, "a") for c in report.choices)
         chose = f"{report.chosen} " + " ".join(f"{k}={v:.4f}" for k, v in report.losses.items()) \
             if config.mode == "auto" else "-"
         mode = ":auto" if config.mode == "auto" else ""

@@ -103,9 +103,10 @@ def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys)
         _, ppl, choices, seconds, chose = line.split()
         assert math.isfinite(float(ppl)) and len(choices) == 3 and set(choices) <= {"R", "a"} and chose == "-"
     assert lines[0].split()[1] != lines[1].split()[1]  # 1 step instead of 4: another model
-    _, ppl, choices, seconds, chose, bare, every = lines[2].split()
-    losses = {k: float(v) for k, v in (bare.split("="), every.split("="))}
-    assert chose == min(losses, key=losses.get) and choices == ("RRR" if chose == "all" else "aaa")
+    _, ppl, choices, seconds, chose, *scores = lines[2].split()
+    losses = {k: float(v) for k, v in (score.split("=") for score in scores)}
+    assert set(losses) == {"bare", "all", "sparsegpt"} and chose == min(losses, key=losses.get)
+    assert choices == {"all": "RRR", "bare": "aaa", "sparsegpt": "SSS"}[chose]
     for bad in ("0.6", "0.6:2:4:all"):
         with pytest.raises(SystemExit):
             main([str(tmp_path / "art"), bad])
