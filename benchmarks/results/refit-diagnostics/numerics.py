@@ -13,7 +13,7 @@ from epts.importance import Pattern
 torch.set_num_threads(2)
 model_name, blocks_wanted, sparsity = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], float(sys.argv[3])
 loaded = load_model(model_name)
-windows = calibration_set(loaded.tokenizer, "/work/shared/data/wikitext2/wiki.valid.tokens", 32, 256, 0)
+windows = calibration_set(loaded.tokenizer, "../shared/data/wikitext2/wiki.valid.tokens", 32, 256, 0)
 model = loaded.model
 model.requires_grad_(False)
 src = inspect.getsource(R.masked_least_squares).replace(".float()", ".double()")

@@ -7,7 +7,7 @@ from epts.blocks import capture_block_calls
 from epts.arch import decoder_blocks, prunable_linears
 torch.set_num_threads(2)
 loaded = load_model(sys.argv[1]); model = loaded.model; model.requires_grad_(False)
-windows = calibration_set(loaded.tokenizer, "/work/shared/data/wikitext2/wiki.valid.tokens", 32, 256, 0)
+windows = calibration_set(loaded.tokenizer, "../shared/data/wikitext2/wiki.valid.tokens", 32, 256, 0)
 class Share:
     def __init__(self): self.first = 0.0; self.total = 0.0; self.top = []
     def add_batch(self, x):
