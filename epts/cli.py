@@ -100,10 +100,11 @@ def _add_format_arg(p: argparse.ArgumentParser) -> None:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's help ends with its default, except where there is none to show (unset, off)."""
+    """Every flag's help ends with its default, except where there is none to show (unset, off, or a
+    switch such as --no-refit-sparsegpt, whose "default: True" would read as the switch being on)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 

@@ -181,3 +181,13 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["epochs"], config["lr"], config["calib"]["nsamples"], config["groups_per_step"]) == (1, 1e-3, 2, 3)
+
+
+def test_help_shows_defaults_but_not_for_switches(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # A value flag ends with its default; a switch that turns something off must not read "default: True".
+    assert "(default: auto)" in text and "(default: elastic)" in text
+    switch = text[text.index("--no-refit-sparsegpt refit auto"):]
+    assert "(saves a SparseGPT pass) --" in switch and "default: True" not in switch.split(" --")[0]
