@@ -191,7 +191,7 @@ def export(
                                  None if allocation == "search" else "--calib", progress,
                                  refit.compare_windows if refit.mode == "auto" else 0)
         used = text.record
-    check_scratch_space(elastic.base.model, "exporting a streamed model")
+    check_scratch_space(elastic.base.model, "exporting a streamed model", copies=refit.mode == "auto")
     start = time.perf_counter()
     model = elastic.materialize(plan)
     try:

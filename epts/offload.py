@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import decoder_blocks
+from .arch import decoder_blocks, prunable_linears
 from .streams import ScratchSpaceError, scratch_prefix
 
 
@@ -175,18 +175,24 @@ def release_scratch(model: nn.Module) -> None:
             scratch.cleanup()
 
 
-def check_scratch_space(model: nn.Module, what: str) -> None:
+def check_scratch_space(model: nn.Module, what: str, copies: bool = False) -> None:
     """Refuse, before the work, a TMPDIR that cannot hold the changed weights of every streamed
     block of `model` (pruning and materialising keep each changed block in a scratch file there,
-    `resident(keep=True)`); `what` names the work in the error. A model in memory needs none."""
+    `resident(keep=True)`) and, with `copies`, a copy of their prunable weights besides (the
+    refit's choice keeps one to undo a losing candidate, `epts.refit`); `what` names the work in
+    the error. A model in memory needs none."""
     streamed = [block for block in decoder_blocks(model) if is_streamed(block)]
     if not streamed:
         return
     need = sum(t.numel() * t.element_size() for block in streamed for t in block.state_dict().values())
+    if copies:
+        need += sum(layer.weight.numel() * layer.weight.element_size()
+                    for block in streamed for layer in prunable_linears(model, block).values())
     folder = tempfile.gettempdir()
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise ScratchSpaceError(f"{what} keeps the changed decoder blocks in scratch files in TMPDIR ({folder}): "
+        kept = "the changed decoder blocks" + (" and a copy of their weights" if copies else "")
+        raise ScratchSpaceError(f"{what} keeps {kept} in scratch files in TMPDIR ({folder}): "
                                 f"{need / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free there: set TMPDIR to a "
                                 f"disk with room")
 

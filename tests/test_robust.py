@@ -302,6 +302,24 @@ def test_a_tmpdir_without_room_is_refused_before_the_work(artifact, model_dir, t
     assert not (tmp_path / "out").exists()
 
 
+def test_the_scratch_check_counts_the_copies_that_undo_a_refit_candidate(artifact, model_dir, tmp_path, monkeypatch):
+    from epts.arch import prunable_linears
+
+    model = load_model(model_dir, stream=True).model
+    blocks = sum(t.numel() * t.element_size() for b in decoder_blocks(model) for t in b.state_dict().values())
+    copies = sum(l.weight.numel() * l.weight.element_size()
+                 for b in decoder_blocks(model) for l in prunable_linears(model, b).values())
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(offload.shutil, "disk_usage", lambda path: free._replace(free=blocks + copies // 2))
+    offload.check_scratch_space(model, "exporting")  # room for the blocks alone
+    with pytest.raises(ScratchSpaceError, match=r"keeps the changed decoder blocks and a copy of their weights in "):
+        offload.check_scratch_space(model, "exporting", copies=True)
+    # The default export chooses between refit candidates, so it is refused before the work.
+    with pytest.raises(ScratchSpaceError, match="a copy of their weights"):
+        epts.export(artifact, 0.5, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_full_tmpdir_while_keeping_a_block_is_one_error(model_dir, monkeypatch):
     from safetensors import SafetensorError
     import safetensors.torch
