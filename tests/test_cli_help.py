@@ -29,6 +29,7 @@ def parsers():
 
 
 def test_every_flag_of_every_subcommand_has_help_and_shows_its_default():
+    # A switch (nargs 0, e.g. --no-refit-sparsegpt) has no value to show; test_cli checks it shows none.
     undocumented, default_hidden = [], []
     for name, parser in parsers():
         shown = " ".join(parser.format_help().split())
@@ -38,7 +39,8 @@ def test_every_flag_of_every_subcommand_has_help_and_shows_its_default():
             flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
             if not action.help or action.help == argparse.SUPPRESS:
                 undocumented.append(flag)
-            elif action.default not in (None, False, argparse.SUPPRESS) and f"(default: {action.default})" not in shown:
+            elif (action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0
+                  and f"(default: {action.default})" not in shown):
                 default_hidden.append(f"{flag} (default {action.default})")
     assert not undocumented, f"flags without help: {undocumented}"
     assert not default_hidden, f"flags whose help does not show the default: {default_hidden}"
