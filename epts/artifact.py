@@ -175,7 +175,8 @@ class ElasticModel:
         state = self.blocks[block]
         group = self.config.group_of(sparsity)
         a, b = state.adapters[name]
-        active = active_adapters(group, state.group1_adapter, self.config.inherit_adapters)
+        active = active_adapters(group, state.group1_adapter, self.config.inherit_adapters,
+                                 self.config.group1_inherited)
         device = layer.weight.device
         delta = state.deltas.get(name)
         return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,

@@ -6,7 +6,9 @@ A frozen linear with K low-rank adapter pairs. At sparsity s in group k it compu
 
 so group k inherits the adapters of every lower group, and the mask multiplies the update too, so
 the merged weight has exactly the sparsity of M(s). Without inheritance (the paper's ablation,
-EPTSConfig.inherit_adapters False) group k computes with its own adapter B_k A_k only.
+EPTSConfig.inherit_adapters False) group k computes with its own adapter B_k A_k only. With
+EPTSConfig.group1_inherited False, group 1's adapter serves group 1 alone and the hierarchy starts
+at group 2: the adapter then learns only what the lowest sparsities need.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from torch import nn
 from .importance import float_mask
 
 
-def active_adapters(group: int, group1_adapter: bool = True, inherit: bool = True) -> range:
+def active_adapters(group: int, group1_adapter: bool = True, inherit: bool = True,
+                    group1_inherited: bool = True) -> range:
     """The adapters group `group` (0-based) computes with, stated once for training, the mixer,
-    the group-1 check and the artifact's merge: adapters 0..group (the hierarchy), or only adapter
-    `group` when `inherit` is False (independent per-group adapters), except group 0 of a block
-    whose group-1 check dropped its adapter (`group1_adapter` False), which uses none."""
-    if group == 0 and not group1_adapter:
-        return range(0)
-    return range(0 if inherit else group, group + 1)
+    the group-1 check and the artifact's merge: adapters 0..group (the hierarchy), 1..group for a
+    group above the first when `group1_inherited` is False, or only adapter `group` when `inherit`
+    is False (independent per-group adapters), except group 0 of a block whose group-1 check
+    dropped its adapter (`group1_adapter` False), which uses none."""
+    if group == 0:
+        return range(1 if group1_adapter else 0)
+    return range(group if not inherit else 0 if group1_inherited else 1, group + 1)
 
 
 def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float, a: list[torch.Tensor],
@@ -51,11 +55,13 @@ def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float,
 
 class ElasticLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
-                 generator: torch.Generator | None = None, shared_update: bool = False, inherit: bool = True):
+                 generator: torch.Generator | None = None, shared_update: bool = False, inherit: bool = True,
+                 group1_inherited: bool = True):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
         pair per entry of `adapter_ranks`; `generator` draws the A initialisation. `shared_update`
         adds a full-rank update `delta` (zeros) that every group uses, under its mask. `inherit`
-        False: each group uses only its own adapter (`active_adapters`)."""
+        False: each group uses only its own adapter; `group1_inherited` False: groups above the first do
+        not use group 1's adapter (`active_adapters`)."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -75,6 +81,7 @@ class ElasticLinear(nn.Module):
             self.B.append(nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype)))
         self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=dtype)) if shared_update else None
         self.inherit = inherit
+        self.group1_inherited = group1_inherited
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
 
@@ -87,7 +94,7 @@ class ElasticLinear(nn.Module):
         if not 0 <= group < self.num_groups:
             raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
         self.sparsity = sparsity
-        self.adapters = active_adapters(group, group1_adapter, self.inherit)
+        self.adapters = active_adapters(group, group1_adapter, self.inherit, self.group1_inherited)
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.ranks, self.sparsity,
@@ -109,9 +116,11 @@ class ElasticLinear(nn.Module):
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
            adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None,
-           shared_update: bool = False, inherit: bool = True) -> dict[str, ElasticLinear]:
+           shared_update: bool = False, inherit: bool = True, group1_inherited: bool = True
+           ) -> dict[str, ElasticLinear]:
     """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
-    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update, inherit)
+    elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update, inherit,
+                                   group1_inherited)
                for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)

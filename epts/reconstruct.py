@@ -113,11 +113,14 @@ def train_block(
     generator: torch.Generator,
     lr: float,
     progress: bool,
+    dense_inputs: torch.Tensor | None = None,
 ) -> list[float]:
     """E epochs of multi-sparsity training of one block's adapters on `inputs` (the elastic stream)
     against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU, every step
     training every group or `config.groups_per_step` of them (`group_schedule`); returns each
-    group's mean loss over the last epoch. Raises NonFiniteError at the first non-finite loss or gradient."""
+    group's mean loss over the last epoch. With `config.group1_stream` "dense", group 1 trains on
+    `dense_inputs` (the dense stream, same shape) instead; with "alternate", on every other step. Raises NonFiniteError at the first
+    non-finite loss or gradient."""
     device = runner.device
     world = distributed.world_size()
     # config.batch_size is the global batch: each of the `world` processes takes its share of it.
@@ -147,11 +150,16 @@ def train_block(
                 epoch_counts.zero_()
             start = (step % steps_per_epoch) * bs
             x = inputs[start : start + bs].to(device)
+            # Group 1 learns on the elastic stream, the dense one (group1_stream "dense": what a low-sparsity
+            # model's blocks see), or each on every other step ("alternate").
+            on_dense = dense_inputs is not None and (config.group1_stream == "dense" or step % 2 == 1)
+            x1 = dense_inputs[start : start + bs].to(device) if on_dense else x
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
             anchor = None
-            if schedule[step][0] != 0 and config.guide_weight > 0:
-                # The guided loss needs group 1's output even on a step that does not train group 1.
+            if (schedule[step][0] != 0 or x1 is not x) and config.guide_weight > 0:
+                # The guided loss needs group 1's output on the elastic stream even on a step whose
+                # group 1 does not train there.
                 with torch.no_grad():
                     hilora.set_state(layers, draws[0][step].item(), 0)
                     anchor = call_block(runner, x).float()
@@ -159,9 +167,9 @@ def train_block(
             for k in schedule[step]:
                 hilora.set_state(layers, draws[k][step if k == 0 else used[k]].item(), k)
                 used[k] += 1
-                out = call_block(runner, x).float()
-                loss = F.mse_loss(out, y) if anchor is None else guided_loss(out, y, anchor, config.guide_weight)
-                if k == 0:
+                out = call_block(runner, x1 if k == 0 else x).float()
+                loss = F.mse_loss(out, y) if k == 0 or anchor is None else guided_loss(out, y, anchor, config.guide_weight)
+                if k == 0 and x1 is x:
                     anchor = out.detach()
                 value = loss.item()
                 if world == 1 and not math.isfinite(value):
@@ -232,9 +240,10 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(config.calib.seed, b)
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
-                               inherit=config.inherit_adapters)
+                               inherit=config.inherit_adapters, group1_inherited=config.group1_inherited)
         try:
-            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress)
+            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress,
+                                 None if config.group1_stream == "elastic" else dense)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
                 check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)

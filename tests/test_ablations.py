@@ -1,5 +1,7 @@
 """The paper's two structural ablations as config options: independent per-group adapters
-(EPTSConfig.inherit_adapters False) and dense-feature propagation (EPTSConfig.propagate "dense")."""
+(EPTSConfig.inherit_adapters False) and dense-feature propagation (EPTSConfig.propagate "dense");
+and two variants of group 1: an adapter the groups above do not inherit (group1_inherited False),
+trained on the dense stream (group1_stream "dense")."""
 
 from pathlib import Path
 
@@ -31,6 +33,9 @@ def test_active_adapters_hierarchy_by_default_own_adapter_when_independent():
         assert list(active_adapters(0, False, inherit)) == []
     assert list(active_adapters(2, False)) == [0, 1, 2]
     assert list(active_adapters(2, False, inherit=False)) == [2]
+    # group1_inherited False: group 1 keeps its own adapter, the hierarchy starts at group 2.
+    assert [list(active_adapters(k, group1_inherited=False)) for k in range(3)] == [[0], [1], [1, 2]]
+    assert list(active_adapters(0, False, group1_inherited=False)) == []
 
 
 def test_independent_layer_computes_and_trains_only_its_own_adapter():
@@ -117,6 +122,58 @@ def test_dense_propagation_feeds_the_next_block_the_dense_stream(monkeypatch):
         return all(torch.equal(x, y) for n in msfm[b][0] for x, y in zip(sum(msfm[b][0][n], []), sum(dense[b][0][n], [])))
 
     assert same_adapters(0) and not same_adapters(1) and not same_adapters(2)
+
+
+def test_group1_not_inherited_artifact_merges_adapters_2_and_3_only():
+    elastic = reconstruct.compress(tiny_model("llama"), random_windows(4, 32), small_config(group1_inherited=False),
+                                   progress=False)
+    layer = prunable_linears(elastic.base.model, decoder_blocks(elastic.base.model)[1])["mlp.up_proj"]
+    a, b = elastic.blocks[1].adapters["mlp.up_proj"]
+    mask = elastic.ranks(1, "mlp.up_proj") < kept_per_row(layer.in_features, GROUP3)
+    torch.testing.assert_close(elastic.merged_weight(1, "mlp.up_proj", layer, GROUP3),
+                               (layer.weight + b[1] @ a[1] + b[2] @ a[2]) * mask, rtol=1e-6, atol=1e-6)
+    assert (b[0] @ a[0]).abs().max() > 1e-4, "group 1's adapter trained, and is left out above group 1"
+
+
+def test_group1_stream_dense_trains_group1_on_the_dense_stream(monkeypatch):
+    """Every gradient-taking group-1 call of block 3 gets windows of the dense stream entering it,
+    every other group's training call windows of the elastic stream; in the default, group 1 too."""
+    def calls_of(config):
+        entering, seen = [], []
+        original_block, original_call = reconstruct.compress_block, reconstruct.call_block
+
+        def spy_block(model, b, calls, streams, *args, **kwargs):
+            entering.append(streams)
+            return original_block(model, b, calls, streams, *args, **kwargs)
+
+        def spy_call(runner, hidden):
+            layer = next(m for m in runner.block.modules() if isinstance(m, ElasticLinear))
+            if torch.is_grad_enabled() and runner.name.startswith("block 3 "):
+                seen.append((layer.adapters.stop == 1, hidden.clone()))
+            return original_call(runner, hidden)
+
+        monkeypatch.setattr(reconstruct, "compress_block", spy_block)
+        monkeypatch.setattr(reconstruct, "call_block", spy_call)
+        reconstruct.compress(tiny_model("llama"), random_windows(4, 32), config, progress=False)
+        monkeypatch.undo()
+        return entering[2], seen
+
+    def source(hidden, streams):
+        if any(torch.equal(hidden[0], w) for w in streams.dense):
+            return "dense"
+        return "elastic" if any(torch.equal(hidden[0], w) for w in streams.elastic) else "neither"
+
+    for stream in ("dense", "elastic"):
+        streams, seen = calls_of(small_config(group1_stream=stream))
+        assert (streams.dense - streams.elastic).abs().max() > 1e-5, "block 3's two streams differ"
+        group1 = {source(h, streams) for first, h in seen if first}
+        others = {source(h, streams) for first, h in seen if not first}
+        assert group1 == {stream} and others == {"elastic"}, (stream, group1, others)
+
+
+def test_unknown_group1_stream_is_refused():
+    with pytest.raises(ValueError, match="group1_stream 'mixed' is not elastic, dense or alternate"):
+        EPTSConfig(group1_stream="mixed")
 
 
 def test_unknown_propagation_is_refused():
