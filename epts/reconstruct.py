@@ -119,8 +119,8 @@ def train_block(
     against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU, every step
     training every group or `config.groups_per_step` of them (`group_schedule`); returns each
     group's mean loss over the last epoch. With `config.group1_stream` "dense", group 1 trains on
-    `dense_inputs` (the dense stream, same shape) instead; with "alternate", on every other step. Raises NonFiniteError at the first
-    non-finite loss or gradient."""
+    `dense_inputs` (the dense stream, same shape) instead; with "alternate", on every other step.
+    Raises NonFiniteError at the first non-finite loss or gradient."""
     device = runner.device
     world = distributed.world_size()
     # config.batch_size is the global batch: each of the `world` processes takes its share of it.
@@ -168,7 +168,10 @@ def train_block(
                 hilora.set_state(layers, draws[k][step if k == 0 else used[k]].item(), k)
                 used[k] += 1
                 out = call_block(runner, x1 if k == 0 else x).float()
-                loss = F.mse_loss(out, y) if k == 0 or anchor is None else guided_loss(out, y, anchor, config.guide_weight)
+                if k == 0 or anchor is None:
+                    loss = F.mse_loss(out, y)
+                else:
+                    loss = guided_loss(out, y, anchor, config.guide_weight)
                 if k == 0 and x1 is x:
                     anchor = out.detach()
                 value = loss.item()

@@ -434,8 +434,9 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
 def _has_adapters(elastic: ElasticModel, index: int, sparsity: float) -> bool:
     """Whether block `index` serves `sparsity` with any learnt update (adapters or a shared delta)."""
     state = elastic.blocks[index]
-    return bool(active_adapters(elastic.config.group_of(sparsity), state.group1_adapter,
-                                elastic.config.inherit_adapters, elastic.config.group1_inherited)) or bool(state.deltas)
+    config = elastic.config
+    return bool(active_adapters(config.group_of(sparsity), state.group1_adapter, config.inherit_adapters,
+                                config.group1_inherited)) or bool(state.deltas)
 
 
 def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner, stream: torch.Tensor,
