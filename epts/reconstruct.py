@@ -120,7 +120,10 @@ def train_block(
     training every group or `config.groups_per_step` of them (`group_schedule`); returns each
     group's mean loss over the last epoch. With `config.group1_stream` "dense", group 1 trains on
     `dense_inputs` (the dense stream, same shape) instead; with "alternate", on every other step.
-    Raises NonFiniteError at the first non-finite loss or gradient."""
+    Raises NonFiniteError at the first non-finite loss or gradient, ValueError when the config
+    asks for the dense stream and `dense_inputs` is None."""
+    if config.group1_stream != "elastic" and dense_inputs is None:
+        raise ValueError(f"group1_stream {config.group1_stream!r} needs the dense stream (dense_inputs)")
     device = runner.device
     world = distributed.world_size()
     # config.batch_size is the global batch: each of the `world` processes takes its share of it.
@@ -152,7 +155,7 @@ def train_block(
             x = inputs[start : start + bs].to(device)
             # Group 1 learns on the elastic stream, the dense one (group1_stream "dense": what a low-sparsity
             # model's blocks see), or each on every other step ("alternate").
-            on_dense = dense_inputs is not None and (config.group1_stream == "dense" or step % 2 == 1)
+            on_dense = config.group1_stream == "dense" or (config.group1_stream == "alternate" and step % 2 == 1)
             x1 = dense_inputs[start : start + bs].to(device) if on_dense else x
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
@@ -245,8 +248,7 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
                                inherit=config.inherit_adapters, group1_inherited=config.group1_inherited)
         try:
-            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress,
-                                 None if config.group1_stream == "elastic" else dense)
+            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
                 check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)
