@@ -171,6 +171,12 @@ def test_group1_stream_dense_trains_group1_on_the_dense_stream(monkeypatch):
         assert group1 == {stream} and others == {"elastic"}, (stream, group1, others)
 
 
+def test_train_block_refuses_a_dense_group1_without_the_dense_stream():
+    x = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="group1_stream 'dense' needs the dense stream"):
+        reconstruct.train_block(None, {}, x, x, small_config(group1_stream="dense"), torch.Generator(), 1e-3, False)
+
+
 def test_unknown_group1_stream_is_refused():
     with pytest.raises(ValueError, match="group1_stream 'mixed' is not elastic, dense or alternate"):
         EPTSConfig(group1_stream="mixed")
