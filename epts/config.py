@@ -247,6 +247,7 @@ class EPTSConfig:
     propagate: str = "msfm"  # next elastic stream: msfm (the mixer) or dense (P <- H, the paper's ablation)
     inherit_adapters: bool = True  # False: group k uses only its own adapter, not 1..k (the paper's ablation)
     group1_inherited: bool = True  # False: group 1's adapter serves group 1 only; groups k > 1 use 2..k
+    group1_detached: bool = False  # True: groups k > 1 compute with group 1's adapter but do not train it
     group1_stream: str = "elastic"  # the stream group 1 trains on: elastic (P, METHOD.md), dense (H) or alternate
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
@@ -261,7 +262,8 @@ class EPTSConfig:
     def __post_init__(self):
         _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_ratio_b": float, "delta_lr": float,
                               "guide_weight": float, "groups_per_step": int, "propagate": str, "group1_stream": str,
-                              "inherit_adapters": bool, "group1_inherited": bool, "group1_check": bool,
+                              "inherit_adapters": bool, "group1_inherited": bool, "group1_detached": bool,
+                              "group1_check": bool,
                               "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
                               "stream_memory_mb": float}, optional=("groups_per_step", "stream_memory_mb"))
@@ -315,6 +317,9 @@ class EPTSConfig:
             raise ValueError(f"propagate {self.propagate!r} is not msfm or dense")
         if self.group1_stream not in ("elastic", "dense", "alternate"):
             raise ValueError(f"group1_stream {self.group1_stream!r} is not elastic, dense or alternate")
+        if self.group1_detached and not (self.inherit_adapters and self.group1_inherited):
+            raise ValueError("group1_detached needs the groups above to inherit group 1's adapter "
+                             "(inherit_adapters and group1_inherited true)")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 

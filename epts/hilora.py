@@ -8,7 +8,9 @@ so group k inherits the adapters of every lower group, and the mask multiplies t
 the merged weight has exactly the sparsity of M(s). Without inheritance (the paper's ablation,
 EPTSConfig.inherit_adapters False) group k computes with its own adapter B_k A_k only. With
 EPTSConfig.group1_inherited False, group 1's adapter serves group 1 alone and the hierarchy starts
-at group 2: the adapter then learns only what the lowest sparsities need.
+at group 2: the adapter then learns only what the lowest sparsities need. With
+EPTSConfig.group1_detached True the groups above still compute with group 1's adapter but do not
+train it: its gradient comes from group 1's loss alone.
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ def effective_weight(weight: torch.Tensor, ranks: torch.Tensor, sparsity: float,
 class ElasticLinear(nn.Module):
     def __init__(self, base: nn.Linear, ranks: torch.Tensor, adapter_ranks: list[int] | tuple[int, ...],
                  generator: torch.Generator | None = None, shared_update: bool = False, inherit: bool = True,
-                 group1_inherited: bool = True):
+                 group1_inherited: bool = True, group1_detached: bool = False):
         """`ranks` are the weights' per-row importance ranks (`importance.row_ranks`), one adapter
         pair per entry of `adapter_ranks`; `generator` draws the A initialisation. `shared_update`
         adds a full-rank update `delta` (zeros) that every group uses, under its mask. `inherit`
         False: each group uses only its own adapter; `group1_inherited` False: groups above the first do
-        not use group 1's adapter (`active_adapters`)."""
+        not use group 1's adapter (`active_adapters`); `group1_detached` True: they use it without a
+        gradient."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # Frozen and shared with the base layer, not copied.
@@ -82,8 +85,10 @@ class ElasticLinear(nn.Module):
         self.delta = nn.Parameter(torch.zeros_like(self.weight, dtype=dtype)) if shared_update else None
         self.inherit = inherit
         self.group1_inherited = group1_inherited
+        self.group1_detached = group1_detached
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
+        self.frozen: range = range(0)  # of those, the ones used without a gradient
 
     @property
     def num_groups(self) -> int:
@@ -95,10 +100,12 @@ class ElasticLinear(nn.Module):
             raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
         self.sparsity = sparsity
         self.adapters = active_adapters(group, group1_adapter, self.inherit, self.group1_inherited)
+        self.frozen = range(1 if self.group1_detached and group > 0 and 0 in self.adapters else 0)
 
     def effective_weight(self) -> torch.Tensor:
-        return effective_weight(self.weight, self.ranks, self.sparsity,
-                                [self.A[j] for j in self.adapters], [self.B[j] for j in self.adapters], self.delta)
+        a = [self.A[j].detach() if j in self.frozen else self.A[j] for j in self.adapters]
+        b = [self.B[j].detach() if j in self.frozen else self.B[j] for j in self.adapters]
+        return effective_weight(self.weight, self.ranks, self.sparsity, a, b, self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
@@ -116,11 +123,11 @@ class ElasticLinear(nn.Module):
 
 def attach(block: nn.Module, layers: dict[str, nn.Linear], ranks: dict[str, torch.Tensor],
            adapter_ranks: tuple[int, ...], generator: torch.Generator | None = None,
-           shared_update: bool = False, inherit: bool = True, group1_inherited: bool = True
-           ) -> dict[str, ElasticLinear]:
+           shared_update: bool = False, inherit: bool = True, group1_inherited: bool = True,
+           group1_detached: bool = False) -> dict[str, ElasticLinear]:
     """Replace the named linears of `block` by elastic layers (`detach` puts the originals back)."""
     elastic = {name: ElasticLinear(layer, ranks[name], adapter_ranks, generator, shared_update, inherit,
-                                   group1_inherited)
+                                   group1_inherited, group1_detached)
                for name, layer in layers.items()}
     for name, layer in elastic.items():
         block.set_submodule(name, layer)

@@ -246,7 +246,8 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(config.calib.seed, b)
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
-                               inherit=config.inherit_adapters, group1_inherited=config.group1_inherited)
+                               inherit=config.inherit_adapters, group1_inherited=config.group1_inherited,
+                               group1_detached=config.group1_detached)
         try:
             losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense)
             group1_adapter, check = True, (0.0, 0.0)

@@ -182,6 +182,39 @@ def test_unknown_group1_stream_is_refused():
         EPTSConfig(group1_stream="mixed")
 
 
+def test_group1_detached_groups_above_compute_with_group1_adapter_but_do_not_train_it():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=False)
+    ranks = row_ranks(torch.rand(12, 16))
+
+    def grads(detached, group):
+        layer = ElasticLinear(base, ranks, (2, 2, 2), torch.Generator().manual_seed(0), group1_detached=detached)
+        with torch.no_grad():
+            for b in layer.B:
+                b.normal_(generator=torch.Generator().manual_seed(1))
+        layer.set_state(0.3, group)
+        out = layer(torch.randn(5, 16, generator=torch.Generator().manual_seed(2)))
+        out.square().sum().backward()
+        return out.detach(), [p.grad for p in (*layer.A, *layer.B)]
+
+    for group in (1, 2):
+        out, plain = grads(False, group)
+        out_detached, detached = grads(True, group)
+        torch.testing.assert_close(out_detached, out, rtol=0, atol=0)  # the same forward: group 1 is inherited
+        assert detached[0] is None and detached[3] is None, "group 1's A and B get no gradient from a group above"
+        assert plain[0].abs().max() > 0 and plain[3].abs().max() > 0
+        for i in (1, 4, group, group + 3):  # the group's own adapters (and those between) train as before
+            torch.testing.assert_close(detached[i], plain[i], rtol=0, atol=0)
+    _, own = grads(True, 0)
+    assert own[0].abs().max() > 0 and own[3].abs().max() > 0, "group 1 itself still trains its adapter"
+
+
+def test_group1_detached_needs_inheritance():
+    for fields in ({"group1_inherited": False}, {"inherit_adapters": False}):
+        with pytest.raises(ValueError, match="group1_detached needs the groups above to inherit"):
+            EPTSConfig(group1_detached=True, **fields)
+
+
 def test_unknown_propagation_is_refused():
     with pytest.raises(ValueError, match="propagate 'lowest' is not msfm or dense"):
         EPTSConfig(propagate="lowest")
