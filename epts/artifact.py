@@ -61,10 +61,11 @@ class BlockState:
     group1_check: tuple[float, float] = (0.0, 0.0)  # loss with, without the group-1 adapter
     seconds: float = 0.0
     retries: list[dict] = field(default_factory=list)  # numerical-guard events: attempt, lr, reason
+    lr: float | None = None  # the Adam learning rate the block trained at (None: not recorded, older artifacts)
 
     def info(self) -> dict:
         return {"group1_adapter": self.group1_adapter, "losses": self.losses, "group1_check": list(self.group1_check),
-                "seconds": self.seconds, "retries": self.retries}
+                "seconds": self.seconds, "retries": self.retries, "lr": self.lr}
 
 
 def blocks_to_tensors(blocks: list[BlockState]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -95,6 +96,7 @@ def blocks_from_tensors(infos: list[dict], layers: list[str], num_groups: int, a
             group1_check=tuple(info["group1_check"]),
             seconds=info["seconds"],
             retries=info.get("retries", []),
+            lr=info.get("lr"),
         )
         for b, info in enumerate(infos)
     ]

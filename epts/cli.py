@@ -123,6 +123,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _rms_or_none(text: str) -> float | str:
+    """A positive number, or "none" (kept as the string: an unset flag is None)."""
+    if text.strip().lower() == "none":
+        return "none"
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number or none, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epts", description="Elastic post-training sparsity for causal LMs",
                                      formatter_class=_HelpFormatter)
@@ -178,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("--seed", int, f"seed of the window draw and of every block's adapter initialisation (default "
                             f"{calib.seed})"),
             ("--epochs", _positive_int, f"passes over the calibration windows, per block (default {defaults.epochs})"),
-            ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
+            ("--lr", float, f"Adam learning rate of the adapters at --lr-reference-rms (default {defaults.lr:g})"),
+            ("--lr-reference-rms", _rms_or_none, f"weight RMS at which --lr holds: each block trains at lr x its "
+                                                 f"prunable weights' RMS / this; none: lr as given (default "
+                                                 f"{defaults.lr_reference_rms:g})"),
             ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})"),
             ("--groups-per-step", _positive_int, "sparsity groups trained per optimiser step, in turn (default: all, "
                                                  "as METHOD.md; fewer is faster: docs/RECIPE.md)")):
@@ -388,6 +401,8 @@ def _cmd_compress(args) -> None:
     for name in ("epochs", "lr", "batch_size", "groups_per_step", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.lr_reference_rms is not None:
+        fields["lr_reference_rms"] = None if args.lr_reference_rms == "none" else args.lr_reference_rms
     if args.stream_memory is not None:
         fields["stream_memory_mb"] = args.stream_memory
     config = EPTSConfig.preset(args.preset, **fields, calib=calib)

@@ -84,6 +84,13 @@ def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tenso
 
 
 @torch.no_grad()
+def weight_rms(layers: dict[str, nn.Linear]) -> float:
+    """Root-mean-square of all the layers' weights together (summed in float64, whatever their dtype)."""
+    total = sum(torch.linalg.vector_norm(layer.weight, dtype=torch.float64).item() ** 2 for layer in layers.values())
+    return math.sqrt(total / sum(layer.weight.numel() for layer in layers.values()))
+
+
+@torch.no_grad()
 def dense_pass(runner: BlockRunner, layers: dict[str, nn.Linear], stream: torch.Tensor
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The dense block on the dense stream: its outputs (targets, next dense stream) and the
@@ -239,9 +246,10 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
     targets, norms = dense_pass(runner, originals, dense)
     input_norms = norms if config.criterion == "wanda" else {}
     ranks = layer_ranks(originals, input_norms)
+    block_lr = config.block_lr(weight_rms(originals))
     retries = []
     for attempt in range(config.max_retries + 1):
-        lr = config.lr * config.retry_lr_factor**attempt
+        lr = block_lr * config.retry_lr_factor**attempt
         # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(config.calib.seed, b)
@@ -278,8 +286,9 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         group1_check=check,
         seconds=time.perf_counter() - block_start,
         retries=retries,
+        lr=lr,
     )
-    log.info("block %d: %.1f s, last-epoch losses %s, group-1 adapter %s", b + 1, state.seconds,
+    log.info("block %d: %.1f s at lr %.3g, last-epoch losses %s, group-1 adapter %s", b + 1, state.seconds, lr,
              ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
     return state, Streams(targets, mixed)
 

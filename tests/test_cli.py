@@ -170,7 +170,8 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
     the default preset is the recipe of the dataclass defaults."""
     from epts.config import EPTSConfig
 
-    assert (EPTSConfig.preset("paper").epochs, EPTSConfig.preset("paper").lr) == (10, 1e-3)
+    paper = EPTSConfig.preset("paper")
+    assert (paper.epochs, paper.lr, paper.lr_reference_rms) == (10, 1e-3, None), "METHOD.md's absolute lr"
     assert EPTSConfig.preset("default") == EPTSConfig()
     assert EPTSConfig.preset("demo", calib={"seqlen": 32}).calib.nsamples == 16
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
@@ -181,6 +182,17 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["epochs"], config["lr"], config["calib"]["nsamples"], config["groups_per_step"]) == (1, 1e-3, 2, 3)
+    assert [b["lr"] for b in json.loads((out / "manifest.json").read_text())["blocks"]] == [1e-3] * 3
+    scaled = tmp_path / "scaled"
+    r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--preset", "paper", "--epochs", "1",
+             "--nsamples", "2", "--seqlen", "32", "--lr-reference-rms", "0.5", "--out", str(scaled))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((scaled / "manifest.json").read_text())
+    assert manifest["config"]["lr_reference_rms"] == 0.5
+    assert all(b["lr"] != 1e-3 for b in manifest["blocks"])
+    r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--lr-reference-rms", "0",
+             "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "--lr-reference-rms: must be a positive number or none" in r.stderr, r.stderr
 
 
 def test_help_shows_defaults_but_not_for_switches(capsys):

@@ -60,6 +60,44 @@ def test_adapters_learnt_and_losses_recorded(elastic_llama):
         assert state.group1_adapter == (with_adapter < without)
 
 
+def test_each_block_trains_at_lr_scaled_by_its_weight_rms(elastic_llama, monkeypatch):
+    """lr holds at lr_reference_rms: a block trains at lr x (RMS of its prunable weights) / that, the
+    rate Adam gets and the artifact records; with lr_reference_rms None, at lr itself."""
+    import math
+
+    from epts import reconstruct
+
+    model = elastic_llama.base.model
+    for b, state in enumerate(elastic_llama.blocks):
+        weights = [l.weight.double() for l in prunable_linears(model, decoder_blocks(model)[b]).values()]
+        rms = math.sqrt(sum(w.square().sum().item() for w in weights) / sum(w.numel() for w in weights))
+        assert state.lr == pytest.approx(3e-3 * rms / 0.19, rel=1e-9)
+        assert abs(rms / 0.19 - 1) > 0.1, "the tiny model's weights are not at the reference scale"
+    seen = []
+    original = reconstruct.train_block
+
+    def spy(runner, layers, inputs, targets, config, generator, lr, *args):
+        seen.append(lr)
+        return original(runner, layers, inputs, targets, config, generator, lr, *args)
+
+    monkeypatch.setattr(reconstruct, "train_block", spy)
+    scaled = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
+    assert seen == [state.lr for state in scaled.blocks] == [state.lr for state in elastic_llama.blocks]
+    seen.clear()
+    absolute = compress(tiny_model("llama"), random_windows(4, 32), small_config(lr_reference_rms=None),
+                        progress=False)
+    assert seen == [state.lr for state in absolute.blocks] == [3e-3] * len(absolute.blocks)
+
+
+def test_lr_reference_rms_must_be_positive_or_none():
+    assert EPTSConfig(lr_reference_rms=None).block_lr(0.5) == 3e-3
+    assert EPTSConfig(lr=1e-3, lr_reference_rms=0.1).block_lr(0.05) == pytest.approx(5e-4)
+    assert EPTSConfig().block_lr(0.0) == 3e-3, "an all-zero block keeps lr: nothing to scale by"
+    for bad in (0, -0.1, float("inf"), "x"):
+        with pytest.raises(ValueError, match="lr_reference_rms"):
+            EPTSConfig(lr_reference_rms=bad)
+
+
 def test_same_seed_gives_the_same_adapters(elastic_llama):
     again = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
     for s1, s2 in zip(elastic_llama.blocks, again.blocks):
