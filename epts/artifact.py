@@ -62,10 +62,12 @@ class BlockState:
     seconds: float = 0.0
     retries: list[dict] = field(default_factory=list)  # numerical-guard events: attempt, lr, reason
     lr: float | None = None  # the Adam learning rate the block trained at (None: not recorded, older artifacts)
+    group1_lr: float | None = None  # the same for group 1's adapter
 
     def info(self) -> dict:
         return {"group1_adapter": self.group1_adapter, "losses": self.losses, "group1_check": list(self.group1_check),
-                "seconds": self.seconds, "retries": self.retries, "lr": self.lr}
+                "seconds": self.seconds, "retries": self.retries, "lr": self.lr,
+                "group1_lr": self.group1_lr}
 
 
 def blocks_to_tensors(blocks: list[BlockState]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -97,6 +99,7 @@ def blocks_from_tensors(infos: list[dict], layers: list[str], num_groups: int, a
             seconds=info["seconds"],
             retries=info.get("retries", []),
             lr=info.get("lr"),
+            group1_lr=info.get("group1_lr"),
         )
         for b, info in enumerate(infos)
     ]

@@ -188,10 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--seed", int, f"seed of the window draw and of every block's adapter initialisation (default "
                             f"{calib.seed})"),
             ("--epochs", _positive_int, f"passes over the calibration windows, per block (default {defaults.epochs})"),
-            ("--lr", float, f"Adam learning rate of the adapters at --lr-reference-rms (default {defaults.lr:g})"),
-            ("--lr-reference-rms", _rms_or_none, f"weight RMS at which --lr holds: each block trains at lr x its "
-                                                 f"prunable weights' RMS / this; none: lr as given (default "
-                                                 f"{defaults.lr_reference_rms:g})"),
+            ("--lr", float, f"Adam learning rate of the adapters (default {defaults.lr:g})"),
+            ("--lr-reference-rms", _rms_or_none, "weight RMS at which --lr holds: each block trains at lr x its "
+                                                 "prunable weights' RMS / this; none: lr as given (default none)"),
             ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})"),
             ("--groups-per-step", _positive_int, "sparsity groups trained per optimiser step, in turn (default: all, "
                                                  "as METHOD.md; fewer is faster: docs/RECIPE.md)")):

@@ -239,10 +239,11 @@ class EPTSConfig:
     epochs: int = 2
     batch_size: int = 1  # calibration windows per optimiser step
     lr: float = 3e-3
-    # Adam's steps are absolute, a model's weight scale is not: a block trains at lr * (RMS of its prunable
-    # weights) / lr_reference_rms, so lr means the same relative step on every model (docs/RECIPE.md).
-    # 0.19 is SmolLM2-135M's, where lr was measured. None: every block at lr as given (METHOD.md).
-    lr_reference_rms: float | None = 0.19
+    # Adam's steps are absolute, a model's weight scale is not: with a value, a block trains at lr * (RMS of its
+    # prunable weights) / lr_reference_rms (0.19 is SmolLM2-135M's, where lr was measured). None: every block at lr
+    # as given (METHOD.md). An option: on Gemma-3 it lost at 0.7 (docs/RECIPE.md, "Levers tried").
+    lr_reference_rms: float | None = None
+    lr_scaled_groups: str = "all"  # the adapters that lr_reference_rms scales: all, or group1 (the others at lr)
     lr_ratio_b: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices train at lr * lr_ratio_b
     delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
@@ -264,13 +265,15 @@ class EPTSConfig:
     stream_memory_mb: float | None = None
 
     def __post_init__(self):
-        _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_reference_rms": float, "lr_ratio_b": float, "delta_lr": float,
+        _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_reference_rms": float, "lr_scaled_groups": str,
+                              "lr_ratio_b": float, "delta_lr": float,
                               "guide_weight": float, "groups_per_step": int, "propagate": str, "group1_stream": str,
                               "inherit_adapters": bool, "group1_inherited": bool, "group1_detached": bool,
                               "group1_check": bool,
                               "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
-                              "stream_memory_mb": float}, optional=("groups_per_step", "stream_memory_mb", "lr_reference_rms"))
+                              "stream_memory_mb": float},
+                       optional=("groups_per_step", "stream_memory_mb", "lr_reference_rms"))
         for name in ("boundaries", "ranks", "mix_weights"):
             if not isinstance(getattr(self, name), (list, tuple, int, float, str)):
                 raise ValueError(f"config field {name} must be a list of numbers, got {getattr(self, name)!r}")
@@ -308,7 +311,8 @@ class EPTSConfig:
         if self.lr <= 0 or self.lr_ratio_b <= 0:
             raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr}, {self.lr_ratio_b}")
         if self.lr_reference_rms is not None and not 0 < self.lr_reference_rms < math.inf:
-            raise ValueError(f"lr_reference_rms must be a positive RMS (or None: lr as given), got {self.lr_reference_rms}")
+            raise ValueError(f"lr_reference_rms must be a positive RMS (or None: lr as given), got "
+                             f"{self.lr_reference_rms}")
         if self.groups_per_step is not None and not 1 <= self.groups_per_step <= self.num_groups:
             raise ValueError(f"groups_per_step must be in 1..{self.num_groups} (the number of groups) or None (all), "
                              f"got {self.groups_per_step}")
@@ -326,6 +330,8 @@ class EPTSConfig:
         if self.group1_detached and not (self.inherit_adapters and self.group1_inherited):
             raise ValueError("group1_detached needs the groups above to inherit group 1's adapter "
                              "(inherit_adapters and group1_inherited true)")
+        if self.lr_scaled_groups not in ("all", "group1"):
+            raise ValueError(f"lr_scaled_groups {self.lr_scaled_groups!r} is not all or group1")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 
@@ -377,7 +383,7 @@ class EPTSConfig:
 # Named starting points of `epts compress --preset NAME` (a --config file and flags go on top).
 PRESETS: dict[str, dict] = {
     "default": {},  # the dataclass defaults: the measured recipe (docs/RECIPE.md)
-    "paper": {"epochs": 10, "lr": 1e-3, "lr_reference_rms": None},  # METHOD.md as written, the authors' release defaults
+    "paper": {"epochs": 10, "lr": 1e-3},  # METHOD.md as written, the authors' release defaults
     # scripts/demo.sh: a quarter of the default's work (16 windows, 1 epoch), ~4 min for SmolLM2 on 2 cores
     "demo": {"epochs": 1, "calib": {"nsamples": 16}},
 }

@@ -121,12 +121,14 @@ def train_block(
     lr: float,
     progress: bool,
     dense_inputs: torch.Tensor | None = None,
+    group1_lr: float | None = None,
 ) -> list[float]:
     """E epochs of multi-sparsity training of one block's adapters on `inputs` (the elastic stream)
     against `targets` (the dense block's outputs), both (n, seqlen, hidden) on the CPU, every step
     training every group or `config.groups_per_step` of them (`group_schedule`); returns each
     group's mean loss over the last epoch. With `config.group1_stream` "dense", group 1 trains on
     `dense_inputs` (the dense stream, same shape) instead; with "alternate", on every other step.
+    The adapters train at `lr` (B at lr * config.lr_ratio_b), group 1's at `group1_lr` when given.
     Raises NonFiniteError at the first non-finite loss or gradient, ValueError when the config
     asks for the dense stream and `dense_inputs` is None."""
     if config.group1_stream != "elastic" and dense_inputs is None:
@@ -145,8 +147,9 @@ def train_block(
     draws = [stratified_sparsities(lo, hi, max(count, 1), generator) for (lo, hi), count in zip(config.groups, visits)]
     used = [0] * K  # draws taken so far, per group above the first
     params = [p for layer in layers.values() for p in layer.parameters()]
-    groups = [{"params": [p for l in layers.values() for p in l.A], "lr": lr},
-              {"params": [p for l in layers.values() for p in l.B], "lr": lr * config.lr_ratio_b}]
+    rates = [lr if group1_lr is None else group1_lr] + [lr] * (K - 1)  # per group's adapter
+    groups = [{"params": [getattr(l, m)[k] for l in layers.values()],
+               "lr": rate * (config.lr_ratio_b if m == "B" else 1)} for k, rate in enumerate(rates) for m in ("A", "B")]
     if config.delta_lr > 0:
         groups.append({"params": [l.delta for l in layers.values()], "lr": config.delta_lr * lr / config.lr})
     optimizer = torch.optim.Adam(groups)
@@ -246,10 +249,11 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
     targets, norms = dense_pass(runner, originals, dense)
     input_norms = norms if config.criterion == "wanda" else {}
     ranks = layer_ranks(originals, input_norms)
-    block_lr = config.block_lr(weight_rms(originals))
+    scaled_lr = config.block_lr(weight_rms(originals))
+    base_lr = config.lr if config.lr_scaled_groups == "group1" else scaled_lr
     retries = []
     for attempt in range(config.max_retries + 1):
-        lr = block_lr * config.retry_lr_factor**attempt
+        lr, group1_lr = (rate * config.retry_lr_factor**attempt for rate in (base_lr, scaled_lr))
         # Every random draw of a block comes from its own generator (adapter initialisation, sparsity
         # draws), so a block's result does not depend on how the blocks before it were run.
         gen = _block_generator(config.calib.seed, b)
@@ -257,7 +261,7 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
                                inherit=config.inherit_adapters, group1_inherited=config.group1_inherited,
                                group1_detached=config.group1_detached)
         try:
-            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense)
+            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense, group1_lr)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
                 check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)
@@ -287,9 +291,10 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         seconds=time.perf_counter() - block_start,
         retries=retries,
         lr=lr,
+        group1_lr=group1_lr,
     )
-    log.info("block %d: %.1f s at lr %.3g, last-epoch losses %s, group-1 adapter %s", b + 1, state.seconds, lr,
-             ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
+    log.info("block %d: %.1f s at lr %.3g (group 1 %.3g), last-epoch losses %s, group-1 adapter %s", b + 1,
+             state.seconds, lr, group1_lr, ["%.3g" % v for v in losses], "kept" if group1_adapter else "dropped")
     return state, Streams(targets, mixed)
 
 

@@ -172,6 +172,7 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
 
     paper = EPTSConfig.preset("paper")
     assert (paper.epochs, paper.lr, paper.lr_reference_rms) == (10, 1e-3, None), "METHOD.md's absolute lr"
+    assert EPTSConfig().lr_reference_rms is None
     assert EPTSConfig.preset("default") == EPTSConfig()
     assert EPTSConfig.preset("demo", calib={"seqlen": 32}).calib.nsamples == 16
     with pytest.raises(ValueError, match="unknown preset 'fast'"):

@@ -1,4 +1,5 @@
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -60,39 +61,71 @@ def test_adapters_learnt_and_losses_recorded(elastic_llama):
         assert state.group1_adapter == (with_adapter < without)
 
 
-def test_each_block_trains_at_lr_scaled_by_its_weight_rms(elastic_llama, monkeypatch):
-    """lr holds at lr_reference_rms: a block trains at lr x (RMS of its prunable weights) / that, the
-    rate Adam gets and the artifact records; with lr_reference_rms None, at lr itself."""
+def test_each_block_trains_at_lr_scaled_by_its_weight_rms(monkeypatch):
+    """With lr_reference_rms, lr holds there: a block trains at lr x (RMS of its prunable weights) /
+    that, the rate Adam gets and the artifact records; with None (the default), at lr itself."""
     import math
 
     from epts import reconstruct
 
-    model = elastic_llama.base.model
-    for b, state in enumerate(elastic_llama.blocks):
+    seen = []
+    original = reconstruct.train_block
+
+    def spy(runner, layers, inputs, targets, config, generator, lr, progress, dense, group1_lr):
+        seen.append(lr if group1_lr == lr else (lr, group1_lr))
+        return original(runner, layers, inputs, targets, config, generator, lr, progress, dense, group1_lr)
+
+    monkeypatch.setattr(reconstruct, "train_block", spy)
+    scaled = compress(tiny_model("llama"), random_windows(4, 32), small_config(lr_reference_rms=0.19), progress=False)
+    model = scaled.base.model
+    for b, state in enumerate(scaled.blocks):
         weights = [l.weight.double() for l in prunable_linears(model, decoder_blocks(model)[b]).values()]
         rms = math.sqrt(sum(w.square().sum().item() for w in weights) / sum(w.numel() for w in weights))
         assert state.lr == pytest.approx(3e-3 * rms / 0.19, rel=1e-9)
         assert abs(rms / 0.19 - 1) > 0.1, "the tiny model's weights are not at the reference scale"
-    seen = []
-    original = reconstruct.train_block
-
-    def spy(runner, layers, inputs, targets, config, generator, lr, *args):
-        seen.append(lr)
-        return original(runner, layers, inputs, targets, config, generator, lr, *args)
-
-    monkeypatch.setattr(reconstruct, "train_block", spy)
-    scaled = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
-    assert seen == [state.lr for state in scaled.blocks] == [state.lr for state in elastic_llama.blocks]
+    assert seen == [state.lr for state in scaled.blocks]
     seen.clear()
-    absolute = compress(tiny_model("llama"), random_windows(4, 32), small_config(lr_reference_rms=None),
-                        progress=False)
+    absolute = compress(tiny_model("llama"), random_windows(4, 32), small_config(), progress=False)
     assert seen == [state.lr for state in absolute.blocks] == [3e-3] * len(absolute.blocks)
+    seen.clear()
+    group1 = compress(tiny_model("llama"), random_windows(4, 32),
+                      small_config(lr_reference_rms=0.19, lr_scaled_groups="group1"), progress=False)
+    assert seen == [(3e-3, s.lr) for s in scaled.blocks] == [(s.lr, s.group1_lr) for s in group1.blocks]
+
+
+def test_group1_lr_is_the_rate_of_group1_adapters_alone(monkeypatch):
+    """train_block's optimiser: adapter 1's A and B at group1_lr (B x lr_ratio_b), the others at lr."""
+    from epts import reconstruct
+
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def adam(groups):
+        captured["groups"] = groups
+        raise Stop
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8, bias=False)
+    layers = {"up": reconstruct.hilora.ElasticLinear(base, torch.rand(8, 8).argsort(1).float(), (2,) * 7)}
+    x = torch.zeros(2, 4, 8)
+    config = small_config(lr_ratio_b=2.0)
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    runner = types.SimpleNamespace(device=torch.device("cpu"), name="block")
+    with pytest.raises(Stop):
+        reconstruct.train_block(runner, layers, x, x, config, torch.Generator(), 1e-3, False, None, 1e-4)
+    rates = {(id(p), g["lr"]) for g in captured["groups"] for p in g["params"]}
+    layer = layers["up"]
+    expected = {(id(layer.A[0]), 1e-4), (id(layer.B[0]), 2e-4)}
+    expected |= {(id(layer.A[k]), 1e-3) for k in range(1, 7)} | {(id(layer.B[k]), 2e-3) for k in range(1, 7)}
+    assert rates == expected
 
 
 def test_lr_reference_rms_must_be_positive_or_none():
-    assert EPTSConfig(lr_reference_rms=None).block_lr(0.5) == 3e-3
+    assert EPTSConfig().block_lr(0.5) == 3e-3
     assert EPTSConfig(lr=1e-3, lr_reference_rms=0.1).block_lr(0.05) == pytest.approx(5e-4)
-    assert EPTSConfig().block_lr(0.0) == 3e-3, "an all-zero block keeps lr: nothing to scale by"
+    assert EPTSConfig(lr_reference_rms=0.19).block_lr(0.0) == 3e-3, "an all-zero block keeps lr: nothing to scale by"
     for bad in (0, -0.1, float("inf"), "x"):
         with pytest.raises(ValueError, match="lr_reference_rms"):
             EPTSConfig(lr_reference_rms=bad)
