@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,27 @@ def guided_loss(out: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor, g
 
 class NonFiniteError(ArithmeticError):
     pass
+
+
+@contextmanager
+def matmul_precision(precision: str, device: torch.device):
+    """Inside, float32 matmuls on a CPU run on bfloat16 units (oneDNN: AMX or AVX512-BF16, float32
+    accumulation) when `precision` is "bf16"; "ieee" changes nothing. The tensors stay float32.
+    Where the CPU has no bfloat16 units, or on another device, it warns and changes nothing."""
+    if precision == "ieee":
+        yield
+        return
+    if device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("train_matmul_precision %s: no bfloat16 matmul units on %s; training in float32", precision,
+                    device if device.type != "cpu" else "this CPU")
+        yield
+        return
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
 def train_block(
@@ -261,7 +283,8 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
                                inherit=config.inherit_adapters, group1_inherited=config.group1_inherited,
                                group1_detached=config.group1_detached)
         try:
-            losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense, group1_lr)
+            with matmul_precision(config.train_matmul_precision, runner.device):
+                losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense, group1_lr)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
                 check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)

@@ -208,3 +208,35 @@ def test_fewer_groups_per_step_trains_every_group_with_fewer_block_calls(monkeyp
     assert fast.config.groups_per_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(full.blocks[0].adapters["mlp.down_proj"][1],
                                                    fast.blocks[0].adapters["mlp.down_proj"][1]))
+
+
+def test_bf16_matmul_precision_is_scoped_to_training_and_refused_values():
+    from epts.reconstruct import matmul_precision
+
+    with pytest.raises(ValueError, match="train_matmul_precision 'fp16' is not ieee or bf16"):
+        EPTSConfig(train_matmul_precision="fp16")
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    a, b = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), torch.randn(256, 64)
+    exact = a.double() @ b.double()
+    with matmul_precision("ieee", torch.device("cpu")):
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+        assert ((a @ b).double() - exact).norm() / exact.norm() < 1e-6
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bfloat16 matmul units")
+    with pytest.raises(RuntimeError, match="inside"):
+        with matmul_precision("bf16", torch.device("cpu")):
+            assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+            error = ((a @ b).double() - exact).norm() / exact.norm()
+            assert 1e-4 < error < 1e-2, "bfloat16 inputs (8-bit mantissa), float32 accumulation"
+            raise RuntimeError("inside")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before, "restored after an error too"
+
+
+def test_bf16_matmul_precision_without_bf16_units_warns_and_stays_float32(monkeypatch, caplog):
+    from epts.reconstruct import matmul_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with caplog.at_level("WARNING"), matmul_precision("bf16", torch.device("cpu")):
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert "no bfloat16 matmul units on this CPU; training in float32" in caplog.text
