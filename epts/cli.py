@@ -127,7 +127,10 @@ def _rms_or_none(text: str) -> float | str:
     """A positive number, or "none" (kept as the string: an unset flag is None)."""
     if text.strip().lower() == "none":
         return "none"
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number or none, got {text}")
     return value

@@ -338,6 +338,9 @@ class EPTSConfig:
             raise ValueError(f"train_matmul_precision {self.train_matmul_precision!r} is not ieee or bf16")
         if self.lr_scaled_groups not in ("all", "group1"):
             raise ValueError(f"lr_scaled_groups {self.lr_scaled_groups!r} is not all or group1")
+        if self.lr_scaled_groups != "all" and self.lr_reference_rms is None:
+            raise ValueError(f"lr_scaled_groups {self.lr_scaled_groups!r} scales by lr_reference_rms, which is None: "
+                             f"set lr_reference_rms (0.19: SmolLM2-135M's weight RMS) or drop lr_scaled_groups")
         if self.criterion not in ("wanda", "magnitude"):
             raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
 

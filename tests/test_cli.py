@@ -194,6 +194,9 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
     r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--lr-reference-rms", "0",
              "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "--lr-reference-rms: must be a positive number or none" in r.stderr, r.stderr
+    r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--lr-reference-rms", "big",
+             "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "must be a positive number or none, got big" in r.stderr, r.stderr
 
 
 def test_help_shows_defaults_but_not_for_switches(capsys):

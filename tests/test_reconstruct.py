@@ -129,6 +129,10 @@ def test_lr_reference_rms_must_be_positive_or_none():
     for bad in (0, -0.1, float("inf"), "x"):
         with pytest.raises(ValueError, match="lr_reference_rms"):
             EPTSConfig(lr_reference_rms=bad)
+    with pytest.raises(ValueError, match="lr_scaled_groups 'group1' scales by lr_reference_rms, which is None"):
+        EPTSConfig(lr_scaled_groups="group1")
+    with pytest.raises(ValueError, match="lr_scaled_groups 'first' is not all or group1"):
+        EPTSConfig(lr_reference_rms=0.19, lr_scaled_groups="first")
 
 
 def test_same_seed_gives_the_same_adapters(elastic_llama):
