@@ -270,11 +270,9 @@ class EPTSConfig:
     def __post_init__(self):
         _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_reference_rms": float,
                               "lr_scaled_groups": str, "train_matmul_precision": str, "lr_ratio_b": float,
-                              "delta_lr": float,
-                              "guide_weight": float, "groups_per_step": int, "propagate": str, "group1_stream": str,
-                              "inherit_adapters": bool, "group1_inherited": bool, "group1_detached": bool,
-                              "group1_check": bool,
-                              "group1_check_sparsity": float,
+                              "delta_lr": float, "guide_weight": float, "groups_per_step": int, "propagate": str,
+                              "group1_stream": str, "inherit_adapters": bool, "group1_inherited": bool,
+                              "group1_detached": bool, "group1_check": bool, "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
                               "stream_memory_mb": float},
                        optional=("groups_per_step", "stream_memory_mb", "lr_reference_rms"))

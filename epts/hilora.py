@@ -88,7 +88,7 @@ class ElasticLinear(nn.Module):
         self.group1_detached = group1_detached
         self.sparsity = 0.0
         self.adapters: range = range(0)  # indices of the adapters in use
-        self.frozen: range = range(0)  # of those, the ones used without a gradient
+        self.group1_frozen = False  # whether group 1's adapter, in use, takes no gradient (group1_detached)
 
     @property
     def num_groups(self) -> int:
@@ -100,11 +100,11 @@ class ElasticLinear(nn.Module):
             raise ValueError(f"group {group} outside 0..{self.num_groups - 1}")
         self.sparsity = sparsity
         self.adapters = active_adapters(group, group1_adapter, self.inherit, self.group1_inherited)
-        self.frozen = range(1 if self.group1_detached and group > 0 and 0 in self.adapters else 0)
+        self.group1_frozen = self.group1_detached and group > 0 and 0 in self.adapters
 
     def effective_weight(self) -> torch.Tensor:
-        a = [self.A[j].detach() if j in self.frozen else self.A[j] for j in self.adapters]
-        b = [self.B[j].detach() if j in self.frozen else self.B[j] for j in self.adapters]
+        a = [self.A[j].detach() if j == 0 and self.group1_frozen else self.A[j] for j in self.adapters]
+        b = [self.B[j].detach() if j == 0 and self.group1_frozen else self.B[j] for j in self.adapters]
         return effective_weight(self.weight, self.ranks, self.sparsity, a, b, self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
