@@ -85,7 +85,7 @@ def test_quiet_and_tqdm_disable_silence_the_progress_bars(eval_args, loud, quiet
 # `python -m epts` whose compress waits after its first checkpoint for the Ctrl-C, so that the run cannot
 # finish before the test interrupts it, however slow or busy the machine is.
 HOLD_AFTER_THE_FIRST_CHECKPOINT = """
-import signal, sys
+import signal, sys, time
 import epts.reconstruct as reconstruct
 from epts.cli import main
 
@@ -97,7 +97,10 @@ save = reconstruct.save_checkpoint
 def save_then_wait(*args, **kwargs):
     save(*args, **kwargs)
     reconstruct.save_checkpoint = save
-    signal.pause()  # the test's SIGINT raises KeyboardInterrupt here
+    # The test's SIGINT raises KeyboardInterrupt here. Not signal.pause(): a SIGINT landing between the
+    # checkpoint's rename and the pause() call would be handled before it, and pause() would then wait forever.
+    while True:
+        time.sleep(0.05)
 
 
 reconstruct.save_checkpoint = save_then_wait
