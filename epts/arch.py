@@ -13,10 +13,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where a family keeps its decoder blocks and which linears of a block are pruned."""
+    """Where a family keeps its decoder blocks, which linears of a block are pruned, and the modules
+    the last block's output passes through before the output embedding (in order; a family's
+    variant without one of them holds None there)."""
 
     blocks: str
     prunable: tuple[str, ...]
+    final: tuple[str, ...]
 
 
 _LLAMA_LINEARS = (
@@ -28,10 +31,13 @@ _LLAMA_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-_LLAMA = ArchSpec("model.layers", _LLAMA_LINEARS)
+_LLAMA = ArchSpec("model.layers", _LLAMA_LINEARS, ("model.norm",))
 _OPT = ArchSpec(
     "model.decoder.layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    # OPT-350m has no final norm (its norms come after each sublayer) and projects back to the
+    # embedding width.
+    ("model.decoder.final_layer_norm", "model.decoder.project_out"),
 )
 
 # Keyed by `config.model_type`.
@@ -84,6 +90,20 @@ def prunable_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Linear]
         if not isinstance(layer, nn.Linear):
             raise UnsupportedArchitectureError(f"{name} in {type(block).__name__} is {type(layer).__name__}, not nn.Linear")
         out[name] = layer
+    return out
+
+
+def final_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules between the last decoder block and the output embedding, in the order the model
+    applies them (`ArchSpec.final`; those the model does not have left out)."""
+    out = []
+    for name in arch_spec(model).final:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if module is not None:
+            out.append(module)
     return out
 
 

@@ -180,14 +180,34 @@ class BlockRunner:
 
     def run_with_input_stats(self, stream: torch.Tensor, stats: dict[nn.Module, Any]) -> torch.Tensor:
         """`run(stream)`, feeding every input batch of each module in `stats` to its statistic's
-        `add_batch` (Wanda's input norms, SparseGPT's Hessian)."""
-        handles = [module.register_forward_hook(lambda mod, inp, out, s=s: s.add_batch(inp[0]))
-                   for module, s in stats.items()]
+        `add_batch` (Wanda's input norms, SparseGPT's Hessian). A module called on the very tensor
+        the module before it was called on (a block's q, k and v projections; gate and up), whose
+        statistic is of the same type and has `share`, is not fed: after the run it takes that
+        module's statistic (`share(leader)`), the same numbers without computing them again.
+        Raises RuntimeError if which modules share changes from one batch to the next."""
+        leaders: dict[Any, Any] = {}  # statistic -> the one it shares, or None where it is fed
+        last: list = [None, None]  # the input and the statistic last fed
+
+        def feed(inputs: tuple, s) -> None:
+            x = inputs[0]
+            leader = last[1] if x is last[0] and type(s) is type(last[1]) and hasattr(s, "share") else None
+            if leaders.setdefault(s, leader) is not leader:
+                raise RuntimeError(f"{self.name}: its layers' shared inputs changed between batches")
+            if leader is None:
+                s.add_batch(x)
+                last[:] = [x, s]
+
+        handles = [module.register_forward_hook(lambda mod, inp, out, s=s: feed(inp, s)) for module, s in stats.items()]
         try:
-            return self.run(stream)
+            out = self.run(stream)
         finally:
+            last.clear()
             for h in handles:
                 h.remove()
+        for s, leader in leaders.items():
+            if leader is not None:
+                s.share(leader)
+        return out
 
 
 def call_block(runner: BlockRunner, hidden: torch.Tensor) -> torch.Tensor:

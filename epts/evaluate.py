@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .arch import decoder_blocks, prunable_linears
+from .arch import decoder_blocks, final_modules, prunable_linears
+from .blocks import capture_block_calls
 from .data import eval_windows, tokenize
 from .models import LoadedModel, check_context
 from .offload import resident
+from .streams import StreamStore
 
 
 @torch.no_grad()
@@ -34,6 +36,39 @@ def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
         total_nll += nll.item()
         count += batch[:, 1:].numel()
     return total_nll / count
+
+
+@torch.no_grad()
+def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                       store: StreamStore | None = None) -> float:
+    """`mean_nll` of `windows` (n, seqlen) token ids, computed block-major: every window through block
+    1, then all through block 2, and so on, `batch_size` windows per forward pass, each block held
+    once (a streamed model reads each block's weights once, not once per window); then the final norm, the output embedding and any
+    logit soft-capping one window at a time (a batch's logits over a large vocabulary would
+    dominate the peak memory). The hidden states (n x seqlen x hidden) live in `store` (default
+    RAM). Equal to `mean_nll` up to float summation order. Raises NonFiniteActivationError where a
+    block's output overflows."""
+    calls = capture_block_calls(model, windows, batch_size, store)
+    hidden = calls.hidden
+    calls.hidden = None
+    for b, block in enumerate(decoder_blocks(model)):
+        with resident(block):
+            hidden = calls.runner(b, block).run(hidden)
+    device = next(model.parameters()).device
+    head, final = model.get_output_embeddings(), final_modules(model)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total_nll = 0.0
+    for i in range(len(windows)):
+        h = hidden[i : i + 1].to(device)
+        for module in final:
+            h = module(h)
+        logits = head(h)[:, :-1]
+        if cap is not None:  # as Gemma's causal LMs apply it, in the model's dtype
+            logits = torch.tanh(logits / cap) * cap
+        target = windows[i : i + 1, 1:].to(device)
+        total_nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     reduction="sum").item()
+    return total_nll / windows[:, 1:].numel()
 
 
 def evaluate_ppl(

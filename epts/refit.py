@@ -38,7 +38,7 @@ from .baselines.sparsegpt import SparseGPTPruner
 from .blocks import capture_block_calls
 from .config import RefitConfig
 from .data import calibration_windows, heldout_windows, tokenize
-from .evaluate import mean_nll
+from .evaluate import blockwise_mean_nll
 from .hilora import active_adapters
 from .importance import Pattern, mask_from_ranks
 from .models import LoadedModel
@@ -294,9 +294,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                              [(float("nan"), float("nan"))] * count, mask=config.mask)
     report.chosen = "bare"
     if scored_on is not None:
-        # One window at a time: a batch's logits (batch x seqlen x vocabulary) would dominate the
-        # export's peak memory on a large vocabulary.
-        losses["bare"] = mean_nll(model.model, heldout, 1)
+        losses["bare"] = blockwise_mean_nll(model.model, heldout, batch_size, store)
     if adapted:
         # The second candidate refits the blocks with adapters too, on its own stream; the blocks
         # with bare masks keep their solution of the first pass (re-solving them on the slightly
@@ -304,7 +302,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         # are copied to undo it.
         with _Saved(model) as saved:
             every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
-            losses["all"] = mean_nll(model.model, heldout, 1)
+            losses["all"] = blockwise_mean_nll(model.model, heldout, batch_size, store)
             if losses["all"] < losses["bare"]:
                 report, report.chosen = every, "all"
             else:
@@ -333,7 +331,7 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
     with _Saved(model) as saved:
         solution = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, saved,
                                sparsegpt=True)
-        losses["sparsegpt"] = mean_nll(model.model, heldout, 1)
+        losses["sparsegpt"] = blockwise_mean_nll(model.model, heldout, batch_size, store)
         log.info("refit auto: held-out loss %.4f with SparseGPT's solution, %.4f with the %s candidate",
                  losses["sparsegpt"], losses[current.chosen], current.chosen)
         if losses["sparsegpt"] < losses[current.chosen]:

@@ -95,3 +95,35 @@ def test_owl_allocation_spends_the_global_budget_and_spares_the_outlier_block(me
 def test_owl_allocation_refuses_an_nm_pattern():
     with pytest.raises(ValueError, match="OWL allocation needs an unstructured sparsity"):
         PruneConfig("wanda", Pattern(n=2, m=4), CALIB, allocation="owl")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_layers_fed_one_input_share_one_hessian_equal_to_their_own(family):
+    """q, k and v (and gate and up) see the same input tensor: one Hessian is accumulated for them,
+    bit-identical to the one each would accumulate alone."""
+    from epts.baselines.sparsegpt import SparseGPTPruner
+    from epts.blocks import capture_block_calls
+
+    loaded = tiny_model(family)
+    calls = capture_block_calls(loaded.model, random_windows(6, 32, vocab=250), batch_size=2)
+    block = decoder_blocks(loaded.model)[0]
+    layers = prunable_linears(loaded.model, block)
+    shared = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    fed = []
+    for p in shared.values():
+        p.add_batch = lambda x, p=p, f=p.add_batch: (fed.append(p), f(x))[1]
+    calls.runner(0, block).run_with_input_stats(calls.hidden, {p.layer: p for p in shared.values()})
+    alone = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    handles = [p.layer.register_forward_hook(lambda m, inp, out, p=p: p.add_batch(inp[0])) for p in alone.values()]
+    calls.runner(0, block).run(calls.hidden)
+    for h in handles:
+        h.remove()
+    for name in layers:
+        assert torch.equal(shared[name].hessian, alone[name].hessian) and shared[name].tokens == alone[name].tokens
+    q, k, v = (shared[f"self_attn.{n}_proj"] for n in "qkv")
+    assert k.hessian is q.hessian and v.hessian is q.hessian
+    if family != "opt":  # OPT's MLP has no gate
+        assert shared["mlp.up_proj"].hessian is shared["mlp.gate_proj"].hessian
+    # Four inputs: q/k/v's, o's, gate/up's and down's (OPT: q/k/v's, out_proj's, fc1's, fc2's).
+    assert len(fed) == 4 * 3  # three batches of two windows
+    assert len({id(p.hessian) for p in shared.values()}) == 4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, random_windows, tiny_model_folder
+from conftest import FAMILIES, random_windows, tiny_model, tiny_model_folder
 from epts.arch import decoder_blocks
 from epts.config import CalibConfig, EPTSConfig
 from epts.evaluate import mean_nll
@@ -98,3 +98,42 @@ def test_export_streams_the_base_and_writes_the_same_weights_block_by_block(tmp_
     expected = ElasticModel.load(tmp_path / "art").materialize(plan).model.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert meta["total_sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["opt-350m-like", "gemma3-softcapped"])
+def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block_once(tmp_path, family):
+    """Block-major scoring (the refit's choice) against the model's own forward pass, on models in
+    memory and streamed: every family's final modules and head, OPT-350m's shape (no final norm, a
+    projection back to a narrower embedding) and Gemma's logit soft-capping included."""
+    from epts.evaluate import blockwise_mean_nll
+
+    base = {"opt-350m-like": "opt", "gemma3-softcapped": "gemma3"}.get(family, family)
+    model = tiny_model(base).model
+    if family == "opt-350m-like":
+        from transformers import AutoModelForCausalLM, OPTConfig
+
+        torch.manual_seed(0)
+        cfg = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=32, do_layer_norm_before=False)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        assert model.model.decoder.final_layer_norm is None and model.model.decoder.project_out is not None
+    if family == "gemma3-softcapped":
+        model.config.final_logit_softcapping = 0.5  # small enough to change every logit
+    windows = random_windows(5, 32, vocab=250)
+    expected = mean_nll(model, windows, 1)
+    assert blockwise_mean_nll(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    if family == "gemma3-softcapped":
+        model.config.final_logit_softcapping = None
+        # The cap moves the loss 10x further than the tolerance above: a scorer without it fails.
+        assert abs(mean_nll(model, windows, 1) - expected) > 10 * 1e-5 * expected
+
+    if family in FAMILIES:
+        streamed = load_model(tiny_model_folder(tmp_path / "model", family), stream=True)
+        loads = []
+        for block in decoder_blocks(streamed.model):
+            block._hf_hook.pre_forward = lambda module, *a, f=block._hf_hook.pre_forward, **k: (loads.append(1), f(module, *a, **k))[1]
+        value = blockwise_mean_nll(streamed.model, windows, batch_size=2)
+        # The capture's one-window pass loads every block once; the scoring itself, once more each.
+        assert len(loads) == 2 * len(decoder_blocks(streamed.model))
+        assert value == pytest.approx(mean_nll(streamed.model, windows, 1), rel=1e-5)
+        assert len(loads) > 4 * len(decoder_blocks(streamed.model))  # window by window: once per window

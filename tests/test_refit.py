@@ -133,7 +133,7 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
         candidates[mode] = _weights(model)
     assert any(not torch.equal(x, y) for x, y in zip(candidates["bare"], candidates["all"]))
     scores = iter(losses)
-    monkeypatch.setattr(refit_module, "mean_nll", lambda model, w, batch_size: next(scores))
+    monkeypatch.setattr(refit_module, "blockwise_mean_nll", lambda model, w, batch_size, store: next(scores))
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False), progress=False,
                    heldout=windows[:2])
@@ -174,7 +174,7 @@ def test_refit_auto_scores_sparsegpts_solution_for_every_block(elastic_tiny, mon
         candidates[mode] = _weights(model)
     candidates["sparsegpt"] = _weights(_sparsegpt_model(plan, windows))
     scores = iter(losses)
-    monkeypatch.setattr(refit_module, "mean_nll", lambda model, w, batch_size: next(scores))
+    monkeypatch.setattr(refit_module, "blockwise_mean_nll", lambda model, w, batch_size, store: next(scores))
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, "auto", progress=False, heldout=windows[:2])
     assert report.losses == dict(zip(("bare", "all", "sparsegpt"), losses))

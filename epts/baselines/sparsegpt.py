@@ -40,6 +40,10 @@ class SparseGPTPruner:
         self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
         self.tokens = total
 
+    def share(self, other: "SparseGPTPruner") -> None:
+        """Take `other`'s Hessian (the same tensor, not a copy), for a layer fed the same inputs."""
+        self.hessian, self.tokens = other.hessian, other.tokens
+
     def reduce(self, owner: int = 0) -> None:
         """The Hessian over every process's tokens (torchrun), on rank `owner` only: that rank solves
         the layer and broadcasts the pruned weight; the other ranks drop their share of the Hessian."""
