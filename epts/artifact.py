@@ -169,7 +169,7 @@ class ElasticModel:
     def scores(self, block: int, name: str) -> torch.Tensor:
         """Importance of every weight of one layer (`importance.importance_scores`)."""
         layer = prunable_linears(self.base.model, decoder_blocks(self.base.model)[block])[name]
-        return importance_scores(layer.weight, self.blocks[block].input_norms.get(name))
+        return importance_scores(layer.weight, self.blocks[block].input_norms.get(name), self.config.criterion)
 
     def merged_weight(self, block: int, name: str, layer: torch.nn.Linear, sparsity: float) -> torch.Tensor:
         """M(s) * (W + sum_{j <= k} B_j A_j) for one layer of the base model (B_k A_k alone for an

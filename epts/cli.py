@@ -27,7 +27,7 @@ from .config import (PRESETS, REFIT_MASKS, REFIT_MODES, CalibConfig, EPTSConfig,
                      load_config_file)
 from .data import DataError
 from .evaluate import evaluate_ppl, generate_timed, peak_rss_mb
-from .importance import Pattern
+from .importance import CRITERIA, Pattern
 from .io import LOCK, atomic_path, empty_folder, folder_lock, refuse_inputs, write_json_atomic
 from .blocks import NonFiniteActivationError
 from .modelcard import render
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("--groups-per-step", _positive_int, "sparsity groups trained per optimiser step, in turn (default: all, "
                                                  "as METHOD.md; fewer is faster: docs/RECIPE.md)")):
         p.add_argument(flag, type=kind, default=None, help=text + ", unless --preset or --config sets it")
-    p.add_argument("--criterion", choices=["wanda", "magnitude"], default=None,
+    p.add_argument("--criterion", choices=list(CRITERIA), default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
                         f"--preset or --config sets it")
     _add_stream_memory_arg(p, None, "the two calibration streams (dense and elastic, nsamples x seqlen x hidden "

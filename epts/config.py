@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .importance import Pattern
+from .importance import CRITERIA, Pattern
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -259,7 +259,7 @@ class EPTSConfig:
     group1_stream: str = "elastic"  # the stream group 1 trains on: elastic (P, METHOD.md), dense (H) or alternate
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
-    criterion: str = "wanda"  # importance: wanda or magnitude
+    criterion: str = "wanda"  # importance: wanda, magnitude or ria (importance.importance_scores)
     max_retries: int = 3  # a block whose loss or gradient turns non-finite restarts, this many times at most,
     retry_lr_factor: float = 0.1  # each time with its learning rate multiplied by this
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
@@ -339,8 +339,8 @@ class EPTSConfig:
         if self.lr_scaled_groups != "all" and self.lr_reference_rms is None:
             raise ValueError(f"lr_scaled_groups {self.lr_scaled_groups!r} scales by lr_reference_rms, which is None: "
                              f"set lr_reference_rms (0.19: SmolLM2-135M's weight RMS) or drop lr_scaled_groups")
-        if self.criterion not in ("wanda", "magnitude"):
-            raise ValueError(f"criterion {self.criterion!r} is not wanda or magnitude")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}")
 
     @property
     def num_groups(self) -> int:

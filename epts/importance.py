@@ -61,11 +61,31 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.detach().abs().float() * input_norm.to(weight.device).float().unsqueeze(0)
 
 
-def importance_scores(weight: torch.Tensor, input_norm: torch.Tensor | None) -> torch.Tensor:
+def ria_scores(weight: torch.Tensor, input_norm: torch.Tensor, power: float = 0.5) -> torch.Tensor:
+    """RIA, relative importance and activations (Zhang et al., ICLR 2024):
+    S[i, j] = (|W[i, j]| / sum_k |W[i, k]| + |W[i, j]| / sum_k |W[k, j]|) * ||X_j||_2 ** power.
+    Within a row the first term only scales |W|; the second favours weights that are large for
+    their input channel. An all-zero row or column scores 0."""
+    w = weight.detach().abs().float()
+    relative = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny) \
+        + w / w.sum(0, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return relative * input_norm.to(weight.device).float().pow(power).unsqueeze(0)
+
+
+CRITERIA = ("wanda", "magnitude", "ria")
+
+
+def importance_scores(weight: torch.Tensor, input_norm: torch.Tensor | None, criterion: str = "wanda") -> torch.Tensor:
     """The EPTS importance of every weight (METHOD.md, ingredient 1), chosen here once for the
-    optimisation and the artifact: Wanda's |W| * ||X_j|| when input norms were recorded (criterion
-    "wanda"), else magnitude |W|. `weight` (d_out, d_in), `input_norm` (d_in,); float32 result."""
-    return magnitude_scores(weight) if input_norm is None else wanda_scores(weight, input_norm)
+    optimisation and the artifact: magnitude |W| where no input norms were recorded (criterion
+    "magnitude"), else Wanda's |W| * ||X_j|| (criterion "wanda", METHOD.md's) or RIA's
+    (`ria_scores`, criterion "ria", an epts option). `weight` (d_out, d_in), `input_norm` (d_in,);
+    float32 result. Raises ValueError for another criterion."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if input_norm is None:
+        return magnitude_scores(weight)
+    return ria_scores(weight, input_norm) if criterion == "ria" else wanda_scores(weight, input_norm)
 
 
 def row_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,10 @@ def _block_generator(seed: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + block)
 
 
-def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-row ranks of every layer's importance (Wanda with `input_norms`, magnitude when empty)."""
-    return {n: row_ranks(importance_scores(l.weight, input_norms.get(n))) for n, l in layers.items()}
+def layer_ranks(layers: dict[str, nn.Linear], input_norms: dict[str, torch.Tensor], criterion: str = "wanda"
+                ) -> dict[str, torch.Tensor]:
+    """Per-row ranks of every layer's importance (`criterion` with `input_norms`, magnitude when empty)."""
+    return {n: row_ranks(importance_scores(l.weight, input_norms.get(n), criterion)) for n, l in layers.items()}
 
 
 @torch.no_grad()
@@ -269,8 +270,8 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
     runner = calls.runner(b, block)
     originals = prunable_linears(model, block)
     targets, norms = dense_pass(runner, originals, dense)
-    input_norms = norms if config.criterion == "wanda" else {}
-    ranks = layer_ranks(originals, input_norms)
+    input_norms = norms if config.criterion != "magnitude" else {}
+    ranks = layer_ranks(originals, input_norms, config.criterion)
     scaled_lr = config.block_lr(weight_rms(originals))
     base_lr = config.lr if config.lr_scaled_groups == "group1" else scaled_lr
     retries = []
