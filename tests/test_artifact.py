@@ -129,3 +129,21 @@ def test_save_pretrained_and_from_pretrained_round_trip(saved, tmp_path):
     reloaded = ElasticModel.from_pretrained(path, base=tiny_model("llama"))
     a, b = weights(elastic.materialize(0.55)), weights(reloaded.materialize(0.55))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_artifact_keeps_the_masks_of_its_criterion(tmp_path):
+    """Trained with RIA's importance, the artifact reloads with RIA's ranks (not Wanda's), so the
+    served masks are those the adapters were trained under."""
+    from epts.importance import importance_scores, row_ranks
+
+    config = EPTSConfig(epochs=1, boundaries=(0, .5, .7), ranks=2, mix_weights=(.5, .5), criterion="ria",
+                        calib=CalibConfig(nsamples=4, seqlen=32))
+    loaded = tiny_model("llama")
+    compress(loaded, random_windows(4, 32, vocab=250), config, out=tmp_path / "art", progress=False)
+    elastic = ElasticModel.load(tmp_path / "art", base=loaded)
+    assert elastic.config.criterion == "ria"
+    layer = prunable_linears(loaded.model, decoder_blocks(loaded.model)[1])["mlp.down_proj"]
+    norms = elastic.blocks[1].input_norms["mlp.down_proj"]
+    ria, wanda = (row_ranks(importance_scores(layer.weight, norms, c)) for c in ("ria", "wanda"))
+    assert not torch.equal(ria, wanda)
+    assert torch.equal(elastic.ranks(1, "mlp.down_proj").long(), ria.long())

@@ -7,6 +7,8 @@ from epts.importance import (
     kept_per_row,
     mask_from_ranks,
     nm_mask,
+    importance_scores,
+    ria_scores,
     row_ranks,
     wanda_scores,
 )
@@ -62,6 +64,22 @@ def test_wanda_scores_weight_input_norms():
     stats.add_batch(torch.tensor([[[3.0, 0.0], [4.0, 1.0]]]))
     assert torch.allclose(stats.norm(), torch.tensor([5.0, 1.0]))
     assert torch.allclose(wanda_scores(w, stats.norm()), torch.tensor([[5.0, 2.0], [15.0, 0.5]]))
+
+
+def test_ria_scores_weigh_each_weight_against_its_row_and_its_input_channel():
+    w = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, 0.0]])
+    norms = torch.tensor([4.0, 1.0, 9.0])
+    # rows sum to 3 and 3.5, columns to 4, 2.5 and 0 (an all-zero column scores 0, not NaN)
+    expected = torch.tensor([[(1 / 3 + 1 / 4) * 2, (2 / 3 + 2 / 2.5) * 1, 0.0],
+                             [(3 / 3.5 + 3 / 4) * 2, (0.5 / 3.5 + 0.5 / 2.5) * 1, 0.0]])
+    assert torch.allclose(ria_scores(w, norms), expected)
+    assert torch.equal(importance_scores(w, norms, "ria"), ria_scores(w, norms))
+    # Within row 0 Wanda ranks channel 0 first (4 against 2), RIA channel 1 (1.47 against 1.17): the
+    # column term can reorder a row.
+    assert row_ranks(wanda_scores(w, norms))[0, 0] == 0 and row_ranks(ria_scores(w, norms))[0, 1] == 0
+    assert torch.equal(importance_scores(w, None, "ria"), w.abs())  # no norms recorded: magnitude
+    with pytest.raises(ValueError, match="criterion 'obs' is not one of wanda, magnitude, ria"):
+        importance_scores(w, norms, "obs")
 
 
 @pytest.mark.parametrize("text", ["1.0", "-0.1", "2:2", "0:4", "a:b", "x", "3:2"])
