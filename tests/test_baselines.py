@@ -127,3 +127,28 @@ def test_layers_fed_one_input_share_one_hessian_equal_to_their_own(family):
     # Four inputs: q/k/v's, o's, gate/up's and down's (OPT: q/k/v's, out_proj's, fc1's, fc2's).
     assert len(fed) == 4 * 3  # three batches of two windows
     assert len({id(p.hessian) for p in shared.values()}) == 4
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.7])
+def test_compiled_obs_sweep_gives_the_python_sweeps_bits(sparsity, monkeypatch):
+    """SparseGPT's column sweep, compiled (csrc/obs_sweep.cpp) and in Python: the same pruned weights
+    and masks to the last bit, dead input channels and a last block narrower than 128 included."""
+    from epts.baselines.sparsegpt import SparseGPTPruner
+    from epts.sparse import kernels
+
+    if not kernels.available():
+        pytest.skip(f"compiled kernels absent: {kernels.unavailable_reason()}")
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(300, 70, bias=False)
+    pruner = SparseGPTPruner(layer)
+    x = torch.randn(512, 300) * torch.rand(300) * 3
+    x[:, :5] = 0  # dead channels
+    pruner.add_batch(x)
+    compiled = pruner.prune(Pattern(sparsity=sparsity))
+    calls = []
+    monkeypatch.setattr(kernels, "obs_sweep", lambda *a: calls.append(1) or pytest.fail("compiled sweep used"))
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    python = pruner.prune(Pattern(sparsity=sparsity))
+    assert torch.equal(compiled[0].view(torch.int32), python[0].view(torch.int32))  # bits, signed zeros too
+    assert torch.equal(compiled[1], python[1]) and not calls
+    assert (compiled[0] == 0).sum(1).eq(300 - kept_per_row(300, sparsity)).all()

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed
 from ..importance import Pattern, kept_per_row
+from ..sparse import kernels
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,7 @@ class SparseGPTPruner:
 
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            count = i2 - i1
             w1 = w[:, i1:i2].clone()
-            q1 = torch.zeros_like(w1)
-            err1 = torch.zeros_like(w1)
             hinv1 = hinv[i1:i2, i1:i2]
             diag1 = torch.diag(hinv1)
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
@@ -120,20 +118,37 @@ class SparseGPTPruner:
                 if k:
                     saliency = (w1.pow(2) / diag1.pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
                     prune1.scatter_(1, torch.topk(saliency, k, dim=1, largest=False).indices, True)
-            for i in range(count):
-                if pattern.is_nm and i % pattern.m == 0:
-                    saliency = w1[:, i : i + pattern.m].pow(2) / diag1[i : i + pattern.m].pow(2).unsqueeze(0)
-                    saliency = saliency.masked_fill(dead1[i : i + pattern.m], -1.0)
-                    idx = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
-                    prune1.scatter_(1, i + idx, True)
-                col = w1[:, i]
-                d = hinv1[i, i]
-                q = col.masked_fill(prune1[:, i], 0.0)
-                q1[:, i] = q
-                e = (col - q) / d
-                w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-                err1[:, i] = e
+            if not pattern.is_nm and w1.device.type == "cpu" and kernels.available():
+                q1, err1 = kernels.obs_sweep(w1.contiguous(), hinv1.contiguous(), prune1)
+            else:
+                q1, err1 = _sweep(w1, hinv1, prune1, dead1, pattern)
             w[:, i1:i2] = q1
             pruned[:, i1:i2] = prune1
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         return w.to(self.layer.weight.dtype), pruned
+
+
+def _sweep(w1: torch.Tensor, hinv1: torch.Tensor, prune1: torch.Tensor, dead1: torch.Tensor,
+           pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS sweep over one block of columns, column by column: `w1` [rows, count] (overwritten),
+    `hinv1` its block of the upper Cholesky factor of H^-1, `prune1` [rows, count] bool (True where
+    pruned; an N:M pattern's groups are chosen here, as the sweep reaches them, and written into
+    it), `dead1` the block's dead input channels. Returns the kept weights and the errors, both
+    [rows, count]. `kernels.obs_sweep` is the same for an unstructured mask, compiled."""
+    q1 = torch.zeros_like(w1)
+    err1 = torch.zeros_like(w1)
+    diag1 = torch.diag(hinv1)
+    for i in range(w1.shape[1]):
+        if pattern.is_nm and i % pattern.m == 0:
+            saliency = w1[:, i : i + pattern.m].pow(2) / diag1[i : i + pattern.m].pow(2).unsqueeze(0)
+            saliency = saliency.masked_fill(dead1[i : i + pattern.m], -1.0)
+            idx = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
+            prune1.scatter_(1, i + idx, True)
+        col = w1[:, i]
+        d = hinv1[i, i]
+        q = col.masked_fill(prune1[:, i], 0.0)
+        q1[:, i] = q
+        e = (col - q) / d
+        w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+        err1[:, i] = e
+    return q1, err1

@@ -1,10 +1,12 @@
-"""The compiled bitmask kernels (csrc/bitmask_linear.cpp), built once per torch version and source.
+"""epts's compiled CPU kernels, built once per torch version and source: the sparse runtime's bitmask
+kernels (csrc/bitmask_linear.cpp) and SparseGPT's OBS column sweep (csrc/obs_sweep.cpp).
 
 Built with PyTorch's C++ extension tooling (`torch.utils.cpp_extension.load`) rather than shipped
 as wheels: the kernels use torch's own intra-op thread pool and dispatcher, so they must match the
 installed torch's ABI, and g++ is all a CPU machine needs. `scripts/setup.sh` builds them
 (calling `unavailable_reason()`); where they cannot be built (no compiler, no x86, a read-only
-cache), `available()` is False with the reason, and everything but the sparse runtime works.
+cache), `available()` is False with the reason, and everything but the sparse runtime works
+(SparseGPT then sweeps its columns in Python, to the same bits, more slowly).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "bitmask_linear.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("bitmask_linear.cpp", "obs_sweep.cpp"))
 # -fopenmp: ATen's parallel_for is OpenMP in torch's CPU builds, and without it compiles to a serial
 # loop; the library then links libgomp.so.1, which resolves to the copy torch has already loaded.
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
@@ -38,7 +40,7 @@ def build_dir() -> Path:
     root = os.environ.get("EPTS_CACHE", "")
     if root.lower() in ("off", "0", "false", ""):
         root = str(Path.home() / ".cache" / "epts")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
     return Path(root) / "kernels" / tag
 
@@ -53,12 +55,12 @@ def _load() -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         # pip's ninja lands beside the interpreter, which a venv's scripts do not put on PATH.
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        cpp_extension.load(name="epts_sparse", sources=[str(SOURCE)], build_directory=str(folder),
+        cpp_extension.load(name="epts_sparse", sources=[str(f) for f in SOURCES], build_directory=str(folder),
                            extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), is_python_module=False,
                            verbose=False)
     except Exception as err:  # a missing compiler or ninja, a compile error, an unwritable cache
         reason = " ".join(str(err).split())[:300] or type(err).__name__
-        return f"the bitmask kernels could not be built in {folder}: {reason}"
+        return f"the compiled kernels could not be built in {folder}: {reason}"
     return None
 
 
@@ -101,3 +103,13 @@ def bitmask_decompress(values: torch.Tensor, bitmask: torch.Tensor, row_offsets:
                        row0: int, row1: int, path: str = "auto") -> torch.Tensor:
     """Rows [row0, row1) of the packed weight as a dense [row1 - row0, in_features] tensor."""
     return torch.ops.epts_sparse.bitmask_decompress(values, bitmask, row_offsets, in_features, row0, row1, path)
+
+
+def obs_sweep(w1: torch.Tensor, hinv1: torch.Tensor, prune1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's OBS sweep over one block of columns with its mask chosen (csrc/obs_sweep.cpp):
+    `w1` [rows, count] float32, contiguous, overwritten; `hinv1` [count, count] float32, the block of
+    the upper Cholesky factor of H^-1; `prune1` [rows, count] bool, True where pruned. Returns the
+    kept weights (zeros where pruned) and the errors, both [rows, count] float32. Raises
+    SparseRuntimeUnavailable where the kernels cannot be built."""
+    require()
+    return torch.ops.epts_sparse.obs_sweep(w1, hinv1, prune1)
