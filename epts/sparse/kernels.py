@@ -55,6 +55,8 @@ def _load() -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         # pip's ninja lands beside the interpreter, which a venv's scripts do not put on PATH.
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        if not (folder / "epts_sparse.so").is_file():
+            log.info("building epts's compiled kernels in %s (once per torch version, about a minute)", folder)
         cpp_extension.load(name="epts_sparse", sources=[str(f) for f in SOURCES], build_directory=str(folder),
                            extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), is_python_module=False,
                            verbose=False)
