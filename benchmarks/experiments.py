@@ -47,11 +47,12 @@ log = logging.getLogger("benchmarks.experiments")
 BASELINES = ("sparsegpt", "wanda")
 
 
-def heldout_text(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, eval_seqlen: int,
+def heldout_text(tokens: torch.Tensor, nsamples: int, seqlen: int, seeds: int | list[int], eval_seqlen: int,
                  count: int) -> torch.Tensor:
-    """`count` windows of `eval_seqlen` tokens free of the calibration windows, from the end of the
-    file backwards (`data.heldout_windows`; the export's refit choice takes its own from the start)."""
-    windows = heldout_windows(tokens, nsamples, seqlen, seed, count, eval_seqlen, from_end=True)
+    """`count` windows of `eval_seqlen` tokens free of the calibration windows of every seed in
+    `seeds`, from the end of the file backwards (`data.heldout_windows`; the export's refit choice
+    takes its own from the start)."""
+    windows = heldout_windows(tokens, nsamples, seqlen, seeds, count, eval_seqlen, from_end=True)
     if len(windows) < count:
         raise ValueError(f"only {len(windows)} held-out windows of {eval_seqlen} tokens are free of calibration")
     return windows
@@ -117,12 +118,15 @@ def run(args) -> None:
     # Held-out windows avoid every window any variant here calibrates on (the sampler's windows for
     # n samples are the first n of those for more), so a 64-window variant is not scored on its own data.
     exclude = max([cc.nsamples, *counts.values()])
-    texts = {"heldout": heldout_text(valid, exclude, cc.seqlen, cc.seed, args.eval_seqlen, args.heldout_windows)}
+    # ... nor on the windows of another seed (a variant's `calib: {seed: ...}` draws other windows).
+    seeds = sorted({cc.seed, *((fields.get("calib") or {}).get("seed", cc.seed) for _, _, _, fields in variants)})
+    texts = {"heldout": heldout_text(valid, exclude, cc.seqlen, seeds, args.eval_seqlen, args.heldout_windows)}
     if args.other_text:
         texts["other"] = eval_windows(tokenize(base.tokenizer, args.other_text), args.eval_seqlen, args.other_windows)
     if args.test:
         texts["test"] = eval_windows(tokenize(base.tokenizer, args.test_data), args.eval_seqlen, args.test_windows)
-    scope = f"blocks={args.blocks or 'all'}" + (f",heldout-excludes={exclude}" if exclude != cc.nsamples else "")
+    scope = f"blocks={args.blocks or 'all'}" + (f",heldout-excludes={exclude}" if exclude != cc.nsamples else "") \
+        + (f",heldout-seeds={'+'.join(map(str, seeds))}" if seeds != [cc.seed] else "")
 
     def row(variant, sparsity, ppl, seconds, extra=None):
         return {"key": f"{variant}|{scope}|{sparsity}|{','.join(sorted(texts))}", "variant": variant, "scope": scope,

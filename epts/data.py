@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -180,11 +181,12 @@ def _calibration_starts(n: int, nsamples: int, seqlen: int, seed: int) -> list[i
     return [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
 
 
-def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, count: int,
+def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int | Sequence[int], count: int,
                     eval_seqlen: int | None = None, from_end: bool = False) -> torch.Tensor:
     """Up to `count` non-overlapping windows of `eval_seqlen` tokens (default `seqlen`) of `tokens`
     that share no token with the calibration windows `calibration_windows(tokens, nsamples, seqlen,
-    seed)` draws: text of the calibration's domain that the calibration did not see. Taken on the
+    seed)` draws (with several seeds, those of every one): text of the calibration's domain that
+    the calibration did not see. Taken on the
     grid of `eval_seqlen` from the start of the text, or backwards from its end (`from_end`), so
     that two users of one file (the export's refit choice, the experiment harness's scores) take
     different windows. (k, eval_seqlen) int64 with k <= count; k is 0 when the text has no free window."""
@@ -192,8 +194,9 @@ def heldout_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int,
     n = tokens.numel()
     used = torch.zeros(n, dtype=torch.bool)
     if n - seqlen - 1 >= 0:
-        for start in _calibration_starts(n, nsamples, seqlen, seed):
-            used[start : start + seqlen] = True
+        for one in [seed] if isinstance(seed, int) else seed:
+            for start in _calibration_starts(n, nsamples, seqlen, one):
+                used[start : start + seqlen] = True
     starts = range(n - eval_seqlen, -1, -eval_seqlen) if from_end else range(0, n - eval_seqlen + 1, eval_seqlen)
     windows = []
     for start in starts:

@@ -33,6 +33,15 @@ def test_heldout_windows_share_no_token_with_the_calibration():
     assert len(heldout_windows(tokens[:400], 1, 100, 0, count=8)) in (2, 3)  # of 4, one or two covered
 
 
+
+def test_heldout_windows_of_several_seeds_avoid_every_seeds_calibration():
+    tokens = torch.arange(5000)
+    one, both = heldout_windows(tokens, 20, 100, 3, count=30), heldout_windows(tokens, 20, 100, [3, 4], count=30)
+    other = set(calibration_windows(tokens, 20, 100, seed=4).reshape(-1).tolist())
+    assert other & set(one.reshape(-1).tolist())  # seed 3's held-out text holds some of seed 4's calibration
+    assert not other & set(both.reshape(-1).tolist()) and set(both.reshape(-1).tolist()) <= set(one.reshape(-1).tolist())
+
+
 def test_eval_windows_are_non_overlapping_from_the_start():
     w = eval_windows(torch.arange(1050), seqlen=100, max_windows=None)
     assert w.shape == (10, 100) and torch.equal(w.reshape(-1), torch.arange(1000))
