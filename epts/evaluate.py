@@ -43,11 +43,11 @@ def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size
                        store: StreamStore | None = None) -> float:
     """`mean_nll` of `windows` (n, seqlen) token ids, computed block-major: every window through block
     1, then all through block 2, and so on, `batch_size` windows per forward pass, each block held
-    once (a streamed model reads each block's weights once, not once per window); then the final norm, the output embedding and any
-    logit soft-capping one window at a time (a batch's logits over a large vocabulary would
-    dominate the peak memory). The hidden states (n x seqlen x hidden) live in `store` (default
-    RAM). Equal to `mean_nll` up to float summation order. Raises NonFiniteActivationError where a
-    block's output overflows."""
+    once (a streamed model reads each block's weights once, not once per window); then the final
+    norm, the output embedding and any logit soft-capping one window at a time (a batch's logits
+    over a large vocabulary would dominate the peak memory). The hidden states (n x seqlen x
+    hidden) live in `store` (default RAM). Equal to `mean_nll` up to float summation order. Raises
+    NonFiniteActivationError where a block's output overflows."""
     calls = capture_block_calls(model, windows, batch_size, store)
     hidden = calls.hidden
     calls.hidden = None
