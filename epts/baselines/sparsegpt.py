@@ -106,19 +106,20 @@ class SparseGPTPruner:
             # Spread the row's pruning quota over the blocks so that rows total exactly the quota.
             return round(prune_per_row * col / cols)
 
+        # An unstructured mask is chosen before each block's sweep, so the compiled sweep can run it.
+        compiled = not pattern.is_nm and w.device.type == "cpu" and kernels.available()
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             w1 = w[:, i1:i2].clone()
             hinv1 = hinv[i1:i2, i1:i2]
-            diag1 = torch.diag(hinv1)
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
             dead1 = dead[i1:i2]
             if not pattern.is_nm:
                 k = pruned_before(i2) - pruned_before(i1)
                 if k:
-                    saliency = (w1.pow(2) / diag1.pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
+                    saliency = (w1.pow(2) / torch.diag(hinv1).pow(2).unsqueeze(0)).masked_fill(dead1, -1.0)
                     prune1.scatter_(1, torch.topk(saliency, k, dim=1, largest=False).indices, True)
-            if not pattern.is_nm and w1.device.type == "cpu" and kernels.available():
+            if compiled:
                 q1, err1 = kernels.obs_sweep(w1.contiguous(), hinv1.contiguous(), prune1)
             else:
                 q1, err1 = _sweep(w1, hinv1, prune1, dead1, pattern)
