@@ -12,6 +12,7 @@ import sys
 import threading
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -766,14 +767,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt as err:
+        traceback.clear_frames(err.__traceback__)
         return _stopped(args, isinstance(err, _Terminated))
     except Exception as err:
+        if not (_SIGNALLED or isinstance(err, _USER_ERRORS)):
+            raise
+        # The failed frames still hold their open progress bars, which would redraw below the
+        # message when collected: released first, the bars close and the message is the last line.
+        traceback.clear_frames(err.__traceback__)
         # A signal raised inside a library call that catches what it calls (torch building a tensor
         # from a storage does) comes back as another error: the signal is what stopped the command.
         if _SIGNALLED:
             return _stopped(args, _SIGNALLED[0] == signal.SIGTERM)
-        if not isinstance(err, _USER_ERRORS):
-            raise
         message = " ".join(str(err).split())  # one line, whatever the library underneath wrote
         print(f"epts {args.command}: error: {message}", file=sys.stderr)
         return 2
