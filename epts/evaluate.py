@@ -39,15 +39,15 @@ def mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
 
 
 @torch.no_grad()
-def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                       store: StreamStore | None = None) -> float:
-    """`mean_nll` of `windows` (n, seqlen) token ids, computed block-major: every window through block
-    1, then all through block 2, and so on, `batch_size` windows per forward pass, each block held
-    once (a streamed model reads each block's weights once, not once per window); then the final
-    norm, the output embedding and any logit soft-capping one window at a time (a batch's logits
-    over a large vocabulary would dominate the peak memory). The hidden states (n x seqlen x
-    hidden) live in `store` (default RAM). Equal to `mean_nll` up to float summation order. Raises
-    NonFiniteActivationError where a block's output overflows."""
+def blockwise_window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                         store: StreamStore | None = None) -> torch.Tensor:
+    """The summed next-token negative log-likelihood (nats) of each of `windows` (n, seqlen) token
+    ids: (n,) float64, computed block-major: every window through block 1, then all through block 2,
+    and so on, `batch_size` windows per forward pass, each block held once (a streamed model reads
+    each block's weights once, not once per window); then the final norm, the output embedding and
+    any logit soft-capping one window at a time (a batch's logits over a large vocabulary would
+    dominate the peak memory). The hidden states (n x seqlen x hidden) live in `store` (default
+    RAM). Raises NonFiniteActivationError where a block's output overflows."""
     calls = capture_block_calls(model, windows, batch_size, store)
     hidden = calls.hidden
     calls.hidden = None
@@ -57,7 +57,7 @@ def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size
     device = next(model.parameters()).device
     head, final = model.get_output_embeddings(), final_modules(model)
     cap = getattr(model.config, "final_logit_softcapping", None)
-    total_nll = 0.0
+    sums = torch.zeros(len(windows), dtype=torch.float64)
     for i in range(len(windows)):
         h = hidden[i : i + 1].to(device)
         for module in final:
@@ -66,8 +66,18 @@ def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size
         if cap is not None:  # as Gemma's causal LMs apply it, in the model's dtype
             logits = torch.tanh(logits / cap) * cap
         target = windows[i : i + 1, 1:].to(device)
-        total_nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                     reduction="sum").item()
+        sums[i] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                  reduction="sum").item()
+    return sums
+
+
+def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                       store: StreamStore | None = None) -> float:
+    """`mean_nll` of `windows` (n, seqlen) token ids, computed block-major (`blockwise_window_nll`,
+    whose memory and errors it shares). Equal to `mean_nll` up to float summation order."""
+    total_nll = 0.0
+    for nll in blockwise_window_nll(model, windows, batch_size, store).tolist():
+        total_nll += nll
     return total_nll / windows[:, 1:].numel()
 
 

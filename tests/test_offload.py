@@ -105,7 +105,7 @@ def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block
     """Block-major scoring (the refit's choice) against the model's own forward pass, on models in
     memory and streamed: every family's final modules and head, OPT-350m's shape (no final norm, a
     projection back to a narrower embedding) and Gemma's logit soft-capping included."""
-    from epts.evaluate import blockwise_mean_nll
+    from epts.evaluate import blockwise_mean_nll, blockwise_window_nll
 
     base = {"opt-350m-like": "opt", "gemma3-softcapped": "gemma3"}.get(family, family)
     model = tiny_model(base).model
@@ -122,6 +122,10 @@ def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block
     windows = random_windows(5, 32, vocab=250)
     expected = mean_nll(model, windows, 1)
     assert blockwise_mean_nll(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    # Each window's own sum, as the choice's diagnostics read them (31 predicted tokens a window).
+    per_window = blockwise_window_nll(model, windows, batch_size=2)
+    assert per_window.dtype == torch.float64 and per_window.shape == (5,)
+    assert per_window.tolist() == pytest.approx([31 * mean_nll(model, w[None], 1) for w in windows], rel=1e-5)
     if family == "gemma3-softcapped":
         model.config.final_logit_softcapping = None
         # The cap moves the loss 10x further than the tolerance above: a scorer without it fails.
