@@ -1,5 +1,5 @@
 """One-off: is the export's choice, made on the first 32 free 256-token windows of the calibration
-file (2-3 WikiText-2 articles), the choice the whole file would make? Per-window losses of the three
+file (its first 8192 tokens: 4 WikiText-2 articles), the choice the whole file would make? Per-window losses of the three
 "auto" candidates (the adapters kept with the bare-mask blocks refit, every block refit, SparseGPT's
 solution for every block, each made as `epts export` makes it) on those first 32 windows and on
 SPREAD (default 160) more taken evenly over the whole file; none overlaps a calibration window or the
