@@ -1,11 +1,11 @@
 """One-off: is the export's choice, made on the first 32 free 256-token windows of the calibration
-file (its first 8192 tokens: 4 WikiText-2 articles), the choice the whole file would make? Per-window losses of the three
-"auto" candidates (the adapters kept with the bare-mask blocks refit, every block refit, SparseGPT's
-solution for every block, each made as `epts export` makes it) on those first 32 windows and on
-SPREAD (default 160) more taken evenly over the whole file; none overlaps a calibration window or the
-experiment harness's 24 held-out 512-token windows at the file's end. Writes
-{"starts", "first32", "losses": {sparsity: {candidate: [nats per token, one per window]}}} to OUT.json
-(atomically, after each sparsity); `spread_read.py` reads it.
+file (its first 8192 tokens: 4 WikiText-2 articles), the choice the whole file would make?
+Per-window losses of the three "auto" candidates (the adapters kept with the bare-mask blocks refit,
+every block refit, SparseGPT's solution for every block, each made as `epts export` makes it) on
+those first 32 windows and on SPREAD (default 160) more taken evenly over the whole file; none
+overlaps a calibration window or the experiment harness's 24 held-out 512-token windows at the
+file's end. Writes {"starts", "first32", "losses": {sparsity: {candidate: [nats per token, one per
+window]}}} to OUT.json (atomically, after each sparsity); `spread_read.py` reads it.
 
     python spread.py ART ../shared/data/wikitext2/wiki.valid.tokens OUT.json 0.7 0.6 ..."""
 import json, os, sys, time
