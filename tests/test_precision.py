@@ -219,8 +219,11 @@ def overflowing(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [["compress", "--epochs", "1"], ["prune", "--method", "wanda"],
                                      ["prune", "--method", "sparsegpt"]])
-def test_non_finite_activations_are_one_error_naming_the_block(overflowing, command, tmp_path, capsys):
+def test_non_finite_activations_are_one_error_naming_the_block(overflowing, command, tmp_path, capsys, monkeypatch):
     model, text = overflowing
+    # Progress bars on (an earlier --quiet command in this process sets TQDM_DISABLE): the bar of the
+    # failed block must not redraw below the error.
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     args = [*command, "--model", model, "--calib", text, "--nsamples", "2", "--seqlen", "16"]
     code, out, err = run(capsys, *args, "--out", tmp_path / "out")
     assert code == 2
