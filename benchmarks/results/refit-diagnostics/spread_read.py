@@ -1,8 +1,9 @@
-"""Reads spread.py's per-window losses: for each sparsity, every candidate's mean loss over the
-scored windows other than the first 32 (spread over the file: its own ranking) and over the first 32
-(what the export's choice scores), the paired difference of every two candidates with its standard error, and the pick of 6
-evenly spaced subsamples of 32 windows (a sample spread over the file) and of runs of 32 neighbouring
-scored windows, with the mean regret of each pick (its loss over all windows above the best's).
+"""Reads spread.py's per-window losses. For each sparsity: every candidate's mean loss over the
+scored windows other than the first 32 (spread over the file: its own ranking) and over the first
+32 (what the export's choice scores); the paired difference of every two candidates on each set,
+with its standard error; and the picks of 6 evenly spaced subsamples of 32 scored windows and of
+runs of 32 neighbouring ones, with their mean regret (the pick's loss on the spread windows above
+the best candidate's).
 
     python spread_read.py OUT.json"""
 import itertools, json, sys
