@@ -452,14 +452,15 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
     weights = {}
     for name, p in pruners.items():
         start = None
+        factors = p.inverse_hessian()
         if obs:
-            start, pruned = p.prune(Pattern(sparsity=sparsity))
+            start, pruned = p.prune(Pattern(sparsity=sparsity), factors)
             if iters == 0:  # SparseGPT's own solution (RefitConfig.sparsegpt): nothing to solve
                 weights[name] = start
                 continue
         else:
             pruned = ~mask_from_ranks(elastic.ranks(index, name).to(p.layer.weight.device), sparsity)
-        hessian, inverse, _ = p.inverse_hessian()
+        hessian, inverse, _ = factors
         anchor = None if anchors is None else anchors[name].to(p.layer.weight.device)
         weights[name] = masked_least_squares(p.layer.weight, hessian, inverse, pruned, iters, ridge, anchor,
                                              start).to(p.layer.weight.dtype)

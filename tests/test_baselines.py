@@ -152,3 +152,37 @@ def test_compiled_obs_sweep_gives_the_python_sweeps_bits(sparsity, monkeypatch):
     assert torch.equal(compiled[0].view(torch.int32), python[0].view(torch.int32))  # bits, signed zeros too
     assert torch.equal(compiled[1], python[1]) and not calls
     assert (compiled[0] == 0).sum(1).eq(300 - kept_per_row(300, sparsity)).all()
+
+
+def test_layers_sharing_a_hessian_factor_it_once_and_prune_to_the_bits_of_their_own(monkeypatch):
+    """q, k and v share one Hessian (`share`): the first to prune factors it, the others take the
+    same factors; each pruned weight is bit-identical to that of a pruner with its own Hessian, and
+    more calibration tokens for the shared Hessian are factored anew."""
+    from epts.baselines.sparsegpt import SparseGPTPruner
+
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(48, d_out, bias=False) for d_out in (20, 12, 12)]
+    x, more = torch.randn(2, 256, 48) * torch.rand(48) * 2
+    shared = [SparseGPTPruner(layer) for layer in layers]
+    shared[0].add_batch(x)
+    for p in shared[1:]:
+        p.share(shared[0])
+    factored = []
+    factor = SparseGPTPruner._factor
+    monkeypatch.setattr(SparseGPTPruner, "_factor", lambda self, *a: factored.append(self) or factor(self, *a))
+    pattern = Pattern(sparsity=0.6)
+    for rounds, batch in enumerate((x, more), start=1):
+        if rounds == 2:
+            shared[0].add_batch(more)
+        alone = [SparseGPTPruner(layer) for layer in layers]
+        for p in alone:
+            p.add_batch(x)
+            if rounds == 2:
+                p.add_batch(more)
+        before = len(factored)
+        solved = [p.prune(pattern) for p in shared]
+        assert len(factored) - before == 1
+        for (w, mask), p in zip(solved, alone):
+            w_alone, mask_alone = p.prune(pattern)
+            assert torch.equal(w.view(torch.int32), w_alone.view(torch.int32)) and torch.equal(mask, mask_alone)
+    assert not torch.equal(solved[0][0], layers[0].weight.data)

@@ -417,14 +417,17 @@ def test_refit_mask_obs_rechooses_the_masks_of_the_blocks_it_resolves(elastic_ti
     monkeypatch.setattr(elastic.blocks[0], "group1_adapter", False)
     monkeypatch.setattr(elastic.blocks[1], "group1_adapter", True)
     plan = {0: 0.3, 1: 0.3, 2: 0.6}  # bare masks, then adapters in blocks 1-2
-    chosen = []
-    real = SparseGPTPruner.prune
+    chosen, factored = [], []
+    real, factor = SparseGPTPruner.prune, SparseGPTPruner._factor
     monkeypatch.setattr(SparseGPTPruner, "prune",
-                        lambda self, pattern: chosen.append(real(self, pattern)) or chosen[-1])
+                        lambda self, *a: chosen.append(real(self, *a)) or chosen[-1])
+    monkeypatch.setattr(SparseGPTPruner, "_factor", lambda self, *a: factored.append(self) or factor(self, *a))
     model = elastic.materialize(plan)
     report = refit(elastic, model, plan, windows, RefitConfig(mode, mask="obs"), progress=False)
     resolved = [0] if mode == "bare" else [0, 1, 2]
     assert [b for b, c in enumerate(report.choices) if c == "refit"] == resolved and report.mask == "obs"
+    # One factorisation per distinct input (q/k/v, o, gate/up, down), for the OBS mask and the solve alike.
+    assert len(factored) == 4 * len(resolved)
     layers = [(b, name, layer) for b, blk in enumerate(decoder_blocks(model.model))
               for name, layer in prunable_linears(model.model, blk).items()]
     obs = iter(chosen)

@@ -33,6 +33,9 @@ class SparseGPTPruner:
         d_in = layer.in_features
         self.hessian = torch.zeros(d_in, d_in, dtype=torch.float32, device=layer.weight.device)
         self.tokens = 0
+        # The factors of a Hessian shared with other layers (`share`), by `upper_factor`: computed by
+        # the first of them to ask, so q, k and v factor one Hessian once. None: not shared, not kept.
+        self._factors: dict[bool, tuple] | None = None
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
@@ -40,16 +43,22 @@ class SparseGPTPruner:
         total = self.tokens + x.shape[0]
         self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
         self.tokens = total
+        if self._factors:
+            self._factors.clear()
 
     def share(self, other: "SparseGPTPruner") -> None:
-        """Take `other`'s Hessian (the same tensor, not a copy), for a layer fed the same inputs."""
-        self.hessian, self.tokens = other.hessian, other.tokens
+        """Take `other`'s Hessian (the same tensor, not a copy), for a layer fed the same inputs, and
+        its factors once either of them has computed them (`inverse_hessian`)."""
+        if other._factors is None:
+            other._factors = {}
+        self.hessian, self.tokens, self._factors = other.hessian, other.tokens, other._factors
 
     def reduce(self, owner: int = 0) -> None:
         """The Hessian over every process's tokens (torchrun), on rank `owner` only: that rank solves
         the layer and broadcasts the pruned weight; the other ranks drop their share of the Hessian."""
         if distributed.world_size() == 1:
             return
+        self._factors = None  # the reduced Hessian is this layer's own
         device = self.hessian.device
         tokens = distributed.sum_(torch.tensor(float(self.tokens), dtype=torch.float64, device=device))
         # Token-weighted sum in float64, so the order of the ranks' sums barely moves the result.
@@ -71,7 +80,16 @@ class SparseGPTPruner:
         """The dampened H (d_in, d_in, float32), its inverse (or, with `upper_factor`, the upper
         Cholesky factor of the inverse, which the OBS sweep uses) and the dead input channels (bool,
         d_in; zero in every calibration token). A Hessian too ill-conditioned to factor gets 10x, then
-        100x the dampening. Raises ValueError when even that fails."""
+        100x the dampening. Raises ValueError when even that fails. Layers sharing a Hessian (`share`)
+        get the same tensors, computed once: read them, never write them."""
+        if self._factors is not None and upper_factor in self._factors:
+            return self._factors[upper_factor]
+        factors = self._factor(upper_factor)
+        if self._factors is not None:
+            self._factors[upper_factor] = factors
+        return factors
+
+    def _factor(self, upper_factor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         for scale in (1.0, 10.0, 100.0):
             h, dead = self.dampened_hessian(scale)
             try:
@@ -83,14 +101,24 @@ class SparseGPTPruner:
         raise ValueError(f"SparseGPT: the Hessian of a {h.shape[0]}-input layer cannot be factored even with 100x "
                          f"the dampening: its calibration activations are degenerate; use more calibration text")
 
+    def _upper(self, factors: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`inverse_hessian(upper_factor=True)` from `inverse_hessian()`'s result."""
+        h, inverse, dead = factors
+        try:
+            return h, torch.linalg.cholesky(inverse, upper=True), dead
+        except torch.linalg.LinAlgError:  # more dampening, as `inverse_hessian` gives it
+            return self.inverse_hessian(upper_factor=True)
+
     def pruned_weight(self, pattern: Pattern) -> torch.Tensor:
         """The layer's weight (d_out, d_in), in its dtype, pruned to `pattern` with OBS updates of the
         weights kept."""
         return self.prune(pattern)[0]
 
-    def prune(self, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, pattern: Pattern, factors: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`pruned_weight` and the mask it chose: the pruned weights (bool, d_out x d_in, True where
-        pruned; exactly the zeros of the OBS sweep even where an update lands on zero)."""
+        pruned; exactly the zeros of the OBS sweep even where an update lands on zero). `factors`:
+        what `inverse_hessian()` returned, for a caller that needs the inverse too (the Hessian is
+        then factored once; the same bits)."""
         w = self.layer.weight.data.clone().float()
         pruned = torch.zeros_like(w, dtype=torch.bool)
         rows, cols = w.shape
@@ -99,7 +127,7 @@ class SparseGPTPruner:
             if cols % pattern.m:
                 raise ValueError(f"N:M pattern {pattern} needs the input size ({cols}) to be a multiple of {pattern.m}")
             blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # N:M groups never straddle two blocks
-        _, hinv, dead = self.inverse_hessian(upper_factor=True)
+        _, hinv, dead = self.inverse_hessian(upper_factor=True) if factors is None else self._upper(factors)
         prune_per_row = 0 if pattern.is_nm else cols - kept_per_row(cols, pattern.sparsity)
 
         def pruned_before(col: int) -> int:
