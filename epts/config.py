@@ -247,6 +247,9 @@ class EPTSConfig:
     lr_ratio_b: float = 1.0  # LoRA+ (Hayou et al. 2024): the B matrices train at lr * lr_ratio_b
     delta_lr: float = 0.0  # > 0: a full-rank update of the kept weights, shared by every group, trains at this lr
     guide_weight: float = 0.5  # groups > 1: (1 - w) * ||out_k - Y||^2 + w * ||out_k - stopgrad(out_1)||^2
+    # mse: the squared error over all tokens (METHOD.md); relative: each token's divided by the target token's
+    # mean square (reconstruct.token_weights), so tokens of massive activation do not make most of the loss
+    token_loss: str = "mse"
     # bf16: the training steps' float32 matmuls run on a CPU's bfloat16 units (AMX), float32 kept elsewhere
     # (an epts speed option, docs/RECIPE.md); ieee: float32 throughout
     train_matmul_precision: str = "ieee"
@@ -270,7 +273,8 @@ class EPTSConfig:
     def __post_init__(self):
         _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_reference_rms": float,
                               "lr_scaled_groups": str, "train_matmul_precision": str, "lr_ratio_b": float,
-                              "delta_lr": float, "guide_weight": float, "groups_per_step": int, "propagate": str,
+                              "delta_lr": float, "guide_weight": float, "token_loss": str, "groups_per_step": int,
+                              "propagate": str,
                               "group1_stream": str, "inherit_adapters": bool, "group1_inherited": bool,
                               "group1_detached": bool, "group1_check": bool, "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
@@ -334,6 +338,8 @@ class EPTSConfig:
                              "(inherit_adapters and group1_inherited true)")
         if self.train_matmul_precision not in ("ieee", "bf16"):
             raise ValueError(f"train_matmul_precision {self.train_matmul_precision!r} is not ieee or bf16")
+        if self.token_loss not in ("mse", "relative"):
+            raise ValueError(f"token_loss {self.token_loss!r} is not mse or relative")
         if self.lr_scaled_groups not in ("all", "group1"):
             raise ValueError(f"lr_scaled_groups {self.lr_scaled_groups!r} is not all or group1")
         if self.lr_scaled_groups != "all" and self.lr_reference_rms is None:

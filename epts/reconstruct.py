@@ -104,9 +104,26 @@ def dense_pass(runner: BlockRunner, layers: dict[str, nn.Linear], stream: torch.
     return out, {name: s.norm() for name, s in stats.items()}
 
 
-def guided_loss(out: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor, guide_weight: float) -> torch.Tensor:
+def token_weights(target: torch.Tensor, token_loss: str) -> torch.Tensor | None:
+    """Per-token weights of the squared error (b, seqlen, 1), or None for plain MSE (`token_loss`
+    "mse", METHOD.md). "relative": 1 / the target token's mean square, so every token's error counts
+    relative to its size, as the next block's RMSNorm sees it; with plain MSE a few tokens of massive
+    activation (SmolLM2's first token: 99 % of a mid-block target's square sum) make most of the loss."""
+    if token_loss == "mse":
+        return None
+    return 1.0 / target.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error of `out` against `target`, each token's weighted by `weights` (`token_weights`)."""
+    return F.mse_loss(out, target) if weights is None else (weights * (out - target).pow(2)).mean()
+
+
+def guided_loss(out: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor, guide_weight: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of a group above the first: (1 - w) ||out - Y||^2 + w ||out - stopgrad(out_1)||^2."""
-    return (1 - guide_weight) * F.mse_loss(out, target) + guide_weight * F.mse_loss(out, anchor.detach())
+    return ((1 - guide_weight) * reconstruction_loss(out, target, weights)
+            + guide_weight * reconstruction_loss(out, anchor.detach(), weights))
 
 
 class NonFiniteError(ArithmeticError):
@@ -192,6 +209,7 @@ def train_block(
             x1 = dense_inputs[start : start + bs].to(device) if on_dense else x
             # Losses in float32 whatever the model computes in (a no-op for a float32 model).
             y = targets[start : start + bs].to(device).float()
+            weights = token_weights(y, config.token_loss)
             anchor = None
             if (schedule[step][0] != 0 or x1 is not x) and config.guide_weight > 0:
                 # The guided loss needs group 1's output on the elastic stream even on a step whose
@@ -205,9 +223,9 @@ def train_block(
                 used[k] += 1
                 out = call_block(runner, x1 if k == 0 else x).float()
                 if k == 0 or anchor is None:
-                    loss = F.mse_loss(out, y)
+                    loss = reconstruction_loss(out, y, weights)
                 else:
-                    loss = guided_loss(out, y, anchor, config.guide_weight)
+                    loss = guided_loss(out, y, anchor, config.guide_weight, weights)
                 if k == 0 and x1 is x:
                     anchor = out.detach()
                 value = loss.item()
@@ -240,13 +258,16 @@ def train_block(
 
 @torch.no_grad()
 def group1_check(runner: BlockRunner, layers: dict[str, hilora.ElasticLinear], stream: torch.Tensor,
-                 targets: torch.Tensor, sparsity: float) -> tuple[float, float]:
-    """Loss against the dense targets at `sparsity`, with and without the group-1 adapter."""
+                 targets: torch.Tensor, sparsity: float, token_loss: str = "mse") -> tuple[float, float]:
+    """Loss against the dense targets at `sparsity`, with and without the group-1 adapter, on the
+    training's `token_loss`."""
     losses = []
+    y = targets.float()
+    weights = token_weights(y, token_loss)
     for keep in (True, False):
         hilora.set_state(layers, sparsity, 0, group1_adapter=keep)
         out = runner.run(stream)
-        losses.append(distributed.mean_(F.mse_loss(out.float(), targets.float()).double()).item())
+        losses.append(distributed.mean_(reconstruction_loss(out.float(), y, weights).double()).item())
     return losses[0], losses[1]
 
 
@@ -288,7 +309,7 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
                 losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense, group1_lr)
             group1_adapter, check = True, (0.0, 0.0)
             if config.group1_check:
-                check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity)
+                check = group1_check(runner, layers, dense, targets, config.group1_check_sparsity, config.token_loss)
                 group1_adapter = check[0] < check[1]
             if config.propagate == "dense":  # the ablation P <- H: the next block learns on dense features
                 mixed = targets
