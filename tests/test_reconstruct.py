@@ -9,7 +9,8 @@ from conftest import random_windows, tiny_model
 from epts.arch import decoder_blocks, prunable_linears
 from epts.artifact import ElasticModel
 from epts.config import CalibConfig, EPTSConfig
-from epts.reconstruct import compress, group_schedule, guided_loss, stratified_sparsities
+from epts.reconstruct import (compress, group_schedule, guided_loss, reconstruction_loss, stratified_sparsities,
+                              token_weights)
 
 
 def test_stratified_sampler_covers_each_interval_evenly():
@@ -31,6 +32,40 @@ def test_guided_loss_stops_gradients_through_group_one_output():
     # d/dpk of 0.5*mean((3pk)^2) + 0.5*mean((3pk - 2p1)^2)
     expected = 0.5 * 3 * (3 * pk.detach()) + 0.5 * 3 * (3 * pk.detach() - 2 * p1.detach())
     torch.testing.assert_close(pk.grad, expected)
+
+
+def test_relative_token_loss_weighs_each_token_by_its_own_size():
+    torch.manual_seed(0)
+    y = torch.randn(2, 8, 16)
+    y[:, 0] *= 1000  # a token of massive activation
+    assert token_weights(y, "mse") is None
+    weights = token_weights(y, "relative")
+    out = y * 1.01  # every token off by 1 % of itself
+    torch.testing.assert_close(reconstruction_loss(out, y, weights), torch.tensor(1e-4), rtol=1e-4, atol=0)
+    torch.testing.assert_close(reconstruction_loss(out, y, None), torch.nn.functional.mse_loss(out, y))
+    # Plain MSE: the massive token is nearly all of the loss; relative: 1/8 of it, as every token.
+    massive = torch.zeros_like(y, dtype=torch.bool)
+    massive[:, 0] = True
+    share = lambda w: (reconstruction_loss(out * massive + y * ~massive, y, w)  # noqa: E731
+                       / reconstruction_loss(out, y, w)).item()
+    assert share(None) > 0.999 and share(weights) == pytest.approx(1 / 8, rel=1e-4)
+    with pytest.raises(ValueError, match="token_loss 'l1' is not mse or relative"):
+        EPTSConfig(token_loss="l1")
+
+
+def test_relative_token_loss_reaches_the_training_and_the_group1_check(elastic_llama, monkeypatch):
+    from epts import reconstruct
+
+    checked = []
+    real = reconstruct.group1_check
+    monkeypatch.setattr(reconstruct, "group1_check", lambda *a: checked.append(a[-1]) or real(*a))
+    relative = compress(tiny_model("llama"), random_windows(4, 32), small_config(token_loss="relative"),
+                        progress=False)
+    assert checked == ["relative"] * len(relative.blocks)
+    for mse_state, state in zip(elastic_llama.blocks, relative.blocks):
+        b_mse, b_rel = mse_state.adapters["mlp.down_proj"][1], state.adapters["mlp.down_proj"][1]
+        assert not any(torch.equal(x, z) for x, z in zip(b_mse, b_rel))
+        assert state.group1_check != mse_state.group1_check
 
 
 def small_config(**kw):
