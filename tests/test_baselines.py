@@ -171,7 +171,7 @@ def test_layers_sharing_a_hessian_factor_it_once_and_prune_to_the_bits_of_their_
     factor = SparseGPTPruner._factor
     monkeypatch.setattr(SparseGPTPruner, "_factor", lambda self, *a: factored.append(self) or factor(self, *a))
     pattern = Pattern(sparsity=0.6)
-    for rounds, batch in enumerate((x, more), start=1):
+    for rounds in (1, 2):
         if rounds == 2:
             shared[0].add_batch(more)
         alone = [SparseGPTPruner(layer) for layer in layers]
