@@ -185,8 +185,21 @@ class BlockRunner:
         statistic is of the same type and has `share`, is not fed: after the run it takes that
         module's statistic (`share(leader)`), the same numbers without computing them again.
         Raises RuntimeError if which modules share changes from one batch to the next."""
+        return self._with_stats(stream, stats, outputs=True)
+
+    def collect_input_stats(self, stream: torch.Tensor, stats: dict[nn.Module, Any]) -> None:
+        """The statistics of `run_with_input_stats`, the same numbers, where the block's output is
+        not needed (SparseGPT's and the refit's Hessians): after the first batch, each batch's forward
+        stops once its modules' inputs are fed, so the last prunable layer (a down projection, a
+        quarter of a LLaMA-style block's multiplications) and what follows it are not computed. The
+        first batch runs whole and counts the modules' calls, so a block that calls a module twice,
+        or a module after its last prunable layer, is still fed every call."""
+        self._with_stats(stream, stats, outputs=False)
+
+    def _with_stats(self, stream: torch.Tensor, stats: dict[nn.Module, Any], outputs: bool) -> torch.Tensor | None:
         leaders: dict[Any, Any] = {}  # statistic -> the one it shares, or None where it is fed
         last: list = [None, None]  # the input and the statistic last fed
+        calls = [0, None]  # hook calls in this batch, and in a whole batch (known after the first)
 
         def feed(inputs: tuple, s) -> None:
             x = inputs[0]
@@ -194,12 +207,28 @@ class BlockRunner:
             if leaders.setdefault(s, leader) is not leader:
                 raise RuntimeError(f"{self.name}: its layers' shared inputs changed between batches")
             if leader is None:
+                if not outputs:  # run() checks the block's output; here no output is computed
+                    check_finite(x, self.name)
                 s.add_batch(x)
                 last[:] = [x, s]
+            calls[0] += 1
+            if calls[0] == calls[1]:
+                raise _StopForward
 
         handles = [module.register_forward_hook(lambda mod, inp, out, s=s: feed(inp, s)) for module, s in stats.items()]
         try:
-            out = self.run(stream)
+            if outputs:
+                out = self.run(stream)
+            else:
+                out = None
+                with torch.no_grad():
+                    for start in range(0, stream.shape[0], self.batch_size):
+                        calls[0] = 0
+                        try:
+                            call_block(self, stream[start : start + self.batch_size].to(self.device))
+                        except _StopForward:
+                            pass
+                        calls[1] = calls[0]
         finally:
             last.clear()
             for h in handles:

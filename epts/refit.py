@@ -383,21 +383,26 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
-    calls = capture_block_calls(model.model, windows, batch_size, store)
-    elastic_stream = calls.hidden
+    adapters = [plan.get(b, 0.0) > 0 and _has_adapters(elastic, b, plan.get(b, 0.0)) for b in range(len(blocks))]
+    solved = [plan.get(b, 0.0) > 0 and not (mode == "bare" and adapters[b]) and not (mode == "adapted" and not adapters[b])
+              for b in range(len(blocks))]
+    # Past the last block it re-solves a pass has nothing left to change, so its stream is not carried
+    # further ("block" still measures errors there).
+    end = len(blocks) if mode == "block" else max((b + 1 for b in range(len(blocks)) if solved[b]), default=0)
+    calls = capture_block_calls(model.model, windows, batch_size, store) if end else None
+    elastic_stream = calls.hidden if end else None
     # METHOD.md's target (the dense block on the dense stream) decides only in "block", and only on
     # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.
     few = config.compare_windows
     dense = elastic_stream[:few] if mode == "block" else None
-    for b, block in enumerate(tqdm(blocks, desc=f"refit ({mode})", disable=not progress)):
+    for b, block in enumerate(tqdm(blocks[:end], desc=f"refit ({mode})", disable=not progress)):
         sparsity = plan.get(b, 0.0)
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
             target = base_runner.run(dense) if dense is not None else None
-            adapters = sparsity > 0 and _has_adapters(elastic, b, sparsity)
-            if sparsity == 0 or (mode == "bare" and adapters) or (mode == "adapted" and not adapters):
+            if not solved[b]:
                 out = runner.run(elastic_stream)
-                report.choices.append("dense" if sparsity == 0 else "adapters" if adapters else "refit")
+                report.choices.append("dense" if sparsity == 0 else "adapters" if adapters[b] else "refit")
                 report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
@@ -408,7 +413,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters, ridge, anchors,
                                     sparsegpt or config.mask == "obs")
             # Only "block" compares, in blocks with adapters: elsewhere the merged weights are not needed.
-            compare = mode == "block" and adapters
+            compare = mode == "block" and adapters[b]
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
             few_merged = runner.run(elastic_stream[:few]) if compare else None
             for name, layer in layers.items():
@@ -423,6 +428,9 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             report.choices.append(("sparsegpt" if sparsegpt else "refit") if keep_refit else "adapters")
             report.errors.append(errors)
             elastic_stream, dense = out, target
+    for b in range(end, len(blocks)):
+        report.choices.append("dense" if plan.get(b, 0.0) == 0 else "adapters" if adapters[b] else "refit")
+        report.errors.append((float("nan"), float("nan")))
     report.seconds = time.perf_counter() - start
     log.info("refit (%s%s): %d of %d blocks re-solved in %.1f s", mode, ", SparseGPT's solution" * sparsegpt,
              report.to_dict()["refit_blocks"], len(blocks), report.seconds)
@@ -448,7 +456,7 @@ def _refit_block(elastic: ElasticModel, index: int, sparsity: float, base_runner
     these Hessians at the same sparsity per row, and the steps start from SparseGPT's OBS solution."""
     layers = prunable_linears(elastic.base.model, base_runner.block)
     pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
-    base_runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
+    base_runner.collect_input_stats(stream, {p.layer: p for p in pruners.values()})
     weights = {}
     for name, p in pruners.items():
         start = None

@@ -154,6 +154,46 @@ def test_compiled_obs_sweep_gives_the_python_sweeps_bits(sparsity, monkeypatch):
     assert (compiled[0] == 0).sum(1).eq(300 - kept_per_row(300, sparsity)).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_input_stats_without_outputs_are_the_same_bits_and_stop_each_batch_early(family):
+    """`collect_input_stats` feeds the statistics `run_with_input_stats` feeds, bit for bit, and
+    after the first batch ends each forward once the last prunable layer's input is fed: the
+    block's own forward completes once, not once per batch."""
+    from epts.baselines.sparsegpt import SparseGPTPruner
+    from epts.blocks import capture_block_calls
+
+    loaded = tiny_model(family)
+    calls = capture_block_calls(loaded.model, random_windows(6, 32, vocab=250), batch_size=2)
+    block = decoder_blocks(loaded.model)[0]
+    layers = prunable_linears(loaded.model, block)
+    full = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    calls.runner(0, block).run_with_input_stats(calls.hidden, {p.layer: p for p in full.values()})
+    early = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    completed = []
+    handle = block.register_forward_hook(lambda *args: completed.append(1))
+    calls.runner(0, block).collect_input_stats(calls.hidden, {p.layer: p for p in early.values()})
+    handle.remove()
+    assert len(completed) == 1  # of three batches
+    for name in layers:
+        assert torch.equal(early[name].hessian, full[name].hessian) and early[name].tokens == full[name].tokens == 6 * 32
+    assert early["self_attn.k_proj"].hessian is early["self_attn.q_proj"].hessian
+
+
+def test_input_stats_without_outputs_name_the_block_whose_activations_overflow():
+    from epts.baselines.sparsegpt import SparseGPTPruner
+    from epts.blocks import NonFiniteActivationError, capture_block_calls
+
+    loaded = tiny_model("llama")
+    calls = capture_block_calls(loaded.model, random_windows(4, 16, vocab=250), batch_size=2)
+    block = decoder_blocks(loaded.model)[0]
+    layers = prunable_linears(loaded.model, block)
+    with torch.no_grad():
+        layers["mlp.up_proj"].weight[0, 0] = float("inf")
+    pruners = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
+    with pytest.raises(NonFiniteActivationError, match="block 1 of"):
+        calls.runner(0, block).collect_input_stats(calls.hidden, {p.layer: p for p in pruners.values()})
+
+
 def test_layers_sharing_a_hessian_factor_it_once_and_prune_to_the_bits_of_their_own(monkeypatch):
     """q, k and v share one Hessian (`share`): the first to prune factors it, the others take the
     same factors; each pruned weight is bit-identical to that of a pruner with its own Hessian, and

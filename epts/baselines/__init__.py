@@ -76,7 +76,7 @@ def _prune_block(model, block, pruner_cls, pattern: Pattern, runner: BlockRunner
         for p in pruners.values():
             p.layer.weight.data = p.pruned_weight(pattern)
         return None
-    runner.run_with_input_stats(stream, {p.layer: p for p in pruners.values()})
+    runner.collect_input_stats(stream, {p.layer: p for p in pruners.values()})
     solve(list(pruners.values()), pattern)
     return runner.run(stream)
 
