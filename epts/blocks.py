@@ -215,7 +215,8 @@ class BlockRunner:
             if calls[0] == calls[1]:
                 raise _StopForward
 
-        handles = [module.register_forward_hook(lambda mod, inp, out, s=s: feed(inp, s)) for module, s in stats.items()]
+        # Pre-hooks: the input is fed before the module computes, so the last one can stop the batch there.
+        handles = [module.register_forward_pre_hook(lambda mod, inp, s=s: feed(inp, s)) for module, s in stats.items()]
         try:
             if outputs:
                 out = self.run(stream)

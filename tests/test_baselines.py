@@ -157,8 +157,8 @@ def test_compiled_obs_sweep_gives_the_python_sweeps_bits(sparsity, monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_input_stats_without_outputs_are_the_same_bits_and_stop_each_batch_early(family):
     """`collect_input_stats` feeds the statistics `run_with_input_stats` feeds, bit for bit, and
-    after the first batch ends each forward once the last prunable layer's input is fed: the
-    block's own forward completes once, not once per batch."""
+    after the first batch ends each forward once the last prunable layer's input is fed, before
+    that layer computes: it and the block complete once, not once per batch."""
     from epts.baselines.sparsegpt import SparseGPTPruner
     from epts.blocks import capture_block_calls
 
@@ -169,11 +169,12 @@ def test_input_stats_without_outputs_are_the_same_bits_and_stop_each_batch_early
     full = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
     calls.runner(0, block).run_with_input_stats(calls.hidden, {p.layer: p for p in full.values()})
     early = {name: SparseGPTPruner(layer) for name, layer in layers.items()}
-    completed = []
-    handle = block.register_forward_hook(lambda *args: completed.append(1))
+    completed, last_layer = [], list(layers.values())[-1]  # the down projection (OPT: fc2)
+    handles = [m.register_forward_hook(lambda m, *args: completed.append(m)) for m in (block, last_layer)]
     calls.runner(0, block).collect_input_stats(calls.hidden, {p.layer: p for p in early.values()})
-    handle.remove()
-    assert len(completed) == 1  # of three batches
+    for h in handles:
+        h.remove()
+    assert completed.count(block) == 1 and completed.count(last_layer) == 1  # of three batches: the first
     for name in layers:
         assert torch.equal(early[name].hessian, full[name].hessian) and early[name].tokens == full[name].tokens == 6 * 32
     assert early["self_attn.k_proj"].hessian is early["self_attn.q_proj"].hessian
