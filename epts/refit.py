@@ -383,9 +383,12 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     start = time.perf_counter()
     blocks = decoder_blocks(model.model)
     base_blocks = decoder_blocks(elastic.base.model)
-    adapters = [plan.get(b, 0.0) > 0 and _has_adapters(elastic, b, plan.get(b, 0.0)) for b in range(len(blocks))]
-    solved = [plan.get(b, 0.0) > 0 and not (mode == "bare" and adapters[b]) and not (mode == "adapted" and not adapters[b])
-              for b in range(len(blocks))]
+    sparsities = [plan.get(b, 0.0) for b in range(len(blocks))]
+    adapters = [s > 0 and _has_adapters(elastic, b, s) for b, s in enumerate(sparsities)]
+    solved = [s > 0 and not (mode == "bare" and adapters[b]) and not (mode == "adapted" and not adapters[b])
+              for b, s in enumerate(sparsities)]
+    # What a block the pass does not re-solve serves with.
+    kept = ["dense" if s == 0 else "adapters" if adapters[b] else "refit" for b, s in enumerate(sparsities)]
     # Past the last block it re-solves a pass has nothing left to change, so its stream is not carried
     # further ("block" still measures errors there).
     end = len(blocks) if mode == "block" else max((b + 1 for b in range(len(blocks)) if solved[b]), default=0)
@@ -396,13 +399,13 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     few = config.compare_windows
     dense = elastic_stream[:few] if mode == "block" else None
     for b, block in enumerate(tqdm(blocks[:end], desc=f"refit ({mode})", disable=not progress)):
-        sparsity = plan.get(b, 0.0)
+        sparsity = sparsities[b]
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
             base_runner, runner = calls.runner(b, base_blocks[b]), calls.runner(b, block)
             target = base_runner.run(dense) if dense is not None else None
             if not solved[b]:
                 out = runner.run(elastic_stream)
-                report.choices.append("dense" if sparsity == 0 else "adapters" if adapters[b] else "refit")
+                report.choices.append(kept[b])
                 report.errors.append((_mse(out[:few], target), float("nan")))
                 elastic_stream, dense = out, target
                 continue
@@ -428,9 +431,8 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             report.choices.append(("sparsegpt" if sparsegpt else "refit") if keep_refit else "adapters")
             report.errors.append(errors)
             elastic_stream, dense = out, target
-    for b in range(end, len(blocks)):
-        report.choices.append("dense" if plan.get(b, 0.0) == 0 else "adapters" if adapters[b] else "refit")
-        report.errors.append((float("nan"), float("nan")))
+    report.choices += kept[end:]
+    report.errors += [(float("nan"), float("nan"))] * (len(blocks) - end)
     report.seconds = time.perf_counter() - start
     log.info("refit (%s%s): %d of %d blocks re-solved in %.1f s", mode, ", SparseGPT's solution" * sparsegpt,
              report.to_dict()["refit_blocks"], len(blocks), report.seconds)
