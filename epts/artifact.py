@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from . import __version__
 from .arch import arch_spec, decoder_blocks, prunable_linears
 from .config import EPTSConfig
-from .hilora import active_adapters, effective_weight
+from .hilora import active_adapters, adapter_scales, effective_weight
 from .importance import importance_scores, row_ranks
 from .io import save_tensors_atomic, write_json_atomic
 from .models import LoadedModel, ModelLoadError, dtype_choice, fingerprint, load_model
@@ -186,7 +186,8 @@ class ElasticModel:
         delta = state.deltas.get(name)
         return effective_weight(layer.weight, self.ranks(block, name).to(device), sparsity,
                                 [a[j].to(device) for j in active], [b[j].to(device) for j in active],
-                                None if delta is None else delta.to(device))
+                                None if delta is None else delta.to(device),
+                                adapter_scales(active, sparsity, self.config.boundaries, self.config.adapter_ramp))
 
     def _per_block(self, sparsity: float | dict[int, float]) -> dict[int, float]:
         n = len(self.blocks)

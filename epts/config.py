@@ -260,6 +260,9 @@ class EPTSConfig:
     group1_inherited: bool = True  # False: group 1's adapter serves group 1 only; groups k > 1 use 2..k
     group1_detached: bool = False  # True: groups k > 1 compute with group 1's adapter but do not train it
     group1_stream: str = "elastic"  # the stream group 1 trains on: elastic (P, METHOD.md), dense (H) or alternate
+    # none: every active adapter at full size (METHOD.md); group1 / all: group 1's / every group's adapter scaled
+    # by how far s has gone through its group (hilora.adapter_scales), so it fades out at the group's lower edge
+    adapter_ramp: str = "none"
     group1_check: bool = True
     group1_check_sparsity: float = 0.3
     criterion: str = "wanda"  # importance: wanda, magnitude or ria (importance.importance_scores)
@@ -276,7 +279,7 @@ class EPTSConfig:
                               "delta_lr": float, "guide_weight": float, "token_loss": str, "groups_per_step": int,
                               "propagate": str,
                               "group1_stream": str, "inherit_adapters": bool, "group1_inherited": bool,
-                              "group1_detached": bool, "group1_check": bool, "group1_check_sparsity": float,
+                              "group1_detached": bool, "adapter_ramp": str, "group1_check": bool, "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
                               "stream_memory_mb": float},
                        optional=("groups_per_step", "stream_memory_mb", "lr_reference_rms"))
@@ -338,6 +341,8 @@ class EPTSConfig:
                              "(inherit_adapters and group1_inherited true)")
         if self.train_matmul_precision not in ("ieee", "bf16"):
             raise ValueError(f"train_matmul_precision {self.train_matmul_precision!r} is not ieee or bf16")
+        if self.adapter_ramp not in ("none", "group1", "all"):
+            raise ValueError(f"adapter_ramp {self.adapter_ramp!r} is not none, group1 or all")
         if self.token_loss not in ("mse", "relative"):
             raise ValueError(f"token_loss {self.token_loss!r} is not mse or relative")
         if self.lr_scaled_groups not in ("all", "group1"):

@@ -303,7 +303,8 @@ def compress_block(model: nn.Module, b: int, calls: BlockCalls, streams: Streams
         gen = _block_generator(config.calib.seed, b)
         layers = hilora.attach(block, originals, ranks, config.ranks, gen, shared_update=config.delta_lr > 0,
                                inherit=config.inherit_adapters, group1_inherited=config.group1_inherited,
-                               group1_detached=config.group1_detached)
+                               group1_detached=config.group1_detached, boundaries=config.boundaries,
+                               ramp=config.adapter_ramp)
         try:
             with matmul_precision(config.train_matmul_precision, runner.device):
                 losses = train_block(runner, layers, elastic, targets, config, gen, lr, progress, dense, group1_lr)

@@ -1,7 +1,8 @@
 """The paper's two structural ablations as config options: independent per-group adapters
 (EPTSConfig.inherit_adapters False) and dense-feature propagation (EPTSConfig.propagate "dense");
-and two variants of group 1: an adapter the groups above do not inherit (group1_inherited False),
-trained on the dense stream (group1_stream "dense")."""
+two variants of group 1: an adapter the groups above do not inherit (group1_inherited False),
+trained on the dense stream (group1_stream "dense"); and adapters ramped over their group's interval
+(adapter_ramp)."""
 
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from epts.arch import decoder_blocks, prunable_linears
 from epts.artifact import ElasticModel
 from epts.runtime import RuntimeModel
 from epts.config import CalibConfig, EPTSConfig
-from epts.hilora import ElasticLinear, active_adapters
+from epts.hilora import ElasticLinear, active_adapters, adapter_scales
 from epts.importance import kept_per_row, row_ranks
 
 GROUP3 = 0.48  # in (0.45, 0.50]: group 3 of the default groups, 0-based index 2
@@ -229,3 +230,69 @@ def test_every_variant_file_is_a_valid_config(path):
     assert name == path.stem and description, "every variant says what it changes"
     assert calibration in ("file", "self-generated")
     EPTSConfig.from_dict(fields)
+
+
+BOUNDS = (0.0, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def test_adapter_scales_ramp_each_adapter_over_its_own_group():
+    assert adapter_scales(range(3), 0.47, BOUNDS, "none") == [1.0, 1.0, 1.0]
+    # group1: only adapter 1 ramps, s / 0.4 inside group 1, full size above it.
+    assert adapter_scales(range(1), 0.1, BOUNDS, "group1") == pytest.approx([0.25])
+    assert adapter_scales(range(3), 0.47, BOUNDS, "group1") == [1.0, 1.0, 1.0]
+    # all: adapter j at (s - lo_j) / (hi_j - lo_j), the inherited ones at 1.
+    assert adapter_scales(range(3), 0.47, BOUNDS, "all") == pytest.approx([1.0, 1.0, 0.4])
+    assert adapter_scales(range(1), 0.4, BOUNDS, "all") == [1.0]
+    assert adapter_scales(range(1, 3), 0.47, BOUNDS, "all") == pytest.approx([1.0, 0.4])  # group1_inherited False
+    with pytest.raises(ValueError, match="adapter_ramp 'linear' is not one of"):
+        adapter_scales(range(1), 0.3, BOUNDS, "linear")
+
+
+def test_ramped_group1_adapter_enters_and_trains_at_s_over_0_4():
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    ranks = row_ranks(base.weight.abs())
+    layers = {ramp: ElasticLinear(base, ranks, (2, 2), torch.Generator().manual_seed(0), boundaries=(0.0, 0.4, 0.7),
+                                  ramp=ramp) for ramp in ("none", "group1")}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.B[0].copy_(torch.randn(24, 2, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(6, 40)
+    for layer in layers.values():
+        layer.set_state(0.1, 0)
+        layer(x).pow(2).sum().backward()
+    mask = ranks < kept_per_row(40, 0.1)
+    update = layers["none"].B[0] @ layers["none"].A[0]
+    torch.testing.assert_close(layers["group1"].effective_weight(), (base.weight + 0.25 * update) * mask)
+    # The gradient reaching B_1 is the unramped one at the ramped weight, times 0.25: not the same as "none"'s.
+    assert not torch.allclose(layers["group1"].B[0].grad, layers["none"].B[0].grad)
+    with pytest.raises(ValueError, match="adapter_ramp 'group1' needs the 3 group boundaries"):
+        ElasticLinear(base, ranks, (2, 2), ramp="group1")
+
+
+def test_unknown_adapter_ramp_is_refused():
+    with pytest.raises(ValueError, match="adapter_ramp 'linear' is not none, group1 or all"):
+        EPTSConfig(adapter_ramp="linear")
+
+
+@pytest.mark.parametrize("ramp", ["none", "all"])
+def test_ramped_artifact_merges_as_trained_and_is_continuous_across_a_group_edge(ramp):
+    """The artifact's merge applies the ramp the training used; with every adapter ramped the merged
+    weight just above a group's upper edge equals the one at the edge (same mask), without it it jumps
+    by the upper group's whole adapter."""
+    elastic = reconstruct.compress(tiny_model("llama"), random_windows(4, 32), small_config(adapter_ramp=ramp),
+                                   progress=False)
+    name = "mlp.up_proj"
+    layer = prunable_linears(elastic.base.model, decoder_blocks(elastic.base.model)[1])[name]
+    a, b = elastic.blocks[1].adapters[name]
+    mask = elastic.ranks(1, name) < kept_per_row(layer.in_features, GROUP3)
+    c = 0.6 if ramp == "all" else 1.0  # GROUP3 = 0.48 is 60 % through (0.45, 0.5]
+    torch.testing.assert_close(elastic.merged_weight(1, name, layer, GROUP3),
+                               (layer.weight + b[0] @ a[0] + b[1] @ a[1] + c * b[2] @ a[2]) * mask, rtol=1e-5, atol=1e-6)
+    edge, above = 0.45, 0.45 + 1e-6
+    assert kept_per_row(layer.in_features, edge) == kept_per_row(layer.in_features, above)
+    jump = (elastic.merged_weight(1, name, layer, above) - elastic.merged_weight(1, name, layer, edge)).abs().max()
+    if ramp == "all":
+        assert jump < 1e-5
+    else:
+        assert jump > 1e-4, "group 3's adapter trained, and enters whole above the edge"
