@@ -500,6 +500,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--no-refit-sparsegpt", dest="refit_sparsegpt", action="store_false",
                    help="refit auto: do not score SparseGPT's own solution for every block as a candidate "
                         "(saves a SparseGPT pass)")
+    p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
+                   help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
+                        "by more than this many standard errors of the per-window difference (0: the lower wins)")
 
 
 def _refit_config(args) -> RefitConfig:
@@ -512,8 +515,12 @@ def _refit_config(args) -> RefitConfig:
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")
+    if args.refit_sparsegpt_se != RefitConfig.sparsegpt_se and not (args.refit == "auto" and args.refit_sparsegpt):
+        raise ValueError("--refit-sparsegpt-se sets how --refit auto weighs SparseGPT's solution, which is not scored "
+                         f"here (--refit {args.refit}{', --no-refit-sparsegpt' if not args.refit_sparsegpt else ''}): "
+                         "drop --refit-sparsegpt-se")
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
-                       sparsegpt=args.refit_sparsegpt)
+                       sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se)
 
 
 def _cmd_export(args) -> None:
@@ -549,7 +556,9 @@ def _cmd_export(args) -> None:
             names = {"bare": "adapters kept" if "all" in losses else "least-squares refit",
                      "all": "every block refit", "sparsegpt": "SparseGPT's solution"}
             scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in ("bare", "all", "sparsegpt") if k in losses)
-            print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows)")
+            se = done.get("difference_se")
+            rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
+            print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

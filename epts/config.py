@@ -130,7 +130,11 @@ class RefitConfig:
     every block (its OBS mask and weights at the block's sparsity: `epts prune --method sparsegpt`)
     on the same held-out windows, and keeps it where it beats the other candidates (docs/RECIPE.md:
     on Gemma-3-270M the least-squares weights lose to it at some sparsities). It costs one
-    SparseGPT pass and one more held-out score per export."""
+    SparseGPT pass and one more held-out score per export. `sparsegpt_se` (1 by default): the
+    other candidates' winner replaces SparseGPT's solution only when its mean loss on the choice
+    windows is lower by more than this many standard errors of the paired per-window difference
+    (the one-standard-error rule: where the windows cannot tell the two apart, the export is
+    SparseGPT's model); 0: the lower mean wins."""
 
     mode: str = "auto"
     iters: int = 10
@@ -139,10 +143,11 @@ class RefitConfig:
     ridge: float = 0.0
     mask: str = "elastic"
     sparsegpt: bool = True
+    sparsegpt_se: float = 1.0
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
-                              "mask": str, "sparsegpt": bool})
+                              "mask": str, "sparsegpt": bool, "sparsegpt_se": float})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.mask not in REFIT_MASKS:
@@ -152,6 +157,8 @@ class RefitConfig:
                              "replaces: drop one of the two (--refit-ridge, --refit-mask obs)")
         if not self.ridge >= 0:
             raise ValueError(f"refit ridge must be >= 0, got {self.ridge}")
+        if not 0 <= self.sparsegpt_se < math.inf:
+            raise ValueError(f"refit sparsegpt_se must be a number of standard errors >= 0, got {self.sparsegpt_se}")
         if self.iters < 1 or not 0 <= self.margin < 1 or self.compare_windows < 1:
             raise ValueError(f"refit needs iters >= 1, a margin in [0, 1) and compare_windows >= 1, got {self.iters}, "
                              f"{self.margin} and {self.compare_windows}")

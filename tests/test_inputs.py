@@ -450,6 +450,11 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                  "but --refit is none"),
     (("--refit", "all", "--no-refit-sparsegpt"), "--no-refit-sparsegpt sets a candidate of --refit auto's choice, "
                                                  "but --refit is all"),
+    (("--no-refit-sparsegpt", "--refit-sparsegpt-se", "2"), "--refit-sparsegpt-se sets how --refit auto weighs "
+                                                           "SparseGPT's solution, which is not scored here (--refit "
+                                                           "auto, --no-refit-sparsegpt)"),
+    (("--refit-sparsegpt-se", "-1"), "refit sparsegpt_se must be a number of standard errors >= 0, got -1.0"),
+    (("--refit-sparsegpt-se", "nan"), "refit sparsegpt_se must be a number of standard errors >= 0, got nan"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
