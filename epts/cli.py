@@ -502,7 +502,8 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                         "(saves a SparseGPT pass)")
     p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
                    help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
-                        "by more than this many standard errors of the per-window difference (0: the lower wins)")
+                        "by more than this many standard errors of the per-window difference (0, the default: the "
+                        "lower wins; 1: the one-standard-error rule)")
 
 
 def _refit_config(args) -> RefitConfig:

@@ -260,9 +260,9 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
     when there are none, on the first `config.compare_windows` calibration windows, with a warning;
     with `config.sparsegpt` it then scores the same way SparseGPT's own solution for every block
-    (its OBS mask and weights at the block's sparsity) against the winner, and keeps the winner only
-    where its loss is lower by more than `config.sparsegpt_se` standard errors of the paired
-    per-window difference;
+    (its OBS mask and weights at the block's sparsity) against the winner, and keeps the lower (with
+    `config.sparsegpt_se`, the winner only where its loss is lower by more than that many standard
+    errors of the paired per-window difference);
     "block" also refits a block with adapters where that lowers its output error against the
     dense target, on the first `config.compare_windows` windows, by more than `config.margin`
     (relative; 0 by default: any drop); "none" does nothing. `config.iters` conjugate-gradient
@@ -354,11 +354,8 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
                          current: RefitReport, score, per_window: dict[str, torch.Tensor]) -> RefitReport:
     """For "auto" with `config.sparsegpt`: SparseGPT's own solution for every block at its sparsity
     (its OBS mask and weights, what `epts prune --method sparsegpt` gives), against the `current`
-    winner, scored per choice window by `score("sparsegpt")` into `per_window`; keeps SparseGPT's
-    solution unless `prefers_sparsegpt` says otherwise and returns the kept one's report. Why
-    SparseGPT's solution where the windows cannot tell them apart: it is the model the user would
-    otherwise make, and on Gemma-3-270M at 0.4 the refit won the choice windows by 0.8 standard
-    errors and lost the harness's held-out windows by 7.9 % (BENCHMARKS.md). Why a candidate: on Gemma-3-270M each layer's exact
+    winner, scored per choice window by `score("sparsegpt")` into `per_window`; keeps the one
+    `prefers_sparsegpt` says (`config.sparsegpt_se`) and returns its report. Why a candidate: on Gemma-3-270M each layer's exact
     least-squares weights fit the calibration better than SparseGPT's OBS sweep and the model
     predicts held-out text worse, at 0.3 with any dampening, precision or calibration size tried
     (docs/RECIPE.md); the choice makes the export at least SparseGPT's model on the choice windows."""
