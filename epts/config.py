@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .hilora import ADAPTER_RAMPS
 from .importance import CRITERIA, Pattern
 
 
@@ -288,7 +289,8 @@ class EPTSConfig:
                               "delta_lr": float, "guide_weight": float, "token_loss": str, "groups_per_step": int,
                               "propagate": str,
                               "group1_stream": str, "inherit_adapters": bool, "group1_inherited": bool,
-                              "group1_detached": bool, "adapter_ramp": str, "group1_check": bool, "group1_check_sparsity": float,
+                              "group1_detached": bool, "adapter_ramp": str, "group1_check": bool,
+                              "group1_check_sparsity": float,
                               "criterion": str, "max_retries": int, "retry_lr_factor": float,
                               "stream_memory_mb": float},
                        optional=("groups_per_step", "stream_memory_mb", "lr_reference_rms"))
@@ -350,8 +352,9 @@ class EPTSConfig:
                              "(inherit_adapters and group1_inherited true)")
         if self.train_matmul_precision not in ("ieee", "bf16"):
             raise ValueError(f"train_matmul_precision {self.train_matmul_precision!r} is not ieee or bf16")
-        if self.adapter_ramp not in ("none", "group1", "all"):
-            raise ValueError(f"adapter_ramp {self.adapter_ramp!r} is not none, group1 or all")
+        if self.adapter_ramp not in ADAPTER_RAMPS:
+            raise ValueError(f"adapter_ramp {self.adapter_ramp!r} is not {', '.join(ADAPTER_RAMPS[:-1])} or "
+                             f"{ADAPTER_RAMPS[-1]}")
         if self.token_loss not in ("mse", "relative"):
             raise ValueError(f"token_loss {self.token_loss!r} is not mse or relative")
         if self.lr_scaled_groups not in ("all", "group1"):

@@ -39,7 +39,7 @@ def active_adapters(group: int, group1_adapter: bool = True, inherit: bool = Tru
     return range(group if not inherit else 0 if group1_inherited else 1, group + 1)
 
 
-RAMPS = ("none", "group1", "all")
+ADAPTER_RAMPS = ("none", "group1", "all")  # EPTSConfig.adapter_ramp
 
 
 def adapter_scales(adapters: range, sparsity: float, boundaries: tuple[float, ...], ramp: str) -> list[float]:
@@ -48,8 +48,8 @@ def adapter_scales(adapters: range, sparsity: float, boundaries: tuple[float, ..
     clip((s - lo_j) / (hi_j - lo_j), 0, 1) over group j's interval (lo_j, hi_j] of `boundaries`. An
     inherited adapter (s above its group) is at 1, so the merged weight is continuous in s across a
     group's upper edge, and at group 1's lower edge (0) the model is the dense one."""
-    if ramp not in RAMPS:
-        raise ValueError(f"adapter_ramp {ramp!r} is not one of {RAMPS}")
+    if ramp not in ADAPTER_RAMPS:
+        raise ValueError(f"adapter_ramp {ramp!r} is not one of {ADAPTER_RAMPS}")
     ramped = {"none": 0, "group1": 1, "all": len(boundaries) - 1}[ramp]
     return [min(1.0, max(0.0, (sparsity - boundaries[j]) / (boundaries[j + 1] - boundaries[j]))) if j < ramped else 1.0
             for j in adapters]

@@ -244,7 +244,7 @@ def test_adapter_scales_ramp_each_adapter_over_its_own_group():
     assert adapter_scales(range(3), 0.47, BOUNDS, "all") == pytest.approx([1.0, 1.0, 0.4])
     assert adapter_scales(range(1), 0.4, BOUNDS, "all") == [1.0]
     assert adapter_scales(range(1, 3), 0.47, BOUNDS, "all") == pytest.approx([1.0, 0.4])  # group1_inherited False
-    with pytest.raises(ValueError, match="adapter_ramp 'linear' is not one of"):
+    with pytest.raises(ValueError, match="adapter_ramp .linear. is not one of"):
         adapter_scales(range(1), 0.3, BOUNDS, "linear")
 
 
