@@ -71,16 +71,6 @@ def blockwise_window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_si
     return sums
 
 
-def blockwise_mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                       store: StreamStore | None = None) -> float:
-    """`mean_nll` of `windows` (n, seqlen) token ids, computed block-major (`blockwise_window_nll`,
-    whose memory and errors it shares). Equal to `mean_nll` up to float summation order."""
-    total_nll = 0.0  # summed in order, as before: Python 3.12's sum() compensates, which moves the last bits
-    for nll in blockwise_window_nll(model, windows, batch_size, store).tolist():
-        total_nll += nll
-    return total_nll / windows[:, 1:].numel()
-
-
 def evaluate_ppl(
     loaded: LoadedModel,
     text: str | os.PathLike | torch.Tensor,

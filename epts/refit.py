@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -351,12 +352,14 @@ def prefers_sparsegpt(candidate: torch.Tensor, sparsegpt: torch.Tensor, se_margi
 
 def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                          config: RefitConfig, batch_size: int, progress: bool, store: StreamStore | None,
-                         current: RefitReport, score, per_window: dict[str, torch.Tensor]) -> RefitReport:
+                         current: RefitReport, score: Callable[[str], None],
+                         per_window: dict[str, torch.Tensor]) -> RefitReport:
     """For "auto" with `config.sparsegpt`: SparseGPT's own solution for every block at its sparsity
     (its OBS mask and weights, what `epts prune --method sparsegpt` gives), against the `current`
     winner, scored per choice window by `score("sparsegpt")` into `per_window`; keeps the one
-    `prefers_sparsegpt` says (`config.sparsegpt_se`) and returns its report. Why a candidate: on Gemma-3-270M each layer's exact
-    least-squares weights fit the calibration better than SparseGPT's OBS sweep and the model
+    `prefers_sparsegpt` says (`config.sparsegpt_se`) and returns its report. Why a candidate: on
+    Gemma-3-270M each layer's exact least-squares weights fit the calibration better than
+    SparseGPT's OBS sweep and the model
     predicts held-out text worse, at 0.3 with any dampening, precision or calibration size tried
     (docs/RECIPE.md); the choice makes the export at least SparseGPT's model on the choice windows."""
     with _Saved(model) as saved:
@@ -368,11 +371,12 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
                  "(standard error of the difference %.4f): %s", float(per_window["sparsegpt"].mean()),
                  float(per_window[current.chosen].mean()), current.chosen, se,
                  "SparseGPT's solution" if keep else current.chosen)
+        recorded = se if math.isfinite(se) else None  # one choice window has no standard error
         if keep:
-            solution.chosen, solution.difference_se = "sparsegpt", se
+            solution.chosen, solution.difference_se = "sparsegpt", recorded
             return solution
         saved.restore(model)
-    current.difference_se = se
+    current.difference_se = recorded
     return current
 
 

@@ -101,11 +101,11 @@ def test_export_streams_the_base_and_writes_the_same_weights_block_by_block(tmp_
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["opt-350m-like", "gemma3-softcapped"])
-def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block_once(tmp_path, family):
+def test_blockwise_window_nll_equals_the_window_by_window_one_and_reads_each_block_once(tmp_path, family):
     """Block-major scoring (the refit's choice) against the model's own forward pass, on models in
     memory and streamed: every family's final modules and head, OPT-350m's shape (no final norm, a
     projection back to a narrower embedding) and Gemma's logit soft-capping included."""
-    from epts.evaluate import blockwise_mean_nll, blockwise_window_nll
+    from epts.evaluate import blockwise_window_nll
 
     base = {"opt-350m-like": "opt", "gemma3-softcapped": "gemma3"}.get(family, family)
     model = tiny_model(base).model
@@ -121,7 +121,7 @@ def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block
         model.config.final_logit_softcapping = 0.5  # small enough to change every logit
     windows = random_windows(5, 32, vocab=250)
     expected = mean_nll(model, windows, 1)
-    assert blockwise_mean_nll(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert float(blockwise_window_nll(model, windows, batch_size=2).sum()) / (5 * 31) == pytest.approx(expected, rel=1e-5)
     # Each window's own sum, as the choice's diagnostics read them (31 predicted tokens a window).
     per_window = blockwise_window_nll(model, windows, batch_size=2)
     assert per_window.dtype == torch.float64 and per_window.shape == (5,)
@@ -136,7 +136,7 @@ def test_blockwise_mean_nll_equals_the_window_by_window_one_and_reads_each_block
         loads = []
         for block in decoder_blocks(streamed.model):
             block._hf_hook.pre_forward = lambda module, *a, f=block._hf_hook.pre_forward, **k: (loads.append(1), f(module, *a, **k))[1]
-        value = blockwise_mean_nll(streamed.model, windows, batch_size=2)
+        value = float(blockwise_window_nll(streamed.model, windows, batch_size=2).sum()) / (5 * 31)
         # The capture's one-window pass loads every block once; the scoring itself, once more each.
         assert len(loads) == 2 * len(decoder_blocks(streamed.model))
         assert value == pytest.approx(mean_nll(streamed.model, windows, 1), rel=1e-5)

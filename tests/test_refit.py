@@ -230,6 +230,19 @@ def test_refit_auto_keeps_sparsegpts_solution_where_the_windows_cannot_tell(elas
     assert report.to_dict()["difference_se"] == pytest.approx(0.5)
 
 
+def test_refit_auto_on_one_choice_window_records_no_standard_error(elastic_tiny, monkeypatch):
+    """One window has no standard error: the plain mean still chooses, and the report holds None."""
+    import epts.refit as refit_module
+
+    elastic, windows = elastic_tiny
+    plan = {b: 0.6 for b in range(3)}
+    per_window = iter([[1.5], [3.0], [1.6]])  # bare, all, sparsegpt
+    monkeypatch.setattr(refit_module, "_window_losses",
+                        lambda model, w, batch_size, store: torch.tensor(next(per_window), dtype=torch.float64))
+    report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=windows[:1])
+    assert report.chosen == "bare" and report.difference_se is None and report.to_dict()["difference_se"] is None
+
+
 def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(elastic_tiny, caplog):
     from epts.evaluate import mean_nll
 
