@@ -264,8 +264,12 @@ def test_ramped_group1_adapter_enters_and_trains_at_s_over_0_4():
     mask = ranks < kept_per_row(40, 0.1)
     update = layers["none"].B[0] @ layers["none"].A[0]
     torch.testing.assert_close(layers["group1"].effective_weight(), (base.weight + 0.25 * update) * mask)
-    # The gradient reaching B_1 is the unramped one at the ramped weight, times 0.25: not the same as "none"'s.
-    assert not torch.allclose(layers["group1"].B[0].grad, layers["none"].B[0].grad)
+    # The gradient reaching B_1 is 0.25 x the masked weight gradient times A_1^T, at the ramped weight.
+    ramped = layers["group1"]
+    weight_grad = 2 * ramped(x).detach().T @ x  # d sum(out^2) / d W_eff
+    torch.testing.assert_close(ramped.B[0].grad, 0.25 * (weight_grad * mask) @ ramped.A[0].detach().T,
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ramped.B[0].grad, layers["none"].B[0].grad)
     with pytest.raises(ValueError, match="adapter_ramp 'group1' needs the 3 group boundaries"):
         ElasticLinear(base, ranks, (2, 2), ramp="group1")
 
