@@ -359,9 +359,9 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
     winner, scored per choice window by `score("sparsegpt")` into `per_window`; keeps the one
     `prefers_sparsegpt` says (`config.sparsegpt_se`) and returns its report. Why a candidate: on
     Gemma-3-270M each layer's exact least-squares weights fit the calibration better than
-    SparseGPT's OBS sweep and the model
-    predicts held-out text worse, at 0.3 with any dampening, precision or calibration size tried
-    (docs/RECIPE.md); the choice makes the export at least SparseGPT's model on the choice windows."""
+    SparseGPT's OBS sweep and the model predicts held-out text worse, at 0.3 with any dampening,
+    precision or calibration size tried (docs/RECIPE.md); the choice makes the export at least
+    SparseGPT's model on the choice windows."""
     with _Saved(model) as saved:
         solution = _refit_pass(elastic, model, plan, windows, config, "all", batch_size, progress, store, saved,
                                sparsegpt=True)
