@@ -21,7 +21,9 @@ Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, ba
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), a mode with the
 masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), auto without SparseGPT's
 solution for every block as a candidate (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`),
-or `ridge:X`, short for `all:ridge=X`.
+or `ridge:X`, short for `all:ridge=X`. `--allocation owl` spreads each global sparsity over the blocks
+by OWL's outlier ratios (`epts.allocation.allocate`, the baselines' `PruneConfig.allocation`) for every
+row, in place, exported and baseline alike; its rows are named NAME+owl.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def run(args) -> None:
     from epts.data import calibration_windows, eval_windows, tokenize
     from epts.importance import Pattern
     from epts.models import LoadedModel, load_model
+    from epts.allocation import allocate
     from epts.artifact import ElasticModel
     from epts.runtime import RuntimeModel
     from epts.reconstruct import compress
@@ -135,19 +138,22 @@ def run(args) -> None:
 
     if not store.has(row("dense", 0.0, {}, None)["key"]):
         store.add([row("dense", 0.0, evaluate(base, texts), None)])
+    owl = "+owl" if args.allocation == "owl" else ""
     for method in args.baselines:
         for s in args.sparsities:
-            if store.has(row(method, s, {}, None)["key"]):
+            if store.has(row(method + owl, s, {}, None)["key"]):
                 continue
             pruned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec)
             report = prune(pruned, calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed),
-                           PruneConfig(method, Pattern(sparsity=s), cc), num_blocks=args.blocks)
-            store.add([row(method, s, evaluate(pruned, texts), report.seconds)])
-            log.info("%s %g: %s", method, s, store.rows[-1])
+                           PruneConfig(method, Pattern(sparsity=s), cc, allocation=args.allocation),
+                           num_blocks=args.blocks)
+            store.add([row(method + owl, s, evaluate(pruned, texts), report.seconds,
+                           {"block_sparsity": report.block_sparsity} if owl else None)])
+            log.info("%s %g: %s", method + owl, s, store.rows[-1])
             del pruned
     for name, description, calibration, fields in variants:
         refits = [parse_refit(token, args.refit_iters, args.refit_margin) for token in args.refit]
-        names = [name] + [f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
+        names = [name + owl] + [f"{name}{owl}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
                           + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
                           + (f"-r{r.ridge:g}" if r.ridge else "")
                           + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "")
@@ -184,12 +190,12 @@ def run(args) -> None:
             for s in args.sparsities:
                 if store.has(row(variant, s, {}, None)["key"]):
                     continue
-                runtime.set_sparsity(s)
-                info = {}
+                runtime.set_sparsity(allocate(elastic, s, "owl") if owl else s)
+                info = {"block_sparsity": [runtime.sparsity[b] for b in sorted(runtime.sparsity)]} if owl else {}
                 if refit_config is not None:
                     report = refit(elastic, runtime.loaded, runtime.sparsity, windows, refit_config,
                                    progress=not args.quiet, heldout=choice)
-                    info = {"refit": report.to_dict()}
+                    info["refit"] = report.to_dict()
                 rows.append(row(variant, s, evaluate(runtime.loaded, texts), seconds, {**extra, **info}))
                 log.info("%s %g: %s", variant, s, {k: v for k, v in rows[-1].items() if k.startswith("ppl")})
             store.add(rows)
@@ -301,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also evaluate each variant exported with these refit modes (auto,all: epts.refit)")
     p.add_argument("--refit-iters", type=int, default=RefitConfig.iters, help="refit: least-squares steps")
     p.add_argument("--refit-margin", type=float, default=0.0, help="refit auto: error drop to replace adapters")
+    p.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
+                   help="spread each global sparsity over the blocks: uniform, or by OWL's outlier ratios (rows NAME+owl)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
