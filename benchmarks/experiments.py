@@ -162,15 +162,18 @@ def run(args) -> None:
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
                                                             "nsamples": counts[name]}})
+        # The variant's own seed (`calib: {seed: ...}`) draws its windows, as `epts compress --seed` does, so that
+        # the artifact's recorded calibration is the one it trained on.
+        seed = config.calib.seed
         if calibration == "self-generated":
-            windows = generate_windows(base.model, base.tokenizer, counts[name], cc.seqlen, cc.seed,
+            windows = generate_windows(base.model, base.tokenizer, counts[name], cc.seqlen, seed,
                                        progress=not args.quiet)
         else:
-            windows = calibration_windows(valid, counts[name], cc.seqlen, cc.seed)
+            windows = calibration_windows(valid, counts[name], cc.seqlen, seed)
         # What `epts export` holds out for its refit choice: windows of the calibration text from its
         # start (the scores' held-out windows come from its end); none for self-generated windows.
         choice = None if calibration == "self-generated" else heldout_windows(
-            valid, counts[name], cc.seqlen, cc.seed, RefitConfig.compare_windows)
+            valid, counts[name], cc.seqlen, seed, RefitConfig.compare_windows)
         kept = args.out / "artifacts" / name
         if args.keep_artifacts and (kept / "manifest.json").is_file():
             elastic = ElasticModel.load(kept, base=base)  # a rerun (e.g. with --refit) reuses the kept artifact

@@ -133,3 +133,43 @@ def test_quality_json_labels_the_default_export_and_takes_window_counts_from_the
     bad = subprocess.run([sys.executable, "-m", "benchmarks.quality_json", str(src), "--default", "nope", "--model",
                           "m", "--to", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "no row of variant 'nope'" in bad.stderr
+
+
+SMALL_VARIANT = "epochs: 1\nboundaries: [0, 0.5, 0.7]\nranks: 2\nmix_weights: [0.5, 0.5]\n"
+
+
+def run_harness(tmp_path, text_file, variant_text, *args):
+    from benchmarks.experiments import main
+
+    variant = tmp_path / "small.yaml"
+    variant.write_text(variant_text)
+    model = tiny_model_folder(tmp_path / "model")
+    main([str(variant), "--model", str(model), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "16",
+          "--eval-seqlen", "32", "--heldout-windows", "2", "--sparsities", "0.6", "--quiet", "--out",
+          str(tmp_path / "out"), *args])
+    return model
+
+
+def test_the_harness_serves_every_row_at_owls_per_block_sparsities(tmp_path, text_file):
+    run_harness(tmp_path, text_file, SMALL_VARIANT, "--baselines", "sparsegpt", "--refit", "auto", "--allocation", "owl")
+    rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "out" / "rows.jsonl").read_text().splitlines())}
+    assert set(rows) == {"dense", "sparsegpt+owl", "small+owl", "small+owl+refit-auto"}
+    for name in ("sparsegpt+owl", "small+owl", "small+owl+refit-auto"):
+        plan = rows[name]["block_sparsity"]
+        assert len(plan) == 3 and abs(sum(plan) / 3 - 0.6) < 1e-6  # the tiny model's 3 blocks are the same size
+        assert max(plan) - min(plan) > 0.1  # OWL's spread, 2 x lambda 0.08 between the extreme blocks
+    assert rows["small+owl"]["block_sparsity"] == rows["small+owl+refit-auto"]["block_sparsity"]
+    assert rows["small+owl+refit-auto"]["refit"]["chosen"] in ("bare", "all", "sparsegpt")
+
+
+def test_the_harness_draws_a_variants_calibration_windows_with_its_own_seed(tmp_path, text_file):
+    from epts.artifact import windows_sha256
+    from epts.data import calibration_windows, tokenize
+    from epts.models import load_model
+
+    model = run_harness(tmp_path, text_file, SMALL_VARIANT + "calib: {seed: 1}\n", "--baselines", "",
+                        "--keep-artifacts")
+    recorded = json.loads((tmp_path / "out" / "artifacts" / "small" / "manifest.json").read_text())["calibration"]
+    tokens = tokenize(load_model(model).tokenizer, text_file, role="calib")
+    assert recorded["windows_sha256"] == windows_sha256(calibration_windows(tokens, 2, 16, seed=1))
+    assert recorded["windows_sha256"] != windows_sha256(calibration_windows(tokens, 2, 16, seed=0))
