@@ -311,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-iters", type=int, default=RefitConfig.iters, help="refit: least-squares steps")
     p.add_argument("--refit-margin", type=float, default=0.0, help="refit auto: error drop to replace adapters")
     p.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
-                   help="spread each global sparsity over the blocks: uniform, or by OWL's outlier ratios (rows NAME+owl)")
+                   help="spread each global sparsity over the blocks: uniform, or by OWL's outlier ratios "
+                        "(rows NAME+owl; not with --blocks)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/experiments"))
@@ -319,7 +320,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.allocation == "owl" and args.blocks:
+        p.error("--allocation owl spreads the budget over every block of the model; a --blocks proxy leaves the "
+                "rest dense: drop one of the two")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run(args)
 

@@ -151,7 +151,8 @@ def run_harness(tmp_path, text_file, variant_text, *args):
 
 
 def test_the_harness_serves_every_row_at_owls_per_block_sparsities(tmp_path, text_file):
-    run_harness(tmp_path, text_file, SMALL_VARIANT, "--baselines", "sparsegpt", "--refit", "auto", "--allocation", "owl")
+    run_harness(tmp_path, text_file, SMALL_VARIANT, "--baselines", "sparsegpt", "--refit", "auto",
+                "--allocation", "owl")
     rows = {r["variant"]: r for r in map(json.loads, (tmp_path / "out" / "rows.jsonl").read_text().splitlines())}
     assert set(rows) == {"dense", "sparsegpt+owl", "small+owl", "small+owl+refit-auto"}
     for name in ("sparsegpt+owl", "small+owl", "small+owl+refit-auto"):
@@ -160,6 +161,8 @@ def test_the_harness_serves_every_row_at_owls_per_block_sparsities(tmp_path, tex
         assert max(plan) - min(plan) > 0.1  # OWL's spread, 2 x lambda 0.08 between the extreme blocks
     assert rows["small+owl"]["block_sparsity"] == rows["small+owl+refit-auto"]["block_sparsity"]
     assert rows["small+owl+refit-auto"]["refit"]["chosen"] in ("bare", "all", "sparsegpt")
+    with pytest.raises(SystemExit):  # a proxy of the first blocks has no global budget to spread
+        run_harness(tmp_path, text_file, SMALL_VARIANT, "--allocation", "owl", "--blocks", "1")
 
 
 def test_the_harness_draws_a_variants_calibration_windows_with_its_own_seed(tmp_path, text_file):
