@@ -188,12 +188,14 @@ def run(args) -> None:
         marks = sum(b.group1_adapter for b in elastic.blocks)
         extra = {"description": description, "config": fields, "calibration": calibration, "group1_kept": marks,
                  "losses": [b.losses for b in elastic.blocks]}
+        # OWL's plan depends on the artifact and the budget alone: made once per sparsity, not per row.
+        plans = {s: allocate(elastic, s, "owl") if owl else s for s in args.sparsities}
         for variant, refit_config in zip(names, [None, *refits]):
             rows = []
             for s in args.sparsities:
                 if store.has(row(variant, s, {}, None)["key"]):
                     continue
-                runtime.set_sparsity(allocate(elastic, s, "owl") if owl else s)
+                runtime.set_sparsity(plans[s])
                 info = {"block_sparsity": [runtime.sparsity[b] for b in sorted(runtime.sparsity)]} if owl else {}
                 if refit_config is not None:
                     report = refit(elastic, runtime.loaded, runtime.sparsity, windows, refit_config,
