@@ -21,7 +21,7 @@ model_name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
 bidx = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 loaded = load_model(model_name)
 model = loaded.model
-tok = tokenize(loaded.tokenizer, "/work/shared/data/wikitext2/wiki.valid.tokens", role="calib")
+tok = tokenize(loaded.tokenizer, "../shared/data/wikitext2/wiki.valid.tokens", role="calib")
 win = calibration_windows(tok, 4, 256, 0)
 calls = capture_block_calls(model, win)
 blocks = decoder_blocks(model)

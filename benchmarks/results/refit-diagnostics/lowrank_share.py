@@ -6,7 +6,7 @@ the bare mask M*W; M*W with each row scaled by its optimal factor (a d_out vecto
 refit's update (rank 8, 32, 128: what an adapter of that rank could hold). Prints each one's share of the
 refit's reduction, summed over the block's layers (relative errors).
 
-    python benchmarks/results/refit-diagnostics/lowrank_share.py smollm2-135m 3,15
+    python benchmarks/results/refit-diagnostics/lowrank_share.py smollm2-135m 3,15    # from the repository root
 """
 import sys, torch
 from epts.models import load_model
@@ -19,7 +19,7 @@ from epts.refit import masked_least_squares
 torch.set_num_threads(2)
 name = sys.argv[1]; wanted = [int(x) for x in sys.argv[2].split(",")]
 loaded = load_model(name); model = loaded.model
-tok = tokenize(loaded.tokenizer, "/work/shared/data/wikitext2/wiki.valid.tokens", role="calib")
+tok = tokenize(loaded.tokenizer, "../shared/data/wikitext2/wiki.valid.tokens", role="calib")
 calls = capture_block_calls(model, calibration_windows(tok, 32, 256, 0))
 blocks = decoder_blocks(model); h = calls.hidden
 def err(d, H):
