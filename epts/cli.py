@@ -555,8 +555,9 @@ def _cmd_export(args) -> None:
         losses = done["losses"]
         if losses:
             names = {"bare": "adapters kept" if "all" in losses else "least-squares refit",
-                     "all": "every block refit", "sparsegpt": "SparseGPT's solution"}
-            scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in ("bare", "all", "sparsegpt") if k in losses)
+                     "all": "every block refit", "block": "the blocks with adapters refit where it lowers their error",
+                     "sparsegpt": "SparseGPT's solution"}
+            scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in names if k in losses)
             se = done.get("difference_se")
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
             print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")

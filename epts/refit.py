@@ -310,25 +310,58 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     if scored_on is not None:
         score("bare")
     if adapted:
-        # The second candidate refits the blocks with adapters too, on its own stream; the blocks
-        # with bare masks keep their solution of the first pass (re-solving them on the slightly
-        # changed stream doubled the export's time at 0.3-0.4). The merged weights it overwrites
-        # are copied to undo it.
-        with _Saved(model) as saved:
-            every = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress, store, saved)
-            score("all")
-            if losses["all"] < losses["bare"]:
-                report, report.chosen = every, "all"
-            else:
-                saved.restore(model)
-        log.info("refit auto: held-out loss %.4f keeping the adapters, %.4f refitting them: %s",
-                 losses["bare"], losses["all"], "refit" if report.chosen == "all" else "adapters kept")
+        report = _adapted_candidates(elastic, model, plan, windows, config, batch_size, progress, store, report,
+                                     adapted, score, losses)
     if config.sparsegpt and scored_on is not None:
         report = _sparsegpt_candidate(elastic, model, plan, windows, config, batch_size, progress, store, report,
                                       score, per_window)
     report.losses = losses
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
+                        config: RefitConfig, batch_size: int, progress: bool, store: StreamStore | None,
+                        bare: RefitReport, adapted: list[int], score: Callable[[str], None],
+                        losses: dict[str, float]) -> RefitReport:
+    """For "auto": the candidates that re-solve blocks with adapters, against `bare` (the merged model
+    as `model` holds it, scored as "bare"): "block", each block with adapters refit only where that
+    lowers its output error against the dense target (the per-block choice, `--refit block`), and
+    "all", every one refit. Each is made on its own stream; the blocks with bare masks keep their
+    solution of the first pass (re-solving them on the slightly changed stream doubled the export's
+    time at 0.3-0.4). Where the per-block choice refits every block with adapters it is "all" and
+    is scored once as "all"; where it refits none it is "bare". The lowest loss wins (ties to the
+    earlier of bare, all, block); the others are undone from copies. Returns the winner's report."""
+    blocks = decoder_blocks(model.model)
+    with _Saved(model) as merged, _Saved(model) as per_block:
+        choice = _refit_pass(elastic, model, plan, windows, config, "adapted-block", batch_size, progress, store,
+                             merged)
+        refit_blocks = [b for b in adapted if choice.choices[b] != "adapters"]
+        candidates = {"bare": bare}
+        if len(refit_blocks) == len(adapted):
+            score("all")
+            candidates["all"] = choice
+        else:
+            if refit_blocks:
+                score("block")
+                candidates["block"] = choice
+                for b in refit_blocks:
+                    with resident(blocks[b]):
+                        per_block.keep(b, prunable_linears(model.model, blocks[b]))
+                merged.restore(model)
+            candidates["all"] = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress,
+                                            store)
+            score("all")
+        chosen = min(candidates, key=losses.__getitem__)
+        if chosen == "bare":
+            merged.restore(model)
+        elif chosen == "block":
+            per_block.restore(model)
+            merged.restore(model, [b for b in adapted if b not in refit_blocks])
+    log.info("refit auto: held-out loss %s: %s", ", ".join(f"{losses[n]:.4f} {n}" for n in candidates), chosen)
+    report = candidates[chosen]
+    report.chosen = chosen
     return report
 
 
@@ -399,10 +432,13 @@ class _Saved(dict):
     def keep(self, block: int, layers: dict[str, torch.nn.Linear]) -> None:
         self[block] = {name: self.store.clone(layer.weight.detach()) for name, layer in layers.items()}
 
-    def restore(self, model: LoadedModel) -> None:
-        """Put the copied weights back (a streamed block's into its scratch file)."""
+    def restore(self, model: LoadedModel, only: list[int] | None = None) -> None:
+        """Put the copied weights back (a streamed block's into its scratch file), of the blocks in
+        `only` where given."""
         blocks = decoder_blocks(model.model)
         for b, weights in self.items():
+            if only is not None and b not in only:
+                continue
             with resident(blocks[b], keep=True):
                 for name, layer in prunable_linears(model.model, blocks[b]).items():
                     layer.weight.copy_(weights[name])
@@ -411,8 +447,9 @@ class _Saved(dict):
 def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], windows: torch.Tensor,
                 config: RefitConfig, mode: str, batch_size: int, progress: bool, store: StreamStore | None,
                 saved: _Saved | None = None, sparsegpt: bool = False) -> RefitReport:
-    """One pass of `refit` in `mode` ("bare", "block", "all", or "adapted": only the blocks with
-    adapters, the others keep the weights a "bare" pass gave them) over the blocks in order, each
+    """One pass of `refit` in `mode` ("bare", "block", "all", "adapted": only the blocks with
+    adapters, the others keep the weights a "bare" pass gave them, or "adapted-block": those blocks
+    with the per-block choice of "block") over the blocks in order, each
     refit on the stream the blocks before it give. `saved`, when given, receives a copy of the
     prunable weights of each block before the pass changes them ({block: {layer name: weight}}).
     `sparsegpt` solves the blocks it re-solves with SparseGPT's own OBS mask and weights instead
@@ -424,8 +461,9 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     base_blocks = decoder_blocks(elastic.base.model)
     sparsities = [plan.get(b, 0.0) for b in range(len(blocks))]
     adapters = [s > 0 and _has_adapters(elastic, b, s) for b, s in enumerate(sparsities)]
-    solved = [s > 0 and not (mode == "bare" and adapters[b]) and not (mode == "adapted" and not adapters[b])
-              for b, s in enumerate(sparsities)]
+    compares = mode in ("block", "adapted-block")  # the per-block choice, in the blocks with adapters
+    solved = [s > 0 and not (mode == "bare" and adapters[b])
+              and not (mode in ("adapted", "adapted-block") and not adapters[b]) for b, s in enumerate(sparsities)]
     # What a block the pass does not re-solve serves with.
     kept = ["dense" if s == 0 else "adapters" if adapters[b] else "refit" for b, s in enumerate(sparsities)]
     # Past the last block it re-solves a pass has nothing left to change, so its stream is not carried
@@ -436,7 +474,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     # METHOD.md's target (the dense block on the dense stream) decides only in "block", and only on
     # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.
     few = config.compare_windows
-    dense = elastic_stream[:few] if mode == "block" else None
+    dense = elastic_stream[:few] if compares else None
     for b, block in enumerate(tqdm(blocks[:end], desc=f"refit ({mode})", disable=not progress)):
         sparsity = sparsities[b]
         with resident(base_blocks[b]), resident(block, keep=sparsity > 0):
@@ -454,8 +492,8 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             anchors = {name: layer.weight for name, layer in layers.items()} if ridge > 0 else None
             refitted = _refit_block(elastic, b, sparsity, base_runner, elastic_stream, iters, ridge, anchors,
                                     sparsegpt or config.mask == "obs")
-            # Only "block" compares, in blocks with adapters: elsewhere the merged weights are not needed.
-            compare = mode == "block" and adapters[b]
+            # Only the per-block choice compares, in blocks with adapters: elsewhere the merged weights are not needed.
+            compare = compares and adapters[b]
             merged = {name: layer.weight.detach().clone() for name, layer in layers.items()} if compare else {}
             few_merged = runner.run(elastic_stream[:few]) if compare else None
             for name, layer in layers.items():
