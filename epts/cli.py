@@ -484,9 +484,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--refit", choices=list(REFIT_MODES), default=default,
                    help="re-solve the kept weights on the artifact's calibration with the masks fixed (least "
                         "squares): in blocks that serve the sparsity with no adapter (bare), in every block (all), "
-                        "bare or bare with the blocks with adapters refit too, whichever has the lower loss on "
-                        "held-out windows of the calibration text (auto), or bare and in blocks where it lowers "
-                        "the block's error by more than --refit-margin (block)")
+                        "bare and in blocks where it lowers the block's error by more than --refit-margin (block), "
+                        "or of bare, block, all and SparseGPT's solution the one with the lowest loss on held-out "
+                        "windows of the calibration text (auto)")
     p.add_argument("--refit-iters", type=_positive_int, default=RefitConfig.iters,
                    help="refit: conjugate-gradient steps towards the exact least-squares weights")
     p.add_argument("--refit-margin", type=float, default=RefitConfig.margin,

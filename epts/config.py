@@ -105,7 +105,8 @@ REFIT_MASKS = ("elastic", "obs")
 class RefitConfig:
     """The refit at export (`epts.refit`): which blocks get their kept weights re-solved on the
     calibration with the masks fixed ("none"; "bare": only those with no adapter; "all"; "auto":
-    "bare", "bare" with the blocks with adapters refit too, or SparseGPT's solution (`sparsegpt`),
+    "bare", "bare" with the blocks with adapters refit too, each where that lowers its output error
+    or every one, or SparseGPT's solution (`sparsegpt`),
     whichever has the lowest loss on `compare_windows` held-out windows of the calibration text;
     "block": a choice block by block on the block's output error); the conjugate-gradient steps
     towards the exact least-squares weights; for "block", the relative drop of a block's output

@@ -10,12 +10,12 @@ model's own activations, with SparseGPT's convention for the Hessian (the unprun
 pruned model's stream). Blocks served with no adapter are always refit. Whether the refit also
 replaces the merged weights (`M(s) * (W + sum B A)`) of the blocks with adapters is decided for the
 whole model ("auto", the default; `RefitConfig`): the candidates, adapters kept ("bare"), the
-blocks with adapters refit too ("all") and SparseGPT's own solution for every block ("sparsegpt"),
-are scored by their loss on held-out windows of the calibration text, windows no calibration
-window overlaps, and the lowest wins. Which one that is
-depends on the model and the sparsity (measured in docs/RECIPE.md: the adapters at high sparsity on
-SmolLM2, the refit on Gemma-3), and a choice block by block on the block's output error was fooled
-by Gemma-3's large residual stream; "block" keeps that per-block choice as an option.
+blocks with adapters refit where that lowers their output error ("block", the per-block choice),
+all of them refit ("all") and SparseGPT's own solution for every block ("sparsegpt"), are scored
+by their loss on held-out windows of the calibration text, windows no calibration window
+overlaps, and the lowest wins. Which one that is depends on the model and the sparsity (measured
+in docs/RECIPE.md): the per-block choice alone was fooled by Gemma-3's large residual stream, and
+is the best of the four on SmolLM2 at 0.7.
 
 The calibration windows are the ones the artifact was trained on, recomputed from its recorded
 source and checked against its recorded sha256 (`artifact.calibration_record`), so a refit needs no
@@ -256,8 +256,9 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     `config` (`RefitConfig`, or just its mode): "bare" refits only the blocks that serve their
     sparsity with no learnt update (group 1 where the group-1 check dropped the adapter: bare
     masks) and keeps the adapters elsewhere; "all" refits every block at a nonzero sparsity;
-    "auto" makes "bare" and then refits the blocks with adapters too (the blocks with bare masks
-    keeping their refit), and keeps the one with the lower mean next-token loss on `heldout` (k, seqlen)
+    "auto" makes "bare" and then the blocks with adapters refit with the per-block choice of
+    "block" and refit all (the blocks with bare masks keeping their refit: `_adapted_candidates`),
+    and keeps the one with the lowest mean next-token loss on `heldout` (k, seqlen)
     windows of the calibration text that no calibration window overlaps (`refit_calibration`), or,
     when there are none, on the first `config.compare_windows` calibration windows, with a warning;
     with `config.sparsegpt` it then scores the same way SparseGPT's own solution for every block
@@ -332,7 +333,7 @@ def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[in
     solution of the first pass (re-solving them on the slightly changed stream doubled the export's
     time at 0.3-0.4). Where the per-block choice refits every block with adapters it is "all" and
     is scored once as "all"; where it refits none it is "bare". The lowest loss wins (ties to the
-    earlier of bare, all, block); the others are undone from copies. Returns the winner's report."""
+    one scored first: bare, block, all); the others are undone from copies. Returns the winner's report."""
     blocks = decoder_blocks(model.model)
     with _Saved(model) as merged, _Saved(model) as per_block:
         choice = _refit_pass(elastic, model, plan, windows, config, "adapted-block", batch_size, progress, store,
@@ -504,7 +505,8 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
             if not keep_refit:
                 for name, layer in layers.items():
                     layer.weight.copy_(merged[name])
-                out = runner.run(elastic_stream)
+                # Where the error was measured on every window, that run is the merged block's output.
+                out = few_merged if few >= len(elastic_stream) else runner.run(elastic_stream)
             report.choices.append(("sparsegpt" if sparsegpt else "refit") if keep_refit else "adapters")
             report.errors.append(errors)
             elastic_stream, dense = out, target

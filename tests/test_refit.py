@@ -147,6 +147,45 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
     assert report.choices[1:] == (["adapters", "adapters"] if chosen == "bare" else ["refit", "refit"])
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("losses, chosen", [((2.0, 1.0, 3.0), "block"), ((2.0, 3.0, 1.0), "all"),
+                                            ((1.0, 2.0, 3.0), "bare"), ((2.0, 1.0, 1.0), "block")])
+def test_refit_auto_scores_the_per_block_choice_as_a_candidate(elastic_tiny, monkeypatch, losses, chosen, streamed):
+    """Block 1's refit made worse than its adapters, block 2's left as it is: the per-block choice
+    keeps block 1's adapters and refits block 2 (on the stream of block 1's adapters), a third model
+    besides keeping both ("bare") and refitting both ("all"); auto gives exactly the one scored lowest
+    (a tie to the earlier-scored one: bare, block, all)."""
+    import epts.refit as refit_module
+
+    monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
+    elastic, windows = elastic_tiny
+    monkeypatch.setattr(elastic.blocks[0], "group1_adapter", False)
+    solve = refit_module._refit_block
+
+    def block1_spoilt(elastic, index, *args, **kwargs):
+        weights = solve(elastic, index, *args, **kwargs)
+        return {name: w * 3 for name, w in weights.items()} if index == 1 else weights
+
+    monkeypatch.setattr(refit_module, "_refit_block", block1_spoilt)
+    plan = {0: 0.3, 1: 0.6, 2: 0.6}
+    candidates = {}
+    for mode in ("bare", "block", "all"):
+        model = elastic.materialize(plan)
+        report = refit(elastic, model, plan, windows, mode, progress=False)
+        candidates[mode] = _weights(model), report.choices
+    assert candidates["block"][1] == ["refit", "adapters", "refit"]
+    assert all(not torch.equal(x, y) for x, y in zip(candidates["block"][0][-7:], candidates["all"][0][-7:]))
+    scores = iter(losses)
+    monkeypatch.setattr(refit_module, "_window_losses",
+                        lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
+    model = elastic.materialize(plan)
+    report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False), progress=False,
+                   heldout=windows[:2])
+    assert report.losses == dict(zip(("bare", "block", "all"), losses))
+    assert report.chosen == chosen and report.choices == candidates[chosen][1]
+    assert all(torch.equal(x, y) for x, y in zip(_weights(model), candidates[chosen][0]))
+
+
 def test_sparsegpts_solution_stays_unless_beaten_by_more_than_the_standard_errors():
     from epts.refit import prefers_sparsegpt
 
