@@ -500,6 +500,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--no-refit-sparsegpt", dest="refit_sparsegpt", action="store_false",
                    help="refit auto: do not score SparseGPT's own solution for every block as a candidate "
                         "(saves a SparseGPT pass)")
+    p.add_argument("--no-refit-block", dest="refit_block_candidate", action="store_false",
+                   help="refit auto: do not score the per-block choice (as --refit block) as a candidate (saves up "
+                        "to a refit pass where blocks have adapters)")
     p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
                    help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
                         "by more than this many standard errors of the per-window difference (0, the default: the "
@@ -513,6 +516,9 @@ def _refit_config(args) -> RefitConfig:
     if args.refit_margin != RefitConfig.margin and args.refit != "block":
         raise ValueError(f"--refit-margin sets the per-block choice of --refit block, but --refit is {args.refit}: "
                          "drop --refit-margin, or pass --refit block")
+    if not args.refit_block_candidate and args.refit != "auto":
+        raise ValueError(f"--no-refit-block sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
+                         "drop --no-refit-block, or pass --refit auto")
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")
@@ -521,7 +527,8 @@ def _refit_config(args) -> RefitConfig:
                          f"here (--refit {args.refit}{', --no-refit-sparsegpt' if not args.refit_sparsegpt else ''}): "
                          "drop --refit-sparsegpt-se")
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
-                       sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se)
+                       sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se,
+                       block_candidate=args.refit_block_candidate)
 
 
 def _cmd_export(args) -> None:

@@ -128,6 +128,10 @@ class RefitConfig:
     nothing ties it to M(s)). "elastic" by default: "obs" is better on held-out text of the
     calibration's domain from 0.5 up and worse off it (docs/RECIPE.md).
 
+    `block_candidate` (True by default; "auto" only): "auto" also scores the per-block choice of "block"
+    for the blocks with adapters (docs/RECIPE.md: the best candidate on SmolLM2-135M at 0.7); it
+    costs up to one more refit pass and one more held-out score where blocks have adapters.
+
     `sparsegpt` (True by default; "auto" only): "auto" also scores SparseGPT's own solution for
     every block (its OBS mask and weights at the block's sparsity: `epts prune --method sparsegpt`)
     on the same held-out windows, and keeps it where it beats the other candidates (docs/RECIPE.md:
@@ -148,10 +152,11 @@ class RefitConfig:
     mask: str = "elastic"
     sparsegpt: bool = True
     sparsegpt_se: float = 0.0
+    block_candidate: bool = True
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
-                              "mask": str, "sparsegpt": bool, "sparsegpt_se": float})
+                              "mask": str, "sparsegpt": bool, "sparsegpt_se": float, "block_candidate": bool})
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.mask not in REFIT_MASKS:

@@ -332,27 +332,31 @@ def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[in
     "all", every one refit. Each is made on its own stream; the blocks with bare masks keep their
     solution of the first pass (re-solving them on the slightly changed stream doubled the export's
     time at 0.3-0.4). Where the per-block choice refits every block with adapters it is "all" and
-    is scored once as "all"; where it refits none it is "bare". The lowest loss wins (ties to the
-    one scored first: bare, block, all); the others are undone from copies. Returns the winner's report."""
+    is scored once as "all"; where it refits none it is "bare". Without `config.block_candidate` only
+    "all" is made. The lowest loss wins (ties to the one scored first: bare, block, all); the others
+    are undone from copies. Returns the winner's report."""
     blocks = decoder_blocks(model.model)
+    candidates = {"bare": bare}
+    refit_blocks: list[int] = []
     with _Saved(model) as merged, _Saved(model) as per_block:
-        choice = _refit_pass(elastic, model, plan, windows, config, "adapted-block", batch_size, progress, store,
-                             merged)
-        refit_blocks = [b for b in adapted if choice.choices[b] != "adapters"]
-        candidates = {"bare": bare}
-        if len(refit_blocks) == len(adapted):
-            score("all")
-            candidates["all"] = choice
-        else:
-            if refit_blocks:
+        if config.block_candidate:
+            choice = _refit_pass(elastic, model, plan, windows, config, "adapted-block", batch_size, progress, store,
+                                 merged)
+            refit_blocks = [b for b in adapted if choice.choices[b] != "adapters"]
+            if len(refit_blocks) == len(adapted):
+                score("all")
+                candidates["all"] = choice
+            elif refit_blocks:
                 score("block")
                 candidates["block"] = choice
                 for b in refit_blocks:
                     with resident(blocks[b]):
                         per_block.keep(b, prunable_linears(model.model, blocks[b]))
                 merged.restore(model)
+        if "all" not in candidates:
+            # The merged weights are copied by the first pass that overwrites them.
             candidates["all"] = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress,
-                                            store)
+                                            store, None if merged else merged)
             score("all")
         chosen = min(candidates, key=losses.__getitem__)
         if chosen == "bare":
@@ -472,7 +476,7 @@ def _refit_pass(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float
     end = len(blocks) if mode == "block" else max((b + 1 for b in range(len(blocks)) if solved[b]), default=0)
     calls = capture_block_calls(model.model, windows, batch_size, store) if end else None
     elastic_stream = calls.hidden if end else None
-    # METHOD.md's target (the dense block on the dense stream) decides only in "block", and only on
+    # METHOD.md's target (the dense block on the dense stream) decides only the per-block choice, and only on
     # the first windows: a choice needs an estimate of the error, not the whole calibration's forward.
     few = config.compare_windows
     dense = elastic_stream[:few] if compares else None

@@ -450,6 +450,8 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                  "but --refit is none"),
     (("--refit", "all", "--no-refit-sparsegpt"), "--no-refit-sparsegpt sets a candidate of --refit auto's choice, "
                                                  "but --refit is all"),
+    (("--refit", "block", "--no-refit-block"), "--no-refit-block sets a candidate of --refit auto's choice, "
+                                               "but --refit is block"),
     (("--no-refit-sparsegpt", "--refit-sparsegpt-se", "2"), "--refit-sparsegpt-se sets how --refit auto weighs "
                                                            "SparseGPT's solution, which is not scored here (--refit "
                                                            "auto, --no-refit-sparsegpt)"),

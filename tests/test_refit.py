@@ -116,6 +116,20 @@ def _weights(model):
             for l in prunable_linears(model.model, blk).values()]
 
 
+def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=True):
+    """"auto" without SparseGPT's candidate on the elastic model materialised at `plan`, its candidates
+    scored `losses` in the order it scores them; returns the model and the report."""
+    import epts.refit as refit_module
+
+    scores = iter(losses)
+    monkeypatch.setattr(refit_module, "_window_losses",
+                        lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
+    model = elastic.materialize(plan)
+    report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False, block_candidate=block_candidate),
+                   progress=False, heldout=windows[:2])
+    return model, report
+
+
 @pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again
 @pytest.mark.parametrize("losses, chosen", [((1.0, 2.0), "bare"), ((2.0, 1.0), "all")])
 def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elastic_tiny, monkeypatch, losses,
@@ -134,12 +148,7 @@ def test_refit_auto_gives_exactly_the_candidate_with_the_lower_heldout_loss(elas
         refit(elastic, model, plan, windows, mode, progress=False)
         candidates[mode] = _weights(model)
     assert any(not torch.equal(x, y) for x, y in zip(candidates["bare"], candidates["all"]))
-    scores = iter(losses)
-    monkeypatch.setattr(refit_module, "_window_losses",
-                        lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
-    model = elastic.materialize(plan)
-    report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False), progress=False,
-                   heldout=windows[:2])
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, losses)
     assert report.choices[0] == "refit" and report.chosen == chosen and report.losses == {"bare": losses[0], "all": losses[1]}
     assert report.scored_on == "heldout" and report.mode == "auto" and report.mask == "elastic"
     # The loser is undone exactly, the restore included.
@@ -175,15 +184,15 @@ def test_refit_auto_scores_the_per_block_choice_as_a_candidate(elastic_tiny, mon
         candidates[mode] = _weights(model), report.choices
     assert candidates["block"][1] == ["refit", "adapters", "refit"]
     assert all(not torch.equal(x, y) for x, y in zip(candidates["block"][0][-7:], candidates["all"][0][-7:]))
-    scores = iter(losses)
-    monkeypatch.setattr(refit_module, "_window_losses",
-                        lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
-    model = elastic.materialize(plan)
-    report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False), progress=False,
-                   heldout=windows[:2])
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, losses)
     assert report.losses == dict(zip(("bare", "block", "all"), losses))
     assert report.chosen == chosen and report.choices == candidates[chosen][1]
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), candidates[chosen][0]))
+    # Without the candidate, "auto" chooses between the other two only.
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, losses[::2], block_candidate=False)
+    assert report.losses == {"bare": losses[0], "all": losses[2]}
+    assert report.chosen == ("bare" if losses[0] <= losses[2] else "all")
+    assert all(torch.equal(x, y) for x, y in zip(_weights(model), candidates[report.chosen][0]))
 
 
 def test_sparsegpts_solution_stays_unless_beaten_by_more_than_the_standard_errors():
