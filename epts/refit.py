@@ -352,7 +352,7 @@ def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[in
                 for b in refit_blocks:
                     with resident(blocks[b]):
                         per_block.keep(b, prunable_linears(model.model, blocks[b]))
-                merged.restore(model)
+                merged.restore(model, refit_blocks)  # the others kept their merged weights
         if "all" not in candidates:
             # The merged weights are copied by the first pass that overwrites them.
             candidates["all"] = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress,
