@@ -220,9 +220,10 @@ def export(
         if "refit" in extra:
             chosen = extra["refit"]["chosen"]
             solution = " (SparseGPT's solution)" if chosen == "sparsegpt" else ""
+            rebuilt = ", then reconstructed block-wise" if extra["refit"]["reconstructed"] else ""
             details["refit (kept weights re-solved on the calibration)"] = (
                 f"{refit.mode}{f' (chose {chosen})' if chosen else ''}: {extra['refit']['refit_blocks']} of "
-                f"{len(plan)} blocks, on {extra['refit']['mask']} masks{solution}")
+                f"{len(plan)} blocks, on {extra['refit']['mask']} masks{solution}{rebuilt}")
             whose = "the artifact's own windows" if used["artifact_windows"] else \
                 "not the windows the artifact was trained on"
             details["refit calibration"] = f"{used['source']} ({whose})"

@@ -117,6 +117,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -503,6 +510,12 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--no-refit-block", dest="refit_block_candidate", action="store_false",
                    help="refit auto: do not score the per-block choice (as --refit block) as a candidate (saves up "
                         "to a refit pass where blocks have adapters)")
+    p.add_argument("--refit-reconstruct-epochs", type=_non_negative_int, default=RefitConfig.reconstruct_epochs,
+                   help="refit auto: epochs of the block-wise reconstruction of the chosen candidate (its kept weights "
+                        "trained toward the dense model, masks fixed), kept where it lowers the held-out loss "
+                        "(0: none)")
+    p.add_argument("--refit-reconstruct-step", type=float, default=RefitConfig.reconstruct_step,
+                   help="refit auto: the reconstruction's Adam step, as a fraction of each block's weight RMS")
     p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
                    help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
                         "by more than this many standard errors of the per-window difference (0, the default: the "
@@ -519,6 +532,12 @@ def _refit_config(args) -> RefitConfig:
     if not args.refit_block_candidate and args.refit != "auto":
         raise ValueError(f"--no-refit-block sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-block, or pass --refit auto")
+    changed = [flag for flag, value, default in (
+        ("--refit-reconstruct-epochs", args.refit_reconstruct_epochs, RefitConfig.reconstruct_epochs),
+        ("--refit-reconstruct-step", args.refit_reconstruct_step, RefitConfig.reconstruct_step)) if value != default]
+    if changed and args.refit != "auto":
+        raise ValueError(f"{changed[0]} sets the reconstruction of --refit auto's choice, but --refit is {args.refit}: "
+                         f"drop {changed[0]}, or pass --refit auto")
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")
@@ -528,7 +547,8 @@ def _refit_config(args) -> RefitConfig:
                          "drop --refit-sparsegpt-se")
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
                        sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se,
-                       block_candidate=args.refit_block_candidate)
+                       block_candidate=args.refit_block_candidate, reconstruct_epochs=args.refit_reconstruct_epochs,
+                       reconstruct_step=args.refit_reconstruct_step)
 
 
 def _cmd_export(args) -> None:
@@ -568,6 +588,9 @@ def _cmd_export(args) -> None:
             se = done.get("difference_se")
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
             print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
+            if done.get("reconstructed") is not None:
+                print(f"  reconstructed block-wise in {done['reconstruct_seconds']:.0f} s: held-out loss "
+                      f"{losses['reconstructed']:.4f}, {'kept' if done['reconstructed'] else 'undone (no lower)'}")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

@@ -420,3 +420,107 @@ def compress(
         clear_checkpoint(folder)
     distributed.barrier()
     return elastic_model
+
+
+@dataclass
+class PrunedReconstruction:
+    """What `reconstruct_pruned` did: per block, the mean squared error of its output against the
+    dense target over the last epoch's steps (NaN where the block was not trained: dense, or
+    restored after a non-finite loss), the blocks restored, and the seconds it took."""
+
+    losses: list[float]
+    restored: list[int]
+    seconds: float
+
+
+def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
+                       batch_size: int = 8, progress: bool = True, store: StreamStore | None = None,
+                       before_block=None) -> PrunedReconstruction:
+    """Block-wise reconstruction of a pruned model's kept weights, in place, with every mask fixed:
+    block by block in order, the block's prunable weights train (Adam, one of `windows` (n, seqlen)
+    token ids per step, `epochs` passes in a seeded order) to match METHOD.md's target, the dense
+    block of `base` on the dense stream, fed the stream of the blocks already reconstructed. A weight
+    that is zero stays zero (its gradient is masked), so the pattern, and with it the sparsity, is
+    the one the model had. Adam's step is `step` times the block's weight RMS (weights of different
+    scale move alike: Gemma-3's are 5.6x smaller than SmolLM2's). A model in float16 or bfloat16
+    trains float32 master weights, rounded into the layer after each step. `before_block(b, layers)`
+    is called before block b's weights change (a copy to undo them). A block whose loss or gradient
+    turns non-finite gets its weights back, with a warning. Blocks of `model` at sparsity 0 (no zero
+    weight) are left as they are. Streamed blocks are held one at a time (`offload.resident`)."""
+    start = time.perf_counter()
+    store = store or StreamStore()
+    blocks, base_blocks = decoder_blocks(model), decoder_blocks(base)
+    with torch.no_grad():
+        calls = capture_block_calls(model, windows, batch_size, store)
+    pruned, dense = calls.hidden, store.clone(calls.hidden)
+    calls.hidden = None
+    losses, restored = [], []
+    for b, block in enumerate(tqdm(blocks, desc="reconstruct", disable=not progress)):
+        with resident(base_blocks[b]), resident(block, keep=True) as held:
+            runner = calls.runner(b, held)
+            with torch.no_grad():
+                target = calls.runner(b, base_blocks[b]).run(dense)
+            layers = prunable_linears(model, held)
+            if all(bool(layer.weight.ne(0).all()) for layer in layers.values()):  # a dense block: nothing to fit
+                losses.append(float("nan"))
+            else:
+                if before_block is not None:
+                    before_block(b, layers)
+                loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress)
+                if loss is None:
+                    restored.append(b)
+                losses.append(float("nan") if loss is None else loss)
+            with torch.no_grad():
+                pruned, dense = runner.run(pruned), target
+    return PrunedReconstruction(losses, restored, time.perf_counter() - start)
+
+
+def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
+                        targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool) -> float | None:
+    """`reconstruct_pruned` for one block: its mean loss over the last epoch, or None where a loss or
+    gradient turned non-finite (the block's weights then put back as they were)."""
+    block = runner.block
+    trainable = {p: p.requires_grad for p in block.parameters()}
+    block.requires_grad_(False)
+    weights = [layer.weight for layer in layers.values()]
+    masks = [w.detach().ne(0) for w in weights]
+    originals = [w.detach().clone() for w in weights]
+    masters = [w.detach().float().clone() for w in weights]  # float32 master weights, whatever the layer's dtype
+    optimizer = torch.optim.Adam(masters, lr=step * weight_rms(layers))
+    generator = _block_generator(0, index)
+    n = inputs.shape[0]
+    total, last = 0.0, None
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad(), tqdm(total=epochs * n, desc=runner.name, disable=not progress, leave=False) as bar:
+            for epoch in range(epochs):
+                total = 0.0
+                for i in torch.randperm(n, generator=generator).tolist():
+                    out = call_block(runner, inputs[i : i + 1].to(runner.device)).float()
+                    loss = F.mse_loss(out, targets[i : i + 1].to(runner.device).float())
+                    value = loss.item()
+                    loss.backward()
+                    grads = [w.grad.float().mul_(m) for w, m in zip(weights, masks)]
+                    if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                        raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch + 1}")
+                    for master, grad, w in zip(masters, grads, weights):
+                        master.grad = grad
+                        w.grad = None
+                    optimizer.step()
+                    with torch.no_grad():
+                        for master, w in zip(masters, weights):
+                            w.copy_(master)
+                    total += value
+                    bar.update()
+        last = total / n
+    except NonFiniteError as err:
+        log.warning("reconstruct: %s: %s; its weights are put back as they were", runner.name, err)
+        with torch.no_grad():
+            for w, original in zip(weights, originals):
+                w.copy_(original)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return last

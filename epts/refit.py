@@ -45,6 +45,7 @@ from .hilora import active_adapters
 from .importance import Pattern, mask_from_ranks
 from .models import LoadedModel
 from .offload import is_streamed, resident
+from .reconstruct import reconstruct_pruned
 from .selfcal import SOURCE as SELF_GENERATED
 from .selfcal import regenerate
 from .streams import StreamStore
@@ -63,7 +64,9 @@ class RefitReport:
     `mask` is the masks of the blocks re-solved: `RefitConfig.mask`, or "obs" where SparseGPT's own
     mask and weights (`RefitConfig.sparsegpt`) won, its blocks then "sparsegpt" in `choices`.
     `difference_se` is the standard error (nats) of the paired per-window difference between the
-    other candidates' winner and SparseGPT's solution, where that was scored."""
+    other candidates' winner and SparseGPT's solution, where that was scored. `reconstructed`: whether
+    the winner's block-wise reconstruction (`RefitConfig.reconstruct_epochs`, scored as
+    "reconstructed") was kept (None where none was made), and the seconds it took."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -74,12 +77,15 @@ class RefitReport:
     scored_on: str | None = None
     mask: str = "elastic"
     difference_se: float | None = None
+    reconstructed: bool | None = None
+    reconstruct_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
                 "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds,
                 "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
-                "difference_se": self.difference_se}
+                "difference_se": self.difference_se, "reconstructed": self.reconstructed,
+                "reconstruct_seconds": self.reconstruct_seconds}
 
 
 @dataclass
@@ -285,7 +291,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     adapted = [b for b, s in sorted(plan.items()) if s > 0 and _has_adapters(elastic, b, s)]
     bare = [b for b, s in sorted(plan.items()) if s > 0 and b not in adapted]
     scored_on = None
-    if adapted or (bare and config.sparsegpt):  # else there is one candidate: nothing to choose
+    if adapted or (bare and (config.sparsegpt or config.reconstruct_epochs)):  # else nothing to choose
         scored_on = "heldout" if heldout is not None and len(heldout) else "calibration"
     if scored_on == "calibration":
         log.warning("refit auto: no held-out text of the calibration's domain (self-generated windows, windows passed "
@@ -316,6 +322,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
     if config.sparsegpt and scored_on is not None:
         report = _sparsegpt_candidate(elastic, model, plan, windows, config, batch_size, progress, store, report,
                                       score, per_window)
+    if config.reconstruct_epochs and scored_on is not None:
+        _reconstructed_candidate(elastic, model, windows, config, batch_size, progress, store, report, score, losses)
     report.losses = losses
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
@@ -416,6 +424,28 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
         saved.restore(model)
     current.difference_se = recorded
     return current
+
+
+def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows: torch.Tensor, config: RefitConfig,
+                             batch_size: int, progress: bool, store: StreamStore | None, current: RefitReport,
+                             score: Callable[[str], None], losses: dict[str, float]) -> None:
+    """For "auto" with `config.reconstruct_epochs`: the `current` winner, as `model` holds it, trained
+    block by block toward the dense model with its masks fixed (`reconstruct.reconstruct_pruned`), and
+    scored as "reconstructed"; kept where its loss is lower than the winner's, else undone from copies.
+    Records the outcome on `current`. Why: the refit solves each layer on its own input, the
+    reconstruction the whole block against the dense model's stream, which also takes out the error
+    the blocks before it left (docs/RECIPE.md)."""
+    with _Saved(model) as saved:
+        done = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
+                                  config.reconstruct_step, batch_size, progress, store, before_block=saved.keep)
+        score("reconstructed")
+        keep = losses["reconstructed"] < losses[current.chosen]
+        log.info("refit auto: held-out loss %.4f reconstructed block-wise (%.0f s), %.4f as chosen (%s): %s",
+                 losses["reconstructed"], done.seconds, losses[current.chosen], current.chosen,
+                 "reconstructed" if keep else "as chosen")
+        if not keep:
+            saved.restore(model)
+    current.reconstructed, current.reconstruct_seconds = keep, done.seconds
 
 
 class _Saved(dict):

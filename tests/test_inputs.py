@@ -457,10 +457,29 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                            "auto, --no-refit-sparsegpt)"),
     (("--refit-sparsegpt-se", "-1"), "refit sparsegpt_se must be a number of standard errors >= 0, got -1.0"),
     (("--refit-sparsegpt-se", "nan"), "refit sparsegpt_se must be a number of standard errors >= 0, got nan"),
+    (("--refit", "all", "--refit-reconstruct-epochs", "0"), "--refit-reconstruct-epochs sets the reconstruction of "
+                                                            "--refit auto's choice, but --refit is all"),
+    (("--refit", "bare", "--refit-reconstruct-step", "1e-2"), "--refit-reconstruct-step sets the reconstruction of "
+                                                              "--refit auto's choice, but --refit is bare"),
+    (("--refit-reconstruct-step", "0"), "reconstruct_step a number > 0, got 2 and 0.0"),
+    (("--refit-reconstruct-step", "inf"), "reconstruct_step a number > 0, got 2 and inf"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
     assert expected in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, expected", [("-1", "must be an integer >= 0, got -1"),
+                                             ("two", "invalid _non_negative_int value: 'two'")])
+def test_a_reconstruction_epoch_count_that_is_not_one_is_refused_by_the_parser(capsys, tmp_path, artifact, value,
+                                                                               expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(artifact), "--sparsity", "0.5", "--out", str(tmp_path / "out"),
+              "--refit-reconstruct-epochs", value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"epts export: error: argument --refit-reconstruct-epochs: {expected}"
     assert not (tmp_path / "out").exists()
 
 

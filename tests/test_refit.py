@@ -116,18 +116,45 @@ def _weights(model):
             for l in prunable_linears(model.model, blk).values()]
 
 
-def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=True):
-    """"auto" without SparseGPT's candidate on the elastic model materialised at `plan`, its candidates
-    scored `losses` in the order it scores them; returns the model and the report."""
+def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=True, reconstruct_epochs=0):
+    """"auto" without SparseGPT's candidate (and without the reconstruction unless `reconstruct_epochs`)
+    on the elastic model materialised at `plan`, its candidates scored `losses` in the order it scores
+    them; returns the model and the report."""
     import epts.refit as refit_module
 
     scores = iter(losses)
     monkeypatch.setattr(refit_module, "_window_losses",
                         lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
     model = elastic.materialize(plan)
-    report = refit(elastic, model, plan, windows, RefitConfig("auto", sparsegpt=False, block_candidate=block_candidate),
-                   progress=False, heldout=windows[:2])
+    config = RefitConfig("auto", sparsegpt=False, block_candidate=block_candidate, reconstruct_epochs=reconstruct_epochs)
+    report = refit(elastic, model, plan, windows, config, progress=False, heldout=windows[:2])
     return model, report
+
+
+@pytest.mark.parametrize("streamed", [False, True])  # the reconstruction undone from RAM or from scratch files
+@pytest.mark.parametrize("loss, kept", [(0.5, True), (1.5, False)])
+def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_lower(elastic_tiny, monkeypatch, loss,
+                                                                                      kept, streamed):
+    import epts.refit as refit_module
+    from epts.reconstruct import reconstruct_pruned
+
+    monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
+    elastic, windows = elastic_tiny
+    plan = {0: 0.6, 1: 0.6, 2: 0.6}
+    model = elastic.materialize(plan)
+    refit(elastic, model, plan, windows, "all", progress=False)
+    chosen = _weights(model)
+    reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False)
+    rebuilt = _weights(model)
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, loss), block_candidate=False,
+                                 reconstruct_epochs=1)
+    assert report.chosen == "all" and report.losses == {"bare": 2.0, "all": 1.0, "reconstructed": loss}
+    assert report.reconstructed is kept and report.to_dict()["reconstructed"] is kept
+    assert report.reconstruct_seconds > 0 and report.choices == ["refit"] * 3
+    # Exactly the reconstruction of the winner, or exactly the winner; the masks are the winner's either way.
+    assert all(torch.equal(x, y) for x, y in zip(_weights(model), rebuilt if kept else chosen))
+    assert all(torch.equal(x == 0, y == 0) for x, y in zip(rebuilt, chosen))
+    assert any(not torch.equal(x, y) for x, y in zip(rebuilt, chosen))
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again
@@ -242,7 +269,8 @@ def test_refit_auto_scores_sparsegpts_solution_for_every_block(elastic_tiny, mon
     monkeypatch.setattr(refit_module, "_window_losses",
                         lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
     model = elastic.materialize(plan)
-    report = refit(elastic, model, plan, windows, "auto", progress=False, heldout=windows[:2])
+    report = refit(elastic, model, plan, windows, RefitConfig("auto", reconstruct_epochs=0), progress=False,
+                   heldout=windows[:2])
     assert report.losses == dict(zip(("bare", "all", "sparsegpt"), losses))
     chosen = min(report.losses, key=report.losses.get)
     assert report.chosen == chosen and report.to_dict()["chosen"] == chosen
@@ -271,7 +299,7 @@ def test_refit_auto_keeps_sparsegpts_solution_where_the_windows_cannot_tell(elas
     per_window = iter([[1.0, 2.0], [3.0, 3.0], [1.6, 1.6]])  # bare, all, sparsegpt
     monkeypatch.setattr(refit_module, "_window_losses",
                         lambda model, w, batch_size, store: torch.tensor(next(per_window), dtype=torch.float64))
-    config = RefitConfig("auto") if margin is None else RefitConfig("auto", sparsegpt_se=margin)
+    config = RefitConfig("auto", reconstruct_epochs=0, sparsegpt_se=0.0 if margin is None else margin)
     report = refit(elastic, elastic.materialize(plan), plan, windows, config, progress=False, heldout=windows[:2])
     assert report.losses == pytest.approx({"bare": 1.5, "all": 3.0, "sparsegpt": 1.6})
     assert report.chosen == chosen and report.difference_se == pytest.approx(0.5)
@@ -287,25 +315,31 @@ def test_refit_auto_on_one_choice_window_records_no_standard_error(elastic_tiny,
     per_window = iter([[1.5], [3.0], [1.6]])  # bare, all, sparsegpt
     monkeypatch.setattr(refit_module, "_window_losses",
                         lambda model, w, batch_size, store: torch.tensor(next(per_window), dtype=torch.float64))
-    report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=windows[:1])
+    report = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=0),
+                   progress=False, heldout=windows[:1])
     assert report.chosen == "bare" and report.difference_se is None and report.to_dict()["difference_se"] is None
 
 
 def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(elastic_tiny, caplog):
     from epts.evaluate import mean_nll
+    from epts.reconstruct import reconstruct_pruned
 
     elastic, windows = elastic_tiny
     plan = {b: 0.6 for b in range(3)}
     heldout = random_windows(2, 32, vocab=250, seed=7)
-    expected = {}
+    expected, models = {}, {}
     for mode in ("bare", "all"):
-        model = elastic.materialize(plan)
-        refit(elastic, model, plan, windows, mode, progress=False)
-        expected[mode] = mean_nll(model.model, heldout, 8)
-    expected["sparsegpt"] = mean_nll(_sparsegpt_model(plan, windows).model, heldout, 8)
+        models[mode] = elastic.materialize(plan)
+        refit(elastic, models[mode], plan, windows, mode, progress=False)
+    models["sparsegpt"] = _sparsegpt_model(plan, windows)
+    expected = {mode: mean_nll(model.model, heldout, 8) for mode, model in models.items()}
+    winner = min(expected, key=expected.get)
+    reconstruct_pruned(models[winner].model, elastic.base.model, windows, RefitConfig.reconstruct_epochs,
+                       RefitConfig.reconstruct_step, progress=False)
+    expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
     report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
     assert report.losses == pytest.approx(expected, rel=1e-4)
-    assert report.chosen == min(expected, key=expected.get)
+    assert report.chosen == winner and report.reconstructed == (expected["reconstructed"] < expected[winner])
     with caplog.at_level("WARNING"):
         fallback = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False)
     assert fallback.scored_on == "calibration" and "no held-out text" in caplog.text
@@ -318,9 +352,12 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
         state.group1_adapter = False
     try:
         plan = {b: 0.3 for b in range(3)}
-        report = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", sparsegpt=False),
+        report = refit(elastic, elastic.materialize(plan), plan, windows,
+                       RefitConfig("auto", sparsegpt=False, reconstruct_epochs=0), progress=False, heldout=windows)
+        scored = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=0),
                        progress=False, heldout=windows)
-        scored = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=windows)
+        rebuilt = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", sparsegpt=False),
+                        progress=False, heldout=windows)
     finally:
         for state, mark in zip(elastic.blocks, marks):
             state.group1_adapter = mark
@@ -330,6 +367,9 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
     assert set(scored.losses) == {"bare", "sparsegpt"} and scored.scored_on == "heldout"
     won = "sparsegpt" if scored.losses["sparsegpt"] < scored.losses["bare"] else "bare"
     assert scored.choices == [{"sparsegpt": "sparsegpt", "bare": "refit"}[won]] * 3 and scored.chosen == won
+    # The reconstruction alone also makes a choice: the refit, against it reconstructed.
+    assert set(rebuilt.losses) == {"bare", "reconstructed"} and rebuilt.scored_on == "heldout"
+    assert rebuilt.reconstructed == (rebuilt.losses["reconstructed"] < rebuilt.losses["bare"])
 
 
 def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_tiny, monkeypatch):
