@@ -144,12 +144,13 @@ class RefitConfig:
     cell it changes, the refit it gives up is the better model on the calibration text at large and
     off its domain (docs/RECIPE.md).
 
-    `reconstruct_epochs` (2 by default; "auto" only; 0: none): "auto" then trains its winner's kept
-    weights block by block toward the dense model, every mask fixed (`reconstruct.reconstruct_pruned`:
-    Adam, one calibration window per step, a step of `reconstruct_step` times each block's weight RMS),
-    and keeps that where it lowers the loss on the choice windows. It costs about one compress
-    epoch of one group and one more held-out score per export (docs/RECIPE.md: on both models at 0.7
-    it cut the loss on held-out text of both domains by 0.3-0.5 nats)."""
+    `reconstruct_epochs` (0, none, by default; "auto" only): with a number of epochs (2 measured), "auto"
+    then trains its winner's kept weights block by block toward the dense model, every mask fixed
+    (`reconstruct.reconstruct_pruned`: Adam, one calibration window per step, a step of
+    `reconstruct_step` times each block's weight RMS), and keeps that where it lowers the loss on the
+    choice windows. Not the default (docs/RECIPE.md): far better on SmolLM2-135M at 0.6-0.7 and on
+    Gemma-3-270M at 0.7 on every text, but on Gemma-3 at 0.5 the choice windows keep it and it loses
+    to SparseGPT on every text."""
 
     mode: str = "auto"
     iters: int = 10
@@ -160,7 +161,7 @@ class RefitConfig:
     sparsegpt: bool = True
     sparsegpt_se: float = 0.0
     block_candidate: bool = True
-    reconstruct_epochs: int = 2
+    reconstruct_epochs: int = 0
     reconstruct_step: float = 1.5e-2
 
     def __post_init__(self):

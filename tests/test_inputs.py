@@ -457,12 +457,12 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                            "auto, --no-refit-sparsegpt)"),
     (("--refit-sparsegpt-se", "-1"), "refit sparsegpt_se must be a number of standard errors >= 0, got -1.0"),
     (("--refit-sparsegpt-se", "nan"), "refit sparsegpt_se must be a number of standard errors >= 0, got nan"),
-    (("--refit", "all", "--refit-reconstruct-epochs", "0"), "--refit-reconstruct-epochs sets the reconstruction of "
+    (("--refit", "all", "--refit-reconstruct-epochs", "2"), "--refit-reconstruct-epochs sets the reconstruction of "
                                                             "--refit auto's choice, but --refit is all"),
     (("--refit", "bare", "--refit-reconstruct-step", "1e-2"), "--refit-reconstruct-step sets the reconstruction of "
                                                               "--refit auto's choice, but --refit is bare"),
-    (("--refit-reconstruct-step", "0"), "reconstruct_step a number > 0, got 2 and 0.0"),
-    (("--refit-reconstruct-step", "inf"), "reconstruct_step a number > 0, got 2 and inf"),
+    (("--refit-reconstruct-step", "0"), "reconstruct_step a number > 0, got 0 and 0.0"),
+    (("--refit-reconstruct-step", "inf"), "reconstruct_step a number > 0, got 0 and inf"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)

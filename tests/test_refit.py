@@ -334,10 +334,13 @@ def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(el
     models["sparsegpt"] = _sparsegpt_model(plan, windows)
     expected = {mode: mean_nll(model.model, heldout, 8) for mode, model in models.items()}
     winner = min(expected, key=expected.get)
-    reconstruct_pruned(models[winner].model, elastic.base.model, windows, RefitConfig.reconstruct_epochs,
-                       RefitConfig.reconstruct_step, progress=False)
+    plain = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
+    assert plain.losses == pytest.approx(expected, rel=1e-4) and plain.reconstructed is None  # not by default
+    reconstruct_pruned(models[winner].model, elastic.base.model, windows, 2, RefitConfig.reconstruct_step,
+                       progress=False)
     expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
-    report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
+    report = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=2),
+                   progress=False, heldout=heldout)
     assert report.losses == pytest.approx(expected, rel=1e-4)
     assert report.chosen == winner and report.reconstructed == (expected["reconstructed"] < expected[winner])
     with caplog.at_level("WARNING"):
@@ -356,8 +359,8 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
                        RefitConfig("auto", sparsegpt=False, reconstruct_epochs=0), progress=False, heldout=windows)
         scored = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=0),
                        progress=False, heldout=windows)
-        rebuilt = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", sparsegpt=False),
-                        progress=False, heldout=windows)
+        rebuilt = refit(elastic, elastic.materialize(plan), plan, windows,
+                        RefitConfig("auto", sparsegpt=False, reconstruct_epochs=2), progress=False, heldout=windows)
     finally:
         for state, mark in zip(elastic.blocks, marks):
             state.group1_adapter = mark
