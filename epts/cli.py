@@ -516,6 +516,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                         "(0: none; 2 measured: docs/RECIPE.md)")
     p.add_argument("--refit-reconstruct-step", type=float, default=RefitConfig.reconstruct_step,
                    help="refit auto: the reconstruction's Adam step, as a fraction of each block's weight RMS")
+    p.add_argument("--refit-reconstruct-rank", type=_non_negative_int, default=RefitConfig.reconstruct_rank,
+                   help="refit auto: the reconstruction changes each layer's kept weights by a masked update of this "
+                        "rank (0: every kept weight trains)")
     p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
                    help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
                         "by more than this many standard errors of the per-window difference (0, the default: the "
@@ -534,7 +537,8 @@ def _refit_config(args) -> RefitConfig:
                          "drop --no-refit-block, or pass --refit auto")
     changed = [flag for flag, value, default in (
         ("--refit-reconstruct-epochs", args.refit_reconstruct_epochs, RefitConfig.reconstruct_epochs),
-        ("--refit-reconstruct-step", args.refit_reconstruct_step, RefitConfig.reconstruct_step)) if value != default]
+        ("--refit-reconstruct-step", args.refit_reconstruct_step, RefitConfig.reconstruct_step),
+        ("--refit-reconstruct-rank", args.refit_reconstruct_rank, RefitConfig.reconstruct_rank)) if value != default]
     if changed and args.refit != "auto":
         raise ValueError(f"{changed[0]} sets the reconstruction of --refit auto's choice, but --refit is {args.refit}: "
                          f"drop {changed[0]}, or pass --refit auto")
@@ -548,7 +552,7 @@ def _refit_config(args) -> RefitConfig:
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
                        sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se,
                        block_candidate=args.refit_block_candidate, reconstruct_epochs=args.refit_reconstruct_epochs,
-                       reconstruct_step=args.refit_reconstruct_step)
+                       reconstruct_step=args.refit_reconstruct_step, reconstruct_rank=args.refit_reconstruct_rank)
 
 
 def _cmd_export(args) -> None:

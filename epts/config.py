@@ -163,14 +163,16 @@ class RefitConfig:
     block_candidate: bool = True
     reconstruct_epochs: int = 0
     reconstruct_step: float = 1.5e-2
+    reconstruct_rank: int = 0
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
                               "mask": str, "sparsegpt": bool, "sparsegpt_se": float, "block_candidate": bool,
-                              "reconstruct_epochs": int, "reconstruct_step": float})
-        if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_step < math.inf:
-            raise ValueError(f"refit reconstruct_epochs must be >= 0 (0: no reconstruction) and reconstruct_step a "
-                             f"number > 0, got {self.reconstruct_epochs} and {self.reconstruct_step}")
+                              "reconstruct_epochs": int, "reconstruct_step": float, "reconstruct_rank": int})
+        if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_step < math.inf or self.reconstruct_rank < 0:
+            raise ValueError(f"refit reconstruct_epochs must be >= 0 (0: no reconstruction), reconstruct_step a "
+                             f"number > 0 and reconstruct_rank >= 0 (0: every kept weight), got "
+                             f"{self.reconstruct_epochs}, {self.reconstruct_step} and {self.reconstruct_rank}")
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.mask not in REFIT_MASKS:

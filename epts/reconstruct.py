@@ -435,7 +435,7 @@ class PrunedReconstruction:
 
 def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
                        batch_size: int = 8, progress: bool = True, store: StreamStore | None = None,
-                       before_block=None) -> PrunedReconstruction:
+                       before_block=None, token_loss: str = "mse", rank: int = 0) -> PrunedReconstruction:
     """Block-wise reconstruction of a pruned model's kept weights, in place, with every mask fixed:
     block by block in order, the block's prunable weights train (Adam, one of `windows` (n, seqlen)
     token ids per step, `epochs` passes in a seeded order) to match METHOD.md's target, the dense
@@ -443,7 +443,8 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
     that is zero stays zero (its gradient is masked), so the pattern, and with it the sparsity, is
     the one the model had. Adam's step is `step` times the block's weight RMS (weights of different
     scale move alike: Gemma-3's are 5.6x smaller than SmolLM2's). A model in float16 or bfloat16
-    trains float32 master weights, rounded into the layer after each step. `before_block(b, layers)`
+    trains float32 master weights, rounded into the layer after each step. `token_loss` weighs each
+    token's squared error as the compress does (`token_weights`: "mse" or "relative"). `before_block(b, layers)`
     is called before block b's weights change (a copy to undo them). A block whose loss or gradient
     turns non-finite gets its weights back, with a warning. Blocks of `model` at sparsity 0 (no zero
     weight) are left as they are. Streamed blocks are held one at a time (`offload.resident`)."""
@@ -466,7 +467,8 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
             else:
                 if before_block is not None:
                     before_block(b, layers)
-                loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress)
+                loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress, token_loss,
+                                           rank)
                 if loss is None:
                     restored.append(b)
                 losses.append(float("nan") if loss is None else loss)
@@ -476,9 +478,12 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
 
 
 def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
-                        targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool) -> float | None:
+                        targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool,
+                        token_loss: str = "mse", rank: int = 0) -> float | None:
     """`reconstruct_pruned` for one block: its mean loss over the last epoch, or None where a loss or
-    gradient turned non-finite (the block's weights then put back as they were)."""
+    gradient turned non-finite (the block's weights then put back as they were). With `rank` > 0 the
+    block's kept weights W0 change only by a masked low-rank update, W = W0 + M * (B A) (B zero at
+    the start), A and B trained from the weight's own (masked) gradient G: dB = G A^T, dA = B^T G."""
     block = runner.block
     trainable = {p: p.requires_grad for p in block.parameters()}
     block.requires_grad_(False)
@@ -486,8 +491,10 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
     masks = [w.detach().ne(0) for w in weights]
     originals = [w.detach().clone() for w in weights]
     masters = [w.detach().float().clone() for w in weights]  # float32 master weights, whatever the layer's dtype
-    optimizer = torch.optim.Adam(masters, lr=step * weight_rms(layers))
     generator = _block_generator(0, index)
+    factors = [((torch.randn(rank, w.shape[1], generator=generator) / math.sqrt(w.shape[1])).to(w.device),
+                torch.zeros(w.shape[0], rank, device=w.device)) for w in weights] if rank else []
+    optimizer = torch.optim.Adam([t for pair in factors for t in pair] or masters, lr=step * weight_rms(layers))
     n = inputs.shape[0]
     total, last = 0.0, None
     try:
@@ -498,19 +505,29 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                 total = 0.0
                 for i in torch.randperm(n, generator=generator).tolist():
                     out = call_block(runner, inputs[i : i + 1].to(runner.device)).float()
-                    loss = F.mse_loss(out, targets[i : i + 1].to(runner.device).float())
+                    target = targets[i : i + 1].to(runner.device).float()
+                    loss = reconstruction_loss(out, target, token_weights(target, token_loss))
                     value = loss.item()
                     loss.backward()
                     grads = [w.grad.float().mul_(m) for w, m in zip(weights, masks)]
                     if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
                         raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch + 1}")
-                    for master, grad, w in zip(masters, grads, weights):
-                        master.grad = grad
+                    for w in weights:
                         w.grad = None
+                    if rank:
+                        for (a, b), grad in zip(factors, grads):
+                            a.grad, b.grad = b.T @ grad, grad @ a.T
+                    else:
+                        for master, grad in zip(masters, grads):
+                            master.grad = grad
                     optimizer.step()
                     with torch.no_grad():
-                        for master, w in zip(masters, weights):
-                            w.copy_(master)
+                        for j, w in enumerate(weights):
+                            if rank:
+                                a, b = factors[j]
+                                w.copy_(torch.addmm(masters[j], b, a).mul_(masks[j]))
+                            else:
+                                w.copy_(masters[j])
                     total += value
                     bar.update()
         last = total / n

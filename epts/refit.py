@@ -437,7 +437,8 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
     the blocks before it left (docs/RECIPE.md)."""
     with _Saved(model) as saved:
         done = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
-                                  config.reconstruct_step, batch_size, progress, store, before_block=saved.keep)
+                                  config.reconstruct_step, batch_size, progress, store, before_block=saved.keep,
+                                  rank=config.reconstruct_rank)
         score("reconstructed")
         keep = losses["reconstructed"] < losses[current.chosen]
         log.info("refit auto: held-out loss %.4f reconstructed block-wise (%.0f s), %.4f as chosen (%s): %s",

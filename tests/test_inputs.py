@@ -23,7 +23,7 @@ from epts.arch import decoder_blocks, prunable_linears
 from epts.baselines import PatternError, prune
 from epts.baselines.sparsegpt import SparseGPTPruner
 from epts.cli import main
-from epts.config import CalibConfig, EPTSConfig, PruneConfig
+from epts.config import CalibConfig, EPTSConfig, PruneConfig, RefitConfig
 from epts.data import DataError, calibration_windows, eval_windows, read_text
 from epts.importance import Pattern, kept_per_row
 from epts.models import LoadedModel, load_model
@@ -461,8 +461,13 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                             "--refit auto's choice, but --refit is all"),
     (("--refit", "bare", "--refit-reconstruct-step", "1e-2"), "--refit-reconstruct-step sets the reconstruction of "
                                                               "--refit auto's choice, but --refit is bare"),
-    (("--refit-reconstruct-step", "0"), "reconstruct_step a number > 0, got 0 and 0.0"),
-    (("--refit-reconstruct-step", "inf"), "reconstruct_step a number > 0, got 0 and inf"),
+    (("--refit", "all", "--refit-reconstruct-rank", "4"), "--refit-reconstruct-rank sets the reconstruction of "
+                                                          "--refit auto's choice, but --refit is all"),
+    (("--refit-reconstruct-step", "0"), "reconstruct_step a number > 0 and reconstruct_rank >= 0 (0: every kept "
+                                        f"weight), got {RefitConfig.reconstruct_epochs}, 0.0 and "
+                                        f"{RefitConfig.reconstruct_rank}"),
+    (("--refit-reconstruct-step", "inf"), f"got {RefitConfig.reconstruct_epochs}, inf and "
+                                          f"{RefitConfig.reconstruct_rank}"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
@@ -472,14 +477,13 @@ def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, f
 
 @pytest.mark.parametrize("value, expected", [("-1", "must be an integer >= 0, got -1"),
                                              ("two", "invalid _non_negative_int value: 'two'")])
-def test_a_reconstruction_epoch_count_that_is_not_one_is_refused_by_the_parser(capsys, tmp_path, artifact, value,
-                                                                               expected):
+@pytest.mark.parametrize("flag", ["--refit-reconstruct-epochs", "--refit-reconstruct-rank"])
+def test_a_reconstruction_epoch_count_or_rank_that_is_not_one_is_refused_by_the_parser(capsys, tmp_path, artifact,
+                                                                                       value, expected, flag):
     with pytest.raises(SystemExit) as exit_:
-        main(["export", str(artifact), "--sparsity", "0.5", "--out", str(tmp_path / "out"),
-              "--refit-reconstruct-epochs", value])
+        main(["export", str(artifact), "--sparsity", "0.5", "--out", str(tmp_path / "out"), flag, value])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"epts export: error: argument --refit-reconstruct-epochs: {expected}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"epts export: error: argument {flag}: {expected}"
     assert not (tmp_path / "out").exists()
 
 
