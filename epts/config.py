@@ -144,13 +144,13 @@ class RefitConfig:
     cell it changes, the refit it gives up is the better model on the calibration text at large and
     off its domain (docs/RECIPE.md).
 
-    `reconstruct_epochs` (0, none, by default; "auto" only): with a number of epochs (2 measured), "auto"
-    then trains its winner's kept weights block by block toward the dense model, every mask fixed
-    (`reconstruct.reconstruct_pruned`: Adam, one calibration window per step, a step of
-    `reconstruct_step` times each block's weight RMS), and keeps that where it lowers the loss on the
-    choice windows. Not the default (docs/RECIPE.md): far better on SmolLM2-135M at 0.6-0.7 and on
-    Gemma-3-270M at 0.7 on every text, but on Gemma-3 at 0.5 the choice windows keep it and it loses
-    to SparseGPT on every text."""
+    `reconstruct_epochs` (2 by default; 0: none; "auto" only): "auto" then trains its winner's kept
+    weights block by block toward the dense model, every mask fixed (`reconstruct.reconstruct_pruned`:
+    Adam, one calibration window per step, a step of `reconstruct_step` times each block's weight
+    RMS), and keeps that where it lowers the loss on the choice windows. `reconstruct_rank` (16 by
+    default) limits each layer's change to a masked update of that rank, M * (B A); 0 trains every
+    kept weight, which on Gemma-3-270M at 0.5 fitted the calibration windows and lost to SparseGPT
+    on every other text, where rank 16 gains on all of them (docs/RECIPE.md)."""
 
     mode: str = "auto"
     iters: int = 10
@@ -161,9 +161,9 @@ class RefitConfig:
     sparsegpt: bool = True
     sparsegpt_se: float = 0.0
     block_candidate: bool = True
-    reconstruct_epochs: int = 0
-    reconstruct_step: float = 1.5e-2
-    reconstruct_rank: int = 0
+    reconstruct_epochs: int = 2
+    reconstruct_step: float = 3e-2
+    reconstruct_rank: int = 16
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,

@@ -144,7 +144,8 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
     model = elastic.materialize(plan)
     refit(elastic, model, plan, windows, "all", progress=False)
     chosen = _weights(model)
-    reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False)
+    reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
+                       rank=RefitConfig.reconstruct_rank)
     rebuilt = _weights(model)
     model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, loss), block_candidate=False,
                                  reconstruct_epochs=1)
@@ -334,13 +335,13 @@ def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(el
     models["sparsegpt"] = _sparsegpt_model(plan, windows)
     expected = {mode: mean_nll(model.model, heldout, 8) for mode, model in models.items()}
     winner = min(expected, key=expected.get)
-    plain = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
-    assert plain.losses == pytest.approx(expected, rel=1e-4) and plain.reconstructed is None  # not by default
-    reconstruct_pruned(models[winner].model, elastic.base.model, windows, 2, RefitConfig.reconstruct_step,
-                       progress=False)
+    plain = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=0),
+                  progress=False, heldout=heldout)
+    assert plain.losses == pytest.approx(expected, rel=1e-4) and plain.reconstructed is None
+    reconstruct_pruned(models[winner].model, elastic.base.model, windows, RefitConfig.reconstruct_epochs,
+                       RefitConfig.reconstruct_step, progress=False, rank=RefitConfig.reconstruct_rank)
     expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
-    report = refit(elastic, elastic.materialize(plan), plan, windows, RefitConfig("auto", reconstruct_epochs=2),
-                   progress=False, heldout=heldout)
+    report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
     assert report.losses == pytest.approx(expected, rel=1e-4)
     assert report.chosen == winner and report.reconstructed == (expected["reconstructed"] < expected[winner])
     with caplog.at_level("WARNING"):

@@ -1,0 +1,77 @@
+"""One-off: variants of the block-wise reconstruction at export (`reconstruct.reconstruct_pruned`)
+from one start, made as in `blockrecon.py` (START: "all", "bare" or "sparsegpt", SparseGPT's own
+solution), scored in mean nats per token on sets no report uses: the 32 choice windows, 32 windows
+spread over the calibration file and 32 docstring windows from the middle of the other-domain text
+(256 tokens, as `blockrecon.py`), and the same spread starts and docstring text as 16 windows of
+512 tokens (the harness's evaluation length).
+
+    python recon_proxy.py ART CALIB OTHER SPARSITY START VARIANT[;VARIANT...]
+
+VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK (defaults mse:1.5e-2:2::256:0): the token loss
+("mse" or "relative"), the step as a fraction of the block's weight RMS, the epochs, layer names
+kept out of the training (joined by |, e.g. q_proj|k_proj), the length of the training windows
+(other than the calibration's: the same starts, as many windows as keep the token count), and the
+rank of the masked update (0: every kept weight)."""
+import sys
+import time
+
+import torch
+
+import epts.reconstruct as RC
+import epts.refit as R
+from epts.arch import prunable_linears as _pl
+from epts.artifact import ElasticModel
+from epts.config import RefitConfig
+from epts.data import _calibration_starts, tokenize
+from epts.evaluate import blockwise_window_nll
+from epts.runtime import RuntimeModel
+
+torch.set_num_threads(2)
+art, calib, other, sparsity, start = sys.argv[1:6]
+sparsity = float(sparsity)
+variants = [[x or d for x, d in zip((v.split(":") + [""] * 6)[:6], ["mse", "1.5e-2", "2", "", "256", "0"])] for v in sys.argv[6].split(";")]
+elastic = ElasticModel.load(art)
+cc = elastic.config.calib
+text = R.refit_calibration(elastic, calib, progress=False)
+windows = text.windows
+tokens = tokenize(elastic.base.tokenizer, calib, role="calib")
+n = tokens.numel()
+used = torch.zeros(n, dtype=torch.bool)
+starts = _calibration_starts(n, cc.nsamples, cc.seqlen, cc.seed)
+for s in starts:
+    used[s : s + 512] = True
+used[n - 24 * 512 - 4096 :] = True
+used[: 32 * cc.seqlen + 4096] = True
+free = [s for s in range(0, n - cc.seqlen + 1, cc.seqlen) if not used[s : s + cc.seqlen].any()]
+spread = torch.stack([tokens[free[round(i * (len(free) - 1) / 31)] :][: cc.seqlen] for i in range(32)])
+otokens = tokenize(elastic.base.tokenizer, other, role="eval")
+mid = otokens.numel() // 2
+odoc = otokens[mid : mid + 32 * cc.seqlen].reshape(32, cc.seqlen)
+spread512 = torch.stack([tokens[free[round(i * (len(free) - 1) / 15)] :][: 512] for i in range(16)])
+odoc512 = otokens[mid : mid + 16 * 512].reshape(16, 512)
+sets = {"choice32": text.heldout, "spread32": spread, "doc32": odoc, "spread512": spread512, "doc512": odoc512}
+
+
+@torch.no_grad()
+def scores(model):
+    return {k: round(float(blockwise_window_nll(model, w, 8).mean() / (w.shape[1] - 1)), 4) for k, w in sets.items()}
+
+
+runtime = RuntimeModel(elastic)
+runtime.set_sparsity(sparsity)
+plan = runtime.sparsity
+t = time.time()
+with torch.no_grad():
+    R._refit_pass(elastic, runtime.loaded, plan, windows, RefitConfig("auto"), "all" if start == "sparsegpt" else start,
+                  8, False, None, sparsegpt=start == "sparsegpt")
+model = runtime.loaded.model
+saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+print(f"{start} at {sparsity} ({time.time()-t:.0f} s): {scores(model)}", flush=True)
+for loss, step, epochs, freeze, length, rank in variants:
+    model.load_state_dict(saved)
+    frozen = [f for f in freeze.split("|") if f]
+    RC.prunable_linears = lambda m, b: {k: v for k, v in _pl(m, b).items() if not any(f in k for f in frozen)}
+    length = int(length)
+    w = windows if length == cc.seqlen else torch.stack([tokens[min(s, n - length):][:length] for s in starts[: len(windows) * cc.seqlen // length]])
+    done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
+    print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} ({done.seconds:.0f} s): {scores(model)}", flush=True)
