@@ -513,7 +513,7 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--refit-reconstruct-epochs", type=_non_negative_int, default=RefitConfig.reconstruct_epochs,
                    help="refit auto: epochs of the block-wise reconstruction of the chosen candidate (its kept weights "
                         "trained toward the dense model, masks fixed), kept where it lowers the held-out loss "
-                        "(0: none; default %(default)s: docs/RECIPE.md)")
+                        "(0: none; docs/RECIPE.md)")
     p.add_argument("--refit-reconstruct-step", type=float, default=RefitConfig.reconstruct_step,
                    help="refit auto: the reconstruction's Adam step, as a fraction of each block's weight RMS")
     p.add_argument("--refit-reconstruct-rank", type=_non_negative_int, default=RefitConfig.reconstruct_rank,

@@ -457,7 +457,7 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                                            "auto, --no-refit-sparsegpt)"),
     (("--refit-sparsegpt-se", "-1"), "refit sparsegpt_se must be a number of standard errors >= 0, got -1.0"),
     (("--refit-sparsegpt-se", "nan"), "refit sparsegpt_se must be a number of standard errors >= 0, got nan"),
-    (("--refit", "all", "--refit-reconstruct-epochs", "2"), "--refit-reconstruct-epochs sets the reconstruction of "
+    (("--refit", "all", "--refit-reconstruct-epochs", "1"), "--refit-reconstruct-epochs sets the reconstruction of "
                                                             "--refit auto's choice, but --refit is all"),
     (("--refit", "bare", "--refit-reconstruct-step", "1e-2"), "--refit-reconstruct-step sets the reconstruction of "
                                                               "--refit auto's choice, but --refit is bare"),
