@@ -444,7 +444,10 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
     the one the model had. Adam's step is `step` times the block's weight RMS (weights of different
     scale move alike: Gemma-3's are 5.6x smaller than SmolLM2's). A model in float16 or bfloat16
     trains float32 master weights, rounded into the layer after each step. `token_loss` weighs each
-    token's squared error as the compress does (`token_weights`: "mse" or "relative"). `before_block(b, layers)`
+    token's squared error as the compress does (`token_weights`: "mse" or "relative"). With `rank` > 0
+    each layer changes only by a masked update of that rank, M * (B A), not every kept weight on its
+    own (RefitConfig.reconstruct_rank: fewer degrees of freedom than the calibration's tokens can pin
+    down; docs/RECIPE.md). `before_block(b, layers)`
     is called before block b's weights change (a copy to undo them). A block whose loss or gradient
     turns non-finite gets its weights back, with a warning. Blocks of `model` at sparsity 0 (no zero
     weight) are left as they are. Streamed blocks are held one at a time (`offload.resident`)."""
