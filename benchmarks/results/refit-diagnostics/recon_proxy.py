@@ -7,11 +7,14 @@ spread over the calibration file and 32 docstring windows from the middle of the
 
     python recon_proxy.py ART CALIB OTHER SPARSITY START VARIANT[;VARIANT...]
 
-VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK (defaults mse:1.5e-2:2::256:0): the token loss
+VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK:WINDOWS (defaults mse:1.5e-2:2::256:0:): the token loss
 ("mse" or "relative"), the step as a fraction of the block's weight RMS, the epochs, layer names
 kept out of the training (joined by |, e.g. q_proj|k_proj), the length of the training windows
 (other than the calibration's: the same starts, as many windows as keep the token count), and the
-rank of the masked update (0: every kept weight)."""
+rank of the masked update (0: every kept weight), and the number of training windows (default: the
+calibration windows; more: the calibration windows, then the next free windows of the calibration file
+after the 32 choice windows, on their grid from its start, which is where `data.heldout_windows` takes
+them). The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
 import sys
 import time
 
@@ -22,14 +25,15 @@ import epts.refit as R
 from epts.arch import prunable_linears as _pl
 from epts.artifact import ElasticModel
 from epts.config import RefitConfig
-from epts.data import _calibration_starts, tokenize
+from epts.data import _calibration_starts, heldout_windows, tokenize
 from epts.evaluate import blockwise_window_nll
 from epts.runtime import RuntimeModel
 
 torch.set_num_threads(2)
 art, calib, other, sparsity, start = sys.argv[1:6]
 sparsity = float(sparsity)
-variants = [[x or d for x, d in zip((v.split(":") + [""] * 6)[:6], ["mse", "1.5e-2", "2", "", "256", "0"])] for v in sys.argv[6].split(";")]
+variants = [[x or d for x, d in zip((v.split(":") + [""] * 7)[:7], ["mse", "1.5e-2", "2", "", "256", "0", "0"])]
+            for v in sys.argv[6].split(";")]
 elastic = ElasticModel.load(art)
 cc = elastic.config.calib
 text = R.refit_calibration(elastic, calib, progress=False)
@@ -41,7 +45,7 @@ starts = _calibration_starts(n, cc.nsamples, cc.seqlen, cc.seed)
 for s in starts:
     used[s : s + 512] = True
 used[n - 24 * 512 - 4096 :] = True
-used[: 32 * cc.seqlen + 4096] = True
+used[: 128 * cc.seqlen + 4096] = True
 free = [s for s in range(0, n - cc.seqlen + 1, cc.seqlen) if not used[s : s + cc.seqlen].any()]
 spread = torch.stack([tokens[free[round(i * (len(free) - 1) / 31)] :][: cc.seqlen] for i in range(32)])
 otokens = tokenize(elastic.base.tokenizer, other, role="eval")
@@ -67,11 +71,14 @@ with torch.no_grad():
 model = runtime.loaded.model
 saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 print(f"{start} at {sparsity} ({time.time()-t:.0f} s): {scores(model)}", flush=True)
-for loss, step, epochs, freeze, length, rank in variants:
+for loss, step, epochs, freeze, length, rank, count in variants:
     model.load_state_dict(saved)
     frozen = [f for f in freeze.split("|") if f]
     RC.prunable_linears = lambda m, b: {k: v for k, v in _pl(m, b).items() if not any(f in k for f in frozen)}
     length = int(length)
     w = windows if length == cc.seqlen else torch.stack([tokens[min(s, n - length):][:length] for s in starts[: len(windows) * cc.seqlen // length]])
+    if int(count) > len(windows):
+        more = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, 32 + int(count) - len(windows))[32:]
+        w = torch.cat([w, more])
     done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
     print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} ({done.seconds:.0f} s): {scores(model)}", flush=True)
