@@ -435,8 +435,7 @@ class PrunedReconstruction:
 
 def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
                        batch_size: int = 8, progress: bool = True, store: StreamStore | None = None,
-                       before_block=None, token_loss: str = "mse", rank: int = 0,
-                       schedule: str = "constant") -> PrunedReconstruction:
+                       before_block=None, token_loss: str = "mse", rank: int = 0) -> PrunedReconstruction:
     """Block-wise reconstruction of a pruned model's kept weights, in place, with every mask fixed:
     block by block in order, the block's prunable weights train (Adam, one of `windows` (n, seqlen)
     token ids per step, `epochs` passes in a seeded order) to match METHOD.md's target, the dense
@@ -472,7 +471,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
                 if before_block is not None:
                     before_block(b, layers)
                 loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress, token_loss,
-                                           rank, schedule)
+                                           rank)
                 if loss is None:
                     restored.append(b)
                 losses.append(float("nan") if loss is None else loss)
@@ -483,7 +482,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
 
 def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
                         targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool,
-                        token_loss: str = "mse", rank: int = 0, schedule: str = "constant") -> float | None:
+                        token_loss: str = "mse", rank: int = 0) -> float | None:
     """`reconstruct_pruned` for one block: its mean loss over the last epoch, or None where a loss or
     gradient turned non-finite (the block's weights then put back as they were). With `rank` > 0 the
     block's kept weights W0 change only by a masked low-rank update, W = W0 + M * (B A) (B zero at
@@ -500,8 +499,6 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                 torch.zeros(w.shape[0], rank, device=w.device)) for w in weights] if rank else []
     optimizer = torch.optim.Adam([t for pair in factors for t in pair] or masters, lr=step * weight_rms(layers))
     n = inputs.shape[0]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * n, eta_min=0.0) \
-        if schedule == "cosine" else None
     total, last = 0.0, None
     try:
         for w in weights:
@@ -527,8 +524,6 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                         for master, grad in zip(masters, grads):
                             master.grad = grad
                     optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
                     with torch.no_grad():
                         for j, w in enumerate(weights):
                             if rank:
