@@ -78,7 +78,8 @@ for loss, step, epochs, freeze, length, rank, count in variants:
     length = int(length)
     w = windows if length == cc.seqlen else torch.stack([tokens[min(s, n - length):][:length] for s in starts[: len(windows) * cc.seqlen // length]])
     if int(count) > len(windows):
-        more = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, 32 + int(count) - len(windows))[32:]
+        chosen = len(text.heldout)  # past the choice windows, the next windows data.heldout_windows gives
+        more = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, chosen + int(count) - len(windows))[chosen:]
         w = torch.cat([w, more])
     done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
     print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} ({done.seconds:.0f} s): {scores(model)}", flush=True)
