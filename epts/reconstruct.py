@@ -435,7 +435,8 @@ class PrunedReconstruction:
 
 def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
                        batch_size: int = 8, progress: bool = True, store: StreamStore | None = None,
-                       before_block=None, token_loss: str = "mse", rank: int = 0) -> PrunedReconstruction:
+                       before_block=None, token_loss: str = "mse", rank: int = 0,
+                       norm_step: float = 0.0) -> PrunedReconstruction:
     """Block-wise reconstruction of a pruned model's kept weights, in place, with every mask fixed:
     block by block in order, the block's prunable weights train (Adam, one of `windows` (n, seqlen)
     token ids per step, `epochs` passes in a seeded order) to match METHOD.md's target, the dense
@@ -471,7 +472,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
                 if before_block is not None:
                     before_block(b, layers)
                 loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress, token_loss,
-                                           rank)
+                                           rank, norm_step)
                 if loss is None:
                     restored.append(b)
                 losses.append(float("nan") if loss is None else loss)
@@ -482,7 +483,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
 
 def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
                         targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool,
-                        token_loss: str = "mse", rank: int = 0) -> float | None:
+                        token_loss: str = "mse", rank: int = 0, norm_step: float = 0.0) -> float | None:
     """`reconstruct_pruned` for one block: its mean loss over the last epoch, or None where a loss or
     gradient turned non-finite (the block's weights then put back as they were). With `rank` > 0 the
     block's kept weights W0 change only by a masked low-rank update, W = W0 + M * (B A) (B zero at
@@ -498,10 +499,15 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
     factors = [((torch.randn(rank, w.shape[1], generator=generator) / math.sqrt(w.shape[1])).to(w.device),
                 torch.zeros(w.shape[0], rank, device=w.device)) for w in weights] if rank else []
     optimizer = torch.optim.Adam([t for pair in factors for t in pair] or masters, lr=step * weight_rms(layers))
+    norms = [p for p in block.parameters() if p.ndim == 1 and p.is_floating_point()] if norm_step else []
+    norm_originals = [p.detach().clone() for p in norms]
+    norm_masters = [p.detach().float().clone() for p in norms]
+    if norms:
+        optimizer.add_param_group({"params": norm_masters, "lr": norm_step})
     n = inputs.shape[0]
     total, last = 0.0, None
     try:
-        for w in weights:
+        for w in weights + norms:
             w.requires_grad_(True)
         with torch.enable_grad(), tqdm(total=epochs * n, desc=runner.name, disable=not progress, leave=False) as bar:
             for epoch in range(epochs):
@@ -513,9 +519,12 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                     value = loss.item()
                     loss.backward()
                     grads = [w.grad.float().mul_(m) for w, m in zip(weights, masks)]
-                    if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                    for master, p in zip(norm_masters, norms):
+                        master.grad = p.grad.float()
+                    if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(
+                            grads + [m.grad for m in norm_masters]))).all()):
                         raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch + 1}")
-                    for w in weights:
+                    for w in weights + norms:
                         w.grad = None
                     if rank:
                         for (a, b), grad in zip(factors, grads):
@@ -531,13 +540,15 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                                 w.copy_(torch.addmm(masters[j], b, a).mul_(masks[j]))
                             else:
                                 w.copy_(masters[j])
+                        for master, p in zip(norm_masters, norms):
+                            p.copy_(master)
                     total += value
                     bar.update()
         last = total / n
     except NonFiniteError as err:
         log.warning("reconstruct: %s: %s; its weights are put back as they were", runner.name, err)
         with torch.no_grad():
-            for w, original in zip(weights, originals):
+            for w, original in zip(weights + norms, originals + norm_originals):
                 w.copy_(original)
     finally:
         for p, flag in trainable.items():

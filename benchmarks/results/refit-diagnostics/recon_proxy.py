@@ -7,14 +7,15 @@ spread over the calibration file and 32 docstring windows from the middle of the
 
     python recon_proxy.py ART CALIB OTHER SPARSITY START VARIANT[;VARIANT...]
 
-VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK:WINDOWS (defaults mse:1.5e-2:2::256:0:): the token loss
+VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK:WINDOWS:NORMSTEP (defaults mse:1.5e-2:2::256:0::0): the token loss
 ("mse" or "relative"), the step as a fraction of the block's weight RMS, the epochs, layer names
 kept out of the training (joined by |, e.g. q_proj|k_proj), the length of the training windows
 (other than the calibration's: the same starts, as many windows as keep the token count), and the
 rank of the masked update (0: every kept weight), and the number of training windows (default: the
 calibration windows; more: the calibration windows, then the next free windows of the calibration file
 after the 32 choice windows, on their grid from its start, which is where `data.heldout_windows` takes
-them). The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
+them), and Adam's absolute step for the block's one-dimensional parameters, its norms' weights and any biases
+(0: they stay). The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
 import sys
 import time
 
@@ -32,7 +33,7 @@ from epts.runtime import RuntimeModel
 torch.set_num_threads(2)
 art, calib, other, sparsity, start = sys.argv[1:6]
 sparsity = float(sparsity)
-variants = [[x or d for x, d in zip((v.split(":") + [""] * 7)[:7], ["mse", "1.5e-2", "2", "", "256", "0", "0"])]
+variants = [[x or d for x, d in zip((v.split(":") + [""] * 8)[:8], ["mse", "1.5e-2", "2", "", "256", "0", "0", "0"])]
             for v in sys.argv[6].split(";")]
 elastic = ElasticModel.load(art)
 cc = elastic.config.calib
@@ -71,7 +72,7 @@ with torch.no_grad():
 model = runtime.loaded.model
 saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 print(f"{start} at {sparsity} ({time.time()-t:.0f} s): {scores(model)}", flush=True)
-for loss, step, epochs, freeze, length, rank, count in variants:
+for loss, step, epochs, freeze, length, rank, count, norm_step in variants:
     model.load_state_dict(saved)
     frozen = [f for f in freeze.split("|") if f]
     RC.prunable_linears = lambda m, b: {k: v for k, v in _pl(m, b).items() if not any(f in k for f in frozen)}
@@ -81,5 +82,7 @@ for loss, step, epochs, freeze, length, rank, count in variants:
         chosen = len(text.heldout)  # past the choice windows, the next windows data.heldout_windows gives
         more = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, chosen + int(count) - len(windows))[chosen:]
         w = torch.cat([w, more])
-    done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
-    print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} ({done.seconds:.0f} s): {scores(model)}", flush=True)
+    done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank),
+                                 norm_step=float(norm_step))
+    print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} norms {norm_step} "
+          f"({done.seconds:.0f} s): {scores(model)}", flush=True)
