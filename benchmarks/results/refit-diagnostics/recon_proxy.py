@@ -39,7 +39,7 @@ from epts.runtime import RuntimeModel
 torch.set_num_threads(2)
 art, calib, other, sparsity, start = sys.argv[1:6]
 sparsity = float(sparsity)
-variants = [[x or d for x, d in zip((v.split(":") + [""] * 8)[:8], ["mse", "1.5e-2", "2", "", "256", "0", "0", "0"])]
+variants = [[x or d for x, d in zip((v.split(":") + [""] * 10)[:10], ["mse", "1.5e-2", "2", "", "256", "0", "0", "0", "0", "1"])]
             for v in sys.argv[6].split(";")]
 elastic = ElasticModel.load(art)
 cc = elastic.config.calib
