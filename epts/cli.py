@@ -519,6 +519,11 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--refit-reconstruct-rank", type=_non_negative_int, default=RefitConfig.reconstruct_rank,
                    help="refit auto: the reconstruction changes each layer's kept weights by a masked update of this "
                         "rank (0: every kept weight trains)")
+    p.add_argument("--refit-tune-epochs", type=_non_negative_int, default=RefitConfig.tune_epochs,
+                   help="refit auto: epochs of the end-to-end tuning after the reconstruction (every pruned block's "
+                        "layers trained together toward the dense model's last hidden state, masks fixed; 0: none)")
+    p.add_argument("--refit-tune-step", type=float, default=RefitConfig.tune_step,
+                   help="refit auto: the end-to-end tuning's Adam step, as a fraction of the layers' weight RMS")
     p.add_argument("--refit-sparsegpt-se", type=float, default=RefitConfig.sparsegpt_se,
                    help="refit auto: keep SparseGPT's solution unless the other candidates' winner has a loss lower "
                         "by more than this many standard errors of the per-window difference (0, the default: the "
@@ -538,10 +543,16 @@ def _refit_config(args) -> RefitConfig:
     changed = [flag for flag, value, default in (
         ("--refit-reconstruct-epochs", args.refit_reconstruct_epochs, RefitConfig.reconstruct_epochs),
         ("--refit-reconstruct-step", args.refit_reconstruct_step, RefitConfig.reconstruct_step),
-        ("--refit-reconstruct-rank", args.refit_reconstruct_rank, RefitConfig.reconstruct_rank)) if value != default]
+        ("--refit-reconstruct-rank", args.refit_reconstruct_rank, RefitConfig.reconstruct_rank),
+        ("--refit-tune-epochs", args.refit_tune_epochs, RefitConfig.tune_epochs),
+        ("--refit-tune-step", args.refit_tune_step, RefitConfig.tune_step)) if value != default]
     if changed and args.refit != "auto":
         raise ValueError(f"{changed[0]} sets the reconstruction of --refit auto's choice, but --refit is {args.refit}: "
                          f"drop {changed[0]}, or pass --refit auto")
+    tuning = [flag for flag in changed if flag.startswith("--refit-tune")]
+    if tuning and args.refit_reconstruct_epochs == 0:
+        raise ValueError(f"{tuning[0]} sets the end-to-end tuning that follows the reconstruction, but "
+                         f"--refit-reconstruct-epochs is 0: drop {tuning[0]}, or give the reconstruction epochs")
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")
@@ -552,7 +563,8 @@ def _refit_config(args) -> RefitConfig:
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
                        sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se,
                        block_candidate=args.refit_block_candidate, reconstruct_epochs=args.refit_reconstruct_epochs,
-                       reconstruct_step=args.refit_reconstruct_step, reconstruct_rank=args.refit_reconstruct_rank)
+                       reconstruct_step=args.refit_reconstruct_step, reconstruct_rank=args.refit_reconstruct_rank,
+                       tune_epochs=args.refit_tune_epochs, tune_step=args.refit_tune_step)
 
 
 def _cmd_export(args) -> None:
@@ -593,7 +605,9 @@ def _cmd_export(args) -> None:
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
             print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
-                print(f"  reconstructed block-wise in {done['reconstruct_seconds']:.0f} s: held-out loss "
+                tuned = f" and tuned end to end ({done['tune_seconds']:.0f} s)" if done.get("tune_loss") is not None \
+                    else f" (no end-to-end tuning: {done['tune_skipped']})" if done.get("tune_skipped") else ""
+                print(f"  reconstructed block-wise{tuned} in {done['reconstruct_seconds']:.0f} s: held-out loss "
                       f"{losses['reconstructed']:.4f}, {'kept' if done['reconstructed'] else 'undone (no lower)'}")
     if "search" in meta:
         found = meta["search"]

@@ -150,7 +150,11 @@ class RefitConfig:
     RMS), and keeps that where it lowers the loss on the choice windows. `reconstruct_rank` (16 by
     default) limits each layer's change to a masked update of that rank, M * (B A); 0 trains every
     kept weight, which on Gemma-3-270M at 0.5 fitted the calibration windows and lost to SparseGPT
-    on every other text, where rank 16 gains on all of them (docs/RECIPE.md)."""
+    on every other text, where rank 16 gains on all of them (docs/RECIPE.md). `tune_epochs` (1 by
+    default; 0: none) then tunes every pruned block's layers together end to end, with a masked update
+    of the same rank, toward the dense model's last hidden state (`reconstruct.tune_end_to_end`: Adam
+    at `tune_step` times the layers' weight RMS), before the reconstruction is scored; a streamed
+    model skips it (it would hold the whole model's activations)."""
 
     mode: str = "auto"
     iters: int = 10
@@ -164,15 +168,21 @@ class RefitConfig:
     reconstruct_epochs: int = 2
     reconstruct_step: float = 3e-2
     reconstruct_rank: int = 16
+    tune_epochs: int = 1
+    tune_step: float = 3e-2
 
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
                               "mask": str, "sparsegpt": bool, "sparsegpt_se": float, "block_candidate": bool,
-                              "reconstruct_epochs": int, "reconstruct_step": float, "reconstruct_rank": int})
+                              "reconstruct_epochs": int, "reconstruct_step": float, "reconstruct_rank": int,
+                              "tune_epochs": int, "tune_step": float})
         if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_step < math.inf or self.reconstruct_rank < 0:
             raise ValueError(f"refit reconstruct_epochs must be >= 0 (0: no reconstruction), reconstruct_step a "
                              f"number > 0 and reconstruct_rank >= 0 (0: every kept weight), got "
                              f"{self.reconstruct_epochs}, {self.reconstruct_step} and {self.reconstruct_rank}")
+        if self.tune_epochs < 0 or not 0 < self.tune_step < math.inf:
+            raise ValueError(f"refit tune_epochs must be >= 0 (0: no end-to-end tuning) and tune_step a number > 0, "
+                             f"got {self.tune_epochs} and {self.tune_step}")
         if self.mode not in REFIT_MODES:
             raise ValueError(f"refit mode {self.mode!r} is not one of {', '.join(REFIT_MODES)}")
         if self.mask not in REFIT_MASKS:

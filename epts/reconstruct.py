@@ -16,13 +16,14 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from . import distributed, hilora
@@ -36,7 +37,7 @@ from .evaluate import peak_rss_mb
 from .importance import InputNormStats, importance_scores, row_ranks
 from .mixer import draw_mix_sparsities, mix_features
 from .models import LoadedModel, check_context, fingerprint
-from .offload import resident
+from .offload import is_streamed, resident
 from .selfcal import SelfCalConfig, self_calibration
 from .streams import StreamStore
 
@@ -435,8 +436,7 @@ class PrunedReconstruction:
 
 def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
                        batch_size: int = 8, progress: bool = True, store: StreamStore | None = None,
-                       before_block=None, token_loss: str = "mse", rank: int = 0,
-                       norm_step: float = 0.0) -> PrunedReconstruction:
+                       before_block=None, token_loss: str = "mse", rank: int = 0) -> PrunedReconstruction:
     """Block-wise reconstruction of a pruned model's kept weights, in place, with every mask fixed:
     block by block in order, the block's prunable weights train (Adam, one of `windows` (n, seqlen)
     token ids per step, `epochs` passes in a seeded order) to match METHOD.md's target, the dense
@@ -472,7 +472,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
                 if before_block is not None:
                     before_block(b, layers)
                 loss = _train_kept_weights(runner, layers, pruned, target, epochs, step, b, progress, token_loss,
-                                           rank, norm_step)
+                                           rank)
                 if loss is None:
                     restored.append(b)
                 losses.append(float("nan") if loss is None else loss)
@@ -483,7 +483,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
 
 def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
                         targets: torch.Tensor, epochs: int, step: float, index: int, progress: bool,
-                        token_loss: str = "mse", rank: int = 0, norm_step: float = 0.0) -> float | None:
+                        token_loss: str = "mse", rank: int = 0) -> float | None:
     """`reconstruct_pruned` for one block: its mean loss over the last epoch, or None where a loss or
     gradient turned non-finite (the block's weights then put back as they were). With `rank` > 0 the
     block's kept weights W0 change only by a masked low-rank update, W = W0 + M * (B A) (B zero at
@@ -499,15 +499,10 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
     factors = [((torch.randn(rank, w.shape[1], generator=generator) / math.sqrt(w.shape[1])).to(w.device),
                 torch.zeros(w.shape[0], rank, device=w.device)) for w in weights] if rank else []
     optimizer = torch.optim.Adam([t for pair in factors for t in pair] or masters, lr=step * weight_rms(layers))
-    norms = [p for p in block.parameters() if p.ndim == 1 and p.is_floating_point()] if norm_step else []
-    norm_originals = [p.detach().clone() for p in norms]
-    norm_masters = [p.detach().float().clone() for p in norms]
-    if norms:
-        optimizer.add_param_group({"params": norm_masters, "lr": norm_step})
     n = inputs.shape[0]
     total, last = 0.0, None
     try:
-        for w in weights + norms:
+        for w in weights:
             w.requires_grad_(True)
         with torch.enable_grad(), tqdm(total=epochs * n, desc=runner.name, disable=not progress, leave=False) as bar:
             for epoch in range(epochs):
@@ -519,12 +514,9 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                     value = loss.item()
                     loss.backward()
                     grads = [w.grad.float().mul_(m) for w, m in zip(weights, masks)]
-                    for master, p in zip(norm_masters, norms):
-                        master.grad = p.grad.float()
-                    if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(
-                            grads + [m.grad for m in norm_masters]))).all()):
+                    if not (math.isfinite(value) and torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
                         raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch + 1}")
-                    for w in weights + norms:
+                    for w in weights:
                         w.grad = None
                     if rank:
                         for (a, b), grad in zip(factors, grads):
@@ -540,18 +532,133 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
                                 w.copy_(torch.addmm(masters[j], b, a).mul_(masks[j]))
                             else:
                                 w.copy_(masters[j])
-                        for master, p in zip(norm_masters, norms):
-                            p.copy_(master)
                     total += value
                     bar.update()
         last = total / n
     except NonFiniteError as err:
         log.warning("reconstruct: %s: %s; its weights are put back as they were", runner.name, err)
         with torch.no_grad():
-            for w, original in zip(weights + norms, originals + norm_originals):
+            for w, original in zip(weights, originals):
                 w.copy_(original)
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
             p.grad = None
     return last
+
+
+@dataclass
+class EndToEndTuning:
+    """What `tune_end_to_end` did: the mean loss of its last epoch (None where it did not run, or
+    where a loss or gradient turned non-finite and every weight was put back), the layers it tuned,
+    the seconds it took, and why it did not run (`skipped`, else None)."""
+
+    loss: float | None
+    layers: int
+    seconds: float
+    skipped: str | None = None
+
+
+class _MaskedUpdate(nn.Module):
+    """A weight's parametrisation W -> W + M * U, M the weight's nonzero pattern (so the sparsity
+    stays) and U = B A of rank `rank` (B zero at the start), or with `rank` 0 a full matrix (zero at
+    the start). Added in float32, then cast to the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.register_buffer("mask", weight.detach().ne(0))
+        rows, cols = weight.shape
+        self.a = nn.Parameter((torch.randn(rank, cols, generator=generator) / math.sqrt(cols)).to(weight.device)) \
+            if rank else None
+        self.b = nn.Parameter(torch.zeros(rows, rank or cols, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        update = self.b if self.a is None else self.b @ self.a
+        return (weight.float() + self.mask * update).to(weight.dtype)
+
+
+def tune_end_to_end(model: nn.Module, base: nn.Module, windows: torch.Tensor, epochs: int, step: float,
+                    rank: int = 16, progress: bool = True, batch_size: int = 8) -> EndToEndTuning:
+    """End-to-end tuning of a pruned causal LM `model` after its block-wise reconstruction, in place:
+    every prunable layer of the blocks with pruned weights changes by a masked update M * U (rank
+    `rank`, 0: every kept weight; `_MaskedUpdate`), all trained together toward `base`'s (the dense
+    model's) last hidden state, after its final norm (what the output embedding reads): mean squared
+    error, Adam at `step` times those layers' weight RMS, one of `windows` (n, seqlen) token ids per
+    step, `epochs` passes in a seeded order. Why: the block-wise targets weigh every block's error
+    alike, and each block is fitted before the blocks after it change; here each layer moves by
+    what its error does at the output (docs/RECIPE.md). It holds every block's weights and, for the
+    backward pass, about two float32 copies of them: a streamed model's blocks are held for the
+    duration where the memory available allows it, else nothing is done (`skipped` says so).
+    Where a loss or gradient turns non-finite every weight is put back, with a warning."""
+    start = time.perf_counter()
+    blocks = decoder_blocks(model)
+    tuned = [block for block in blocks if _has_zeros(model, block)]  # a dense block stays as it is
+    if not tuned or not epochs:
+        return EndToEndTuning(None, 0, time.perf_counter() - start, "no pruned block" if epochs else "no epochs")
+    streamed = is_streamed(blocks[0])
+    if streamed:
+        import psutil
+
+        need = 3 * 4 * sum(p.numel() for block in blocks for p in block.parameters())
+        free = psutil.virtual_memory().available
+        if need > free:
+            log.info("tune end to end: skipped, a streamed model's blocks need about %.1f GiB held, %.1f GiB free",
+                     need / 2**30, free / 2**30)
+            return EndToEndTuning(None, 0, time.perf_counter() - start,
+                                  f"needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB available")
+    device = next(model.parameters()).device
+    with torch.no_grad():  # a streamed base reads each block once per batch
+        targets = torch.cat([base.base_model(windows[i : i + batch_size].to(device), use_cache=False)
+                             .last_hidden_state.float().cpu() for i in range(0, len(windows), batch_size)])
+    with ExitStack() as held:
+        if streamed:
+            for block in blocks:
+                held.enter_context(resident(block, keep=any(block is t for t in tuned)))
+        layers = [layer for block in tuned for layer in prunable_linears(model, block).values()]
+        loss = _tune_layers(model, layers, windows, targets, epochs, step, rank, progress, device)
+    return EndToEndTuning(loss, len(layers), time.perf_counter() - start)
+
+
+def _has_zeros(model: nn.Module, block: nn.Module) -> bool:
+    with resident(block):
+        return any(bool(layer.weight.eq(0).any()) for layer in prunable_linears(model, block).values())
+
+
+def _tune_layers(model: nn.Module, layers: list[nn.Linear], windows: torch.Tensor, targets: torch.Tensor,
+                 epochs: int, step: float, rank: int, progress: bool, device: torch.device) -> float | None:
+    """`tune_end_to_end`'s training, every block's weights held: its last-epoch mean loss, or None
+    where it turned non-finite (the weights then as they were)."""
+    generator = torch.Generator().manual_seed(0)
+    updates = [_MaskedUpdate(layer.weight, rank, generator) for layer in layers]
+    optimizer = torch.optim.Adam([p for update in updates for p in update.parameters()],
+                                 lr=step * weight_rms(dict(enumerate(layers))))
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    for layer, update in zip(layers, updates):
+        parametrize.register_parametrization(layer, "weight", update)
+    total, kept = 0.0, False
+    try:
+        with torch.enable_grad(), tqdm(total=epochs * len(windows), desc="tune end to end", disable=not progress) as bar:
+            for epoch in range(epochs):
+                total = 0.0
+                for i in torch.randperm(len(windows), generator=generator).tolist():
+                    out = model.base_model(windows[i : i + 1].to(device), use_cache=False).last_hidden_state.float()
+                    loss = F.mse_loss(out, targets[i : i + 1].to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grads = [p.grad for update in updates for p in update.parameters()]
+                    if not (math.isfinite(loss.item()) and torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                        raise NonFiniteError(f"non-finite loss or gradient at epoch {epoch + 1}")
+                    optimizer.step()
+                    total += loss.item()
+                    bar.update()
+        kept = True
+    except NonFiniteError as err:
+        log.warning("tune end to end: %s; every weight is put back as it was", err)
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=kept)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    return total / len(windows) if kept else None

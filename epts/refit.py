@@ -45,7 +45,7 @@ from .hilora import active_adapters
 from .importance import Pattern, mask_from_ranks
 from .models import LoadedModel
 from .offload import is_streamed, resident
-from .reconstruct import reconstruct_pruned
+from .reconstruct import reconstruct_pruned, tune_end_to_end
 from .selfcal import SOURCE as SELF_GENERATED
 from .selfcal import regenerate
 from .streams import StreamStore
@@ -66,7 +66,10 @@ class RefitReport:
     `difference_se` is the standard error (nats) of the paired per-window difference between the
     other candidates' winner and SparseGPT's solution, where that was scored. `reconstructed`: whether
     the winner's block-wise reconstruction (`RefitConfig.reconstruct_epochs`, scored as
-    "reconstructed") was kept (None where none was made), and the seconds it took."""
+    "reconstructed", with its end-to-end tuning) was kept (None where none was made), and the seconds
+    it took; `tune_loss` the tuning's last-epoch loss (None where it did not run or was undone for a
+    non-finite loss), `tune_seconds` its share of those seconds and `tune_skipped` why it did not
+    run, where it did not (a streamed model too large to hold)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -79,13 +82,17 @@ class RefitReport:
     difference_se: float | None = None
     reconstructed: bool | None = None
     reconstruct_seconds: float = 0.0
+    tune_loss: float | None = None
+    tune_seconds: float = 0.0
+    tune_skipped: str | None = None
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "choices": self.choices, "errors": [list(e) for e in self.errors],
                 "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds,
                 "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
                 "difference_se": self.difference_se, "reconstructed": self.reconstructed,
-                "reconstruct_seconds": self.reconstruct_seconds}
+                "reconstruct_seconds": self.reconstruct_seconds, "tune_loss": self.tune_loss,
+                "tune_seconds": self.tune_seconds, "tune_skipped": self.tune_skipped}
 
 
 @dataclass
@@ -434,19 +441,26 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
     scored as "reconstructed"; kept where its loss is lower than the winner's, else undone from copies.
     Records the outcome on `current`. Why: the refit solves each layer on its own input, the
     reconstruction the whole block against the dense model's stream, which also takes out the error
-    the blocks before it left (docs/RECIPE.md)."""
+    the blocks before it left (docs/RECIPE.md). With `config.tune_epochs`, every pruned block is then
+    tuned end to end (`reconstruct.tune_end_to_end`)."""
     with _Saved(model) as saved:
         done = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
                                   config.reconstruct_step, batch_size, progress, store, before_block=saved.keep,
                                   rank=config.reconstruct_rank)
+        seconds = done.seconds
+        if config.tune_epochs:
+            tuned = tune_end_to_end(model.model, elastic.base.model, windows, config.tune_epochs, config.tune_step,
+                                    config.reconstruct_rank, progress, batch_size)
+            current.tune_loss, current.tune_seconds, current.tune_skipped = tuned.loss, tuned.seconds, tuned.skipped
+            seconds += tuned.seconds
         score("reconstructed")
         keep = losses["reconstructed"] < losses[current.chosen]
-        log.info("refit auto: held-out loss %.4f reconstructed block-wise (%.0f s), %.4f as chosen (%s): %s",
-                 losses["reconstructed"], done.seconds, losses[current.chosen], current.chosen,
+        log.info("refit auto: held-out loss %.4f reconstructed (%.0f s), %.4f as chosen (%s): %s",
+                 losses["reconstructed"], seconds, losses[current.chosen], current.chosen,
                  "reconstructed" if keep else "as chosen")
         if not keep:
             saved.restore(model)
-    current.reconstructed, current.reconstruct_seconds = keep, done.seconds
+    current.reconstructed, current.reconstruct_seconds = keep, seconds
 
 
 class _Saved(dict):

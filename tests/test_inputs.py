@@ -468,6 +468,14 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
                                         f"{RefitConfig.reconstruct_rank}"),
     (("--refit-reconstruct-step", "inf"), f"got {RefitConfig.reconstruct_epochs}, inf and "
                                           f"{RefitConfig.reconstruct_rank}"),
+    (("--refit", "all", "--refit-tune-epochs", "2"), "--refit-tune-epochs sets the reconstruction of --refit auto's "
+                                                     "choice, but --refit is all"),
+    (("--refit-reconstruct-epochs", "0", "--refit-tune-step", "1e-2"),
+     "--refit-tune-step sets the end-to-end tuning that follows the reconstruction, but --refit-reconstruct-epochs "
+     "is 0: drop --refit-tune-step, or give the reconstruction epochs"),
+    (("--refit-tune-step", "-1"), f"refit tune_epochs must be >= 0 (0: no end-to-end tuning) and tune_step a number "
+                                  f"> 0, got {RefitConfig.tune_epochs} and -1.0"),
+    (("--refit-tune-step", "nan"), f"got {RefitConfig.tune_epochs} and nan"),
 ])
 def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, flags, expected):
     message = cli_error(capsys, "export", artifact, "--sparsity", "0.5", "--out", tmp_path / "out", *flags)
@@ -477,7 +485,7 @@ def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, f
 
 @pytest.mark.parametrize("value, expected", [("-1", "must be an integer >= 0, got -1"),
                                              ("two", "invalid _non_negative_int value: 'two'")])
-@pytest.mark.parametrize("flag", ["--refit-reconstruct-epochs", "--refit-reconstruct-rank"])
+@pytest.mark.parametrize("flag", ["--refit-reconstruct-epochs", "--refit-reconstruct-rank", "--refit-tune-epochs"])
 def test_a_reconstruction_epoch_count_or_rank_that_is_not_one_is_refused_by_the_parser(capsys, tmp_path, artifact,
                                                                                        value, expected, flag):
     with pytest.raises(SystemExit) as exit_:

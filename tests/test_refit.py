@@ -136,7 +136,7 @@ def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=Tr
 def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_lower(elastic_tiny, monkeypatch, loss,
                                                                                       kept, streamed):
     import epts.refit as refit_module
-    from epts.reconstruct import reconstruct_pruned
+    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
     monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
     elastic, windows = elastic_tiny
@@ -146,12 +146,18 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
     chosen = _weights(model)
     reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
                        rank=RefitConfig.reconstruct_rank)
-    rebuilt = _weights(model)
+    blockwise = _weights(model)
+    tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
+                    RefitConfig.reconstruct_rank, progress=False)
+    rebuilt = _weights(model)  # the reconstruction, then its end-to-end tuning
+    assert all(torch.equal(x == 0, y == 0) for x, y in zip(rebuilt, blockwise))
+    assert any(not torch.equal(x, y) for x, y in zip(rebuilt, blockwise))
     model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, loss), block_candidate=False,
                                  reconstruct_epochs=1)
     assert report.chosen == "all" and report.losses == {"bare": 2.0, "all": 1.0, "reconstructed": loss}
     assert report.reconstructed is kept and report.to_dict()["reconstructed"] is kept
-    assert report.reconstruct_seconds > 0 and report.choices == ["refit"] * 3
+    assert report.reconstruct_seconds > report.tune_seconds > 0 and report.choices == ["refit"] * 3
+    assert report.tune_loss > 0 and report.tune_skipped is None and report.to_dict()["tune_loss"] == report.tune_loss
     # Exactly the reconstruction of the winner, or exactly the winner; the masks are the winner's either way.
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), rebuilt if kept else chosen))
     assert all(torch.equal(x == 0, y == 0) for x, y in zip(rebuilt, chosen))
@@ -323,7 +329,7 @@ def test_refit_auto_on_one_choice_window_records_no_standard_error(elastic_tiny,
 
 def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(elastic_tiny, caplog):
     from epts.evaluate import mean_nll
-    from epts.reconstruct import reconstruct_pruned
+    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
     elastic, windows = elastic_tiny
     plan = {b: 0.6 for b in range(3)}
@@ -340,6 +346,8 @@ def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(el
     assert plain.losses == pytest.approx(expected, rel=1e-4) and plain.reconstructed is None
     reconstruct_pruned(models[winner].model, elastic.base.model, windows, RefitConfig.reconstruct_epochs,
                        RefitConfig.reconstruct_step, progress=False, rank=RefitConfig.reconstruct_rank)
+    tune_end_to_end(models[winner].model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
+                    RefitConfig.reconstruct_rank, progress=False)
     expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
     report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
     assert report.losses == pytest.approx(expected, rel=1e-4)

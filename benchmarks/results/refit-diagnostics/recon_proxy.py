@@ -7,29 +7,26 @@ spread over the calibration file and 32 docstring windows from the middle of the
 
     python recon_proxy.py ART CALIB OTHER SPARSITY START VARIANT[;VARIANT...]
 
-VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK:WINDOWS:NORMSTEP:E2ESTEP:E2EEPOCHS
-(defaults mse:1.5e-2:2::256:0::0:0:1): the token loss
+VARIANT is LOSS:STEP:EPOCHS:FROZEN:LENGTH:RANK:WINDOWS:TUNESTEP:TUNEEPOCHS
+(defaults mse:1.5e-2:2::256:0::0:1): the token loss
 ("mse" or "relative"), the step as a fraction of the block's weight RMS, the epochs, layer names
 kept out of the training (joined by |, e.g. q_proj|k_proj), the length of the training windows
 (other than the calibration's: the same starts, as many windows as keep the token count), and the
 rank of the masked update (0: every kept weight), and the number of training windows (default: the
 calibration windows; more: the calibration windows, then the next free windows of the calibration file
 after the 32 choice windows, on their grid from its start, which is where `data.heldout_windows` takes
-them), and Adam's absolute step for the block's one-dimensional parameters, its norms' weights and any biases
-(0: they stay), and then an end-to-end stage (E2ESTEP > 0): a new masked rank-RANK update of every prunable
-layer, all trained together for E2EEPOCHS over the training windows, Adam at E2ESTEP x the layers' weight RMS,
-toward the dense model's last hidden state (after the final norm: what the output embedding reads). The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
+them), and then, with TUNESTEP > 0, the end-to-end tuning (`reconstruct.tune_end_to_end`) at that step for
+TUNEEPOCHS over the training windows, at rank RANK, scored after the block-wise result. (At 00e1f25 to 4e2f4c4
+an eighth field, NORMSTEP, gave the block's norms an Adam step in the block-wise stage, and the script had its
+own copy of the tuning.) The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
 
 import epts.reconstruct as RC
 import epts.refit as R
-from epts.arch import decoder_blocks, prunable_linears as _pl
+from epts.arch import prunable_linears as _pl
 from epts.artifact import ElasticModel
 from epts.config import RefitConfig
 from epts.data import _calibration_starts, heldout_windows, tokenize
@@ -39,7 +36,7 @@ from epts.runtime import RuntimeModel
 torch.set_num_threads(2)
 art, calib, other, sparsity, start = sys.argv[1:6]
 sparsity = float(sparsity)
-variants = [[x or d for x, d in zip((v.split(":") + [""] * 10)[:10], ["mse", "1.5e-2", "2", "", "256", "0", "0", "0", "0", "1"])]
+variants = [[x or d for x, d in zip((v.split(":") + [""] * 9)[:9], ["mse", "1.5e-2", "2", "", "256", "0", "0", "0", "1"])]
             for v in sys.argv[6].split(";")]
 elastic = ElasticModel.load(art)
 cc = elastic.config.calib
@@ -68,45 +65,6 @@ def scores(model):
     return {k: round(float(blockwise_window_nll(model, w, 8).mean() / (w.shape[1] - 1)), 4) for k, w in sets.items()}
 
 
-class MaskedLowRank(nn.Module):
-    """W -> W + M * (B A), M the weight's nonzero pattern at the start (B zero: the identity at first)."""
-
-    def __init__(self, weight, rank, generator):
-        super().__init__()
-        self.register_buffer("mask", weight.detach().ne(0))
-        self.a = nn.Parameter(torch.randn(rank, weight.shape[1], generator=generator) / weight.shape[1] ** 0.5)
-        self.b = nn.Parameter(torch.zeros(weight.shape[0], rank))
-
-    def forward(self, weight):
-        return weight + self.mask * (self.b @ self.a)
-
-
-def end_to_end(model, base, windows, step, epochs, rank):
-    layers = [layer for block in decoder_blocks(model) for layer in _pl(model, block).values()]
-    scale = (sum(float(l.weight.pow(2).sum()) for l in layers) / sum(l.weight.numel() for l in layers)) ** 0.5
-    generator = torch.Generator().manual_seed(0)
-    model.requires_grad_(False)
-    updates = [MaskedLowRank(layer.weight, rank, generator) for layer in layers]
-    for layer, update in zip(layers, updates):
-        parametrize.register_parametrization(layer, "weight", update)
-    optimizer = torch.optim.Adam([p for u in updates for p in u.parameters()], lr=step * scale)
-    with torch.no_grad():
-        targets = [base.model(windows[i : i + 1]).last_hidden_state for i in range(len(windows))]
-    t, last = time.time(), 0.0
-    for _ in range(epochs):
-        last = 0.0
-        for i in torch.randperm(len(windows), generator=generator).tolist():
-            loss = F.mse_loss(model.model(windows[i : i + 1]).last_hidden_state, targets[i])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            last += loss.item() / len(windows)
-    with torch.no_grad():
-        for layer in layers:
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return last, time.time() - t
-
-
 runtime = RuntimeModel(elastic)
 runtime.set_sparsity(sparsity)
 plan = runtime.sparsity
@@ -117,7 +75,7 @@ with torch.no_grad():
 model = runtime.loaded.model
 saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 print(f"{start} at {sparsity} ({time.time()-t:.0f} s): {scores(model)}", flush=True)
-for loss, step, epochs, freeze, length, rank, count, norm_step, e2e_step, e2e_epochs in variants:
+for loss, step, epochs, freeze, length, rank, count, tune_step, tune_epochs in variants:
     model.load_state_dict(saved)
     frozen = [f for f in freeze.split("|") if f]
     RC.prunable_linears = lambda m, b: {k: v for k, v in _pl(m, b).items() if not any(f in k for f in frozen)}
@@ -127,11 +85,10 @@ for loss, step, epochs, freeze, length, rank, count, norm_step, e2e_step, e2e_ep
         chosen = len(text.heldout)  # past the choice windows, the next windows data.heldout_windows gives
         more = heldout_windows(tokens, cc.nsamples, cc.seqlen, cc.seed, chosen + int(count) - len(windows))[chosen:]
         w = torch.cat([w, more])
-    done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank),
-                                 norm_step=float(norm_step))
-    print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} norms {norm_step} "
+    done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
+    print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} "
           f"({done.seconds:.0f} s): {scores(model)}", flush=True)
-    if float(e2e_step):
-        value, seconds = end_to_end(model, elastic.base.model, w, float(e2e_step), int(e2e_epochs), int(rank))
-        print(f"  + end to end, step {e2e_step} x {e2e_epochs}, rank {rank} (last-epoch loss {value:.4g}, {seconds:.0f} s): "
-              f"{scores(model)}", flush=True)
+    if float(tune_step):
+        tuned = RC.tune_end_to_end(model, elastic.base.model, w, int(tune_epochs), float(tune_step), int(rank), False)
+        print(f"  + end to end, step {tune_step} x {tune_epochs}, rank {rank} (last-epoch loss {tuned.loss:.4g}, "
+              f"{tuned.seconds:.0f} s): {scores(model)}", flush=True)
