@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         report = refit(elastic, runtime.loaded, runtime.sparsity, windows, config, progress=False, heldout=choice)
         ppl = math.exp(mean_nll(runtime.loaded.model, held))
         blocks = "".join({"refit": "R", "sparsegpt": "S"}.get(c, "a") for c in report.choices)
-        rebuilt = "+reconstructed" if report.reconstructed else ""
+        rebuilt = "+tuned" if report.tuned else "+reconstructed" if report.reconstructed else ""
         chose = f"{report.chosen}{rebuilt} " + " ".join(f"{k}={v:.4f}" for k, v in report.losses.items()) \
             if config.mode == "auto" else "-"
         mode = ":auto" if config.mode == "auto" else ""

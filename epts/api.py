@@ -220,7 +220,7 @@ def export(
         if "refit" in extra:
             chosen = extra["refit"]["chosen"]
             solution = " (SparseGPT's solution)" if chosen == "sparsegpt" else ""
-            tuned = " and tuned end to end" if extra["refit"]["tune_loss"] is not None else ""
+            tuned = " and tuned end to end" if extra["refit"]["tuned"] else ""
             rebuilt = f", then reconstructed block-wise{tuned}" if extra["refit"]["reconstructed"] else ""
             details["refit (kept weights re-solved on the calibration)"] = (
                 f"{refit.mode}{f' (chose {chosen})' if chosen else ''}: {extra['refit']['refit_blocks']} of "

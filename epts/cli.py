@@ -605,10 +605,14 @@ def _cmd_export(args) -> None:
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
             print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
-                tuned = f" and tuned end to end ({done['tune_seconds']:.0f} s)" if done.get("tune_loss") is not None \
-                    else f" (no end-to-end tuning: {done['tune_skipped']})" if done.get("tune_skipped") else ""
-                print(f"  reconstructed block-wise{tuned} in {done['reconstruct_seconds']:.0f} s: held-out loss "
-                      f"{losses['reconstructed']:.4f}, {'kept' if done['reconstructed'] else 'undone (no lower)'}")
+                print(f"  reconstructed block-wise: held-out loss {losses['reconstructed']:.4f}")
+                if "tuned" in losses:
+                    print(f"  then tuned end to end ({done['tune_seconds']:.0f} s): held-out loss {losses['tuned']:.4f}")
+                elif done.get("tune_skipped"):
+                    print(f"  no end-to-end tuning: {done['tune_skipped']}")
+                kept = "tuned end to end" if done["tuned"] else "reconstructed block-wise" if done["reconstructed"] \
+                    else "undone (no lower)"
+                print(f"  {done['reconstruct_seconds']:.0f} s in all; kept: {kept}")
     if "search" in meta:
         found = meta["search"]
         print(f"search: calibration loss {found['start_loss']:.4f} -> {found['loss']:.4f} "

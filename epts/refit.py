@@ -66,10 +66,11 @@ class RefitReport:
     `difference_se` is the standard error (nats) of the paired per-window difference between the
     other candidates' winner and SparseGPT's solution, where that was scored. `reconstructed`: whether
     the winner's block-wise reconstruction (`RefitConfig.reconstruct_epochs`, scored as
-    "reconstructed", with its end-to-end tuning) was kept (None where none was made), and the seconds
-    it took; `tune_loss` the tuning's last-epoch loss (None where it did not run or was undone for a
-    non-finite loss), `tune_seconds` its share of those seconds and `tune_skipped` why it did not
-    run, where it did not (a streamed model too large to hold)."""
+    "reconstructed", or then tuned end to end, "tuned") was kept (None where none was made), and the
+    seconds it took; `tuned` whether the tuning was (None where it did not run), `tune_loss` its
+    last-epoch training loss (None where it did not run or was undone for a non-finite loss),
+    `tune_seconds` its share of those seconds and `tune_skipped` why it did not run, where it did
+    not (a streamed model too large to hold)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -82,6 +83,7 @@ class RefitReport:
     difference_se: float | None = None
     reconstructed: bool | None = None
     reconstruct_seconds: float = 0.0
+    tuned: bool | None = None
     tune_loss: float | None = None
     tune_seconds: float = 0.0
     tune_skipped: str | None = None
@@ -91,8 +93,8 @@ class RefitReport:
                 "refit_blocks": self.choices.count("refit") + self.choices.count("sparsegpt"), "seconds": self.seconds,
                 "chosen": self.chosen, "losses": self.losses, "scored_on": self.scored_on, "mask": self.mask,
                 "difference_se": self.difference_se, "reconstructed": self.reconstructed,
-                "reconstruct_seconds": self.reconstruct_seconds, "tune_loss": self.tune_loss,
-                "tune_seconds": self.tune_seconds, "tune_skipped": self.tune_skipped}
+                "reconstruct_seconds": self.reconstruct_seconds, "tuned": self.tuned,
+                "tune_loss": self.tune_loss, "tune_seconds": self.tune_seconds, "tune_skipped": self.tune_skipped}
 
 
 @dataclass
@@ -437,30 +439,42 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
                              batch_size: int, progress: bool, store: StreamStore | None, current: RefitReport,
                              score: Callable[[str], None], losses: dict[str, float]) -> None:
     """For "auto" with `config.reconstruct_epochs`: the `current` winner, as `model` holds it, trained
-    block by block toward the dense model with its masks fixed (`reconstruct.reconstruct_pruned`), and
-    scored as "reconstructed"; kept where its loss is lower than the winner's, else undone from copies.
-    Records the outcome on `current`. Why: the refit solves each layer on its own input, the
-    reconstruction the whole block against the dense model's stream, which also takes out the error
-    the blocks before it left (docs/RECIPE.md). With `config.tune_epochs`, every pruned block is then
-    tuned end to end (`reconstruct.tune_end_to_end`)."""
+    block by block toward the dense model with its masks fixed (`reconstruct.reconstruct_pruned`) and
+    scored as "reconstructed"; with `config.tune_epochs`, that then tuned end to end
+    (`reconstruct.tune_end_to_end`) and scored as "tuned". The lowest of the three losses is kept, the
+    others undone from copies. Records the outcome on `current`. Why the reconstruction: the refit
+    solves each layer on its own input, the reconstruction the whole block against the dense model's
+    stream, which also takes out the error the blocks before it left. Why the tuning is scored on its
+    own: toward the last hidden state it gains on Gemma-3 and loses on SmolLM2 (docs/RECIPE.md)."""
     with _Saved(model) as saved:
         done = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
                                   config.reconstruct_step, batch_size, progress, store, before_block=saved.keep,
                                   rank=config.reconstruct_rank)
-        seconds = done.seconds
-        if config.tune_epochs:
-            tuned = tune_end_to_end(model.model, elastic.base.model, windows, config.tune_epochs, config.tune_step,
-                                    config.reconstruct_rank, progress, batch_size)
-            current.tune_loss, current.tune_seconds, current.tune_skipped = tuned.loss, tuned.seconds, tuned.skipped
-            seconds += tuned.seconds
         score("reconstructed")
-        keep = losses["reconstructed"] < losses[current.chosen]
-        log.info("refit auto: held-out loss %.4f reconstructed (%.0f s), %.4f as chosen (%s): %s",
-                 losses["reconstructed"], seconds, losses[current.chosen], current.chosen,
-                 "reconstructed" if keep else "as chosen")
-        if not keep:
+        best = "reconstructed" if losses["reconstructed"] < losses[current.chosen] else current.chosen
+        log.info("refit auto: held-out loss %.4f reconstructed block-wise (%.0f s), %.4f as chosen (%s)",
+                 losses["reconstructed"], done.seconds, losses[current.chosen], current.chosen)
+        if config.tune_epochs:
+            with _Saved(model) as blockwise:
+                if best == "reconstructed":  # copies of the reconstruction, to undo a tuning that loses
+                    blockwise.keep_blocks(model, list(saved))
+                tuned = tune_end_to_end(model.model, elastic.base.model, windows, config.tune_epochs,
+                                        config.tune_step, config.reconstruct_rank, progress, batch_size)
+                current.tune_loss, current.tune_seconds, current.tune_skipped = tuned.loss, tuned.seconds, tuned.skipped
+                if tuned.loss is not None:
+                    score("tuned")
+                    log.info("refit auto: held-out loss %.4f tuned end to end (%.0f s)", losses["tuned"],
+                             tuned.seconds)
+                    current.tuned = losses["tuned"] < losses[best]
+                    if current.tuned:
+                        best = "tuned"
+                    elif best == "reconstructed":
+                        blockwise.restore(model)
+        log.info("refit auto: kept %s", best)
+        if best == current.chosen:
             saved.restore(model)
-    current.reconstructed, current.reconstruct_seconds = keep, seconds
+    current.reconstructed = best != current.chosen
+    current.reconstruct_seconds = done.seconds + current.tune_seconds
 
 
 class _Saved(dict):
@@ -481,6 +495,12 @@ class _Saved(dict):
 
     def keep(self, block: int, layers: dict[str, torch.nn.Linear]) -> None:
         self[block] = {name: self.store.clone(layer.weight.detach()) for name, layer in layers.items()}
+
+    def keep_blocks(self, model: LoadedModel, indices: list[int]) -> None:
+        blocks = decoder_blocks(model.model)
+        for b in indices:
+            with resident(blocks[b]):
+                self.keep(b, prunable_linears(model.model, blocks[b]))
 
     def restore(self, model: LoadedModel, only: list[int] | None = None) -> None:
         """Put the copied weights back (a streamed block's into its scratch file), of the blocks in

@@ -132,9 +132,11 @@ def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=Tr
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the reconstruction undone from RAM or from scratch files
-@pytest.mark.parametrize("loss, kept", [(0.5, True), (1.5, False)])
-def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_lower(elastic_tiny, monkeypatch, loss,
-                                                                                      kept, streamed):
+@pytest.mark.parametrize("rebuilt_loss, tuned_loss, kept", [(0.5, 0.4, "tuned"), (0.5, 0.6, "reconstructed"),
+                                                           (1.5, 1.6, "all"), (1.5, 0.9, "tuned")])
+def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_lower(elastic_tiny, monkeypatch,
+                                                                                      rebuilt_loss, tuned_loss, kept,
+                                                                                      streamed):
     import epts.refit as refit_module
     from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
@@ -149,19 +151,22 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
     blockwise = _weights(model)
     tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
                     RefitConfig.reconstruct_rank, progress=False)
-    rebuilt = _weights(model)  # the reconstruction, then its end-to-end tuning
-    assert all(torch.equal(x == 0, y == 0) for x, y in zip(rebuilt, blockwise))
-    assert any(not torch.equal(x, y) for x, y in zip(rebuilt, blockwise))
-    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, loss), block_candidate=False,
-                                 reconstruct_epochs=1)
-    assert report.chosen == "all" and report.losses == {"bare": 2.0, "all": 1.0, "reconstructed": loss}
-    assert report.reconstructed is kept and report.to_dict()["reconstructed"] is kept
+    tuned = _weights(model)  # the reconstruction, then its end-to-end tuning
+    assert all(torch.equal(x == 0, y == 0) for x, y in zip(tuned, blockwise))
+    assert any(not torch.equal(x, y) for x, y in zip(tuned, blockwise))
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, rebuilt_loss, tuned_loss),
+                                 block_candidate=False, reconstruct_epochs=1)
+    assert report.chosen == "all"
+    assert report.losses == {"bare": 2.0, "all": 1.0, "reconstructed": rebuilt_loss, "tuned": tuned_loss}
+    assert report.reconstructed is (kept != "all") and report.to_dict()["reconstructed"] is (kept != "all")
+    assert report.tuned is (kept == "tuned") and report.to_dict()["tuned"] is (kept == "tuned")
     assert report.reconstruct_seconds > report.tune_seconds > 0 and report.choices == ["refit"] * 3
     assert report.tune_loss > 0 and report.tune_skipped is None and report.to_dict()["tune_loss"] == report.tune_loss
-    # Exactly the reconstruction of the winner, or exactly the winner; the masks are the winner's either way.
-    assert all(torch.equal(x, y) for x, y in zip(_weights(model), rebuilt if kept else chosen))
-    assert all(torch.equal(x == 0, y == 0) for x, y in zip(rebuilt, chosen))
-    assert any(not torch.equal(x, y) for x, y in zip(rebuilt, chosen))
+    # Exactly the one kept of the winner, its reconstruction and that tuned; the masks are the winner's.
+    expected = {"all": chosen, "reconstructed": blockwise, "tuned": tuned}[kept]
+    assert all(torch.equal(x, y) for x, y in zip(_weights(model), expected))
+    assert all(torch.equal(x == 0, y == 0) for x, y in zip(tuned, chosen))
+    assert any(not torch.equal(x, y) for x, y in zip(blockwise, chosen))
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again
@@ -346,12 +351,15 @@ def test_refit_auto_scores_the_real_loss_and_says_when_it_has_no_heldout_text(el
     assert plain.losses == pytest.approx(expected, rel=1e-4) and plain.reconstructed is None
     reconstruct_pruned(models[winner].model, elastic.base.model, windows, RefitConfig.reconstruct_epochs,
                        RefitConfig.reconstruct_step, progress=False, rank=RefitConfig.reconstruct_rank)
+    expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
     tune_end_to_end(models[winner].model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
                     RefitConfig.reconstruct_rank, progress=False)
-    expected["reconstructed"] = mean_nll(models[winner].model, heldout, 8)
+    expected["tuned"] = mean_nll(models[winner].model, heldout, 8)
     report = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False, heldout=heldout)
     assert report.losses == pytest.approx(expected, rel=1e-4)
-    assert report.chosen == winner and report.reconstructed == (expected["reconstructed"] < expected[winner])
+    best = min(("reconstructed", "tuned"), key=expected.get)
+    assert report.chosen == winner and report.reconstructed == (expected[best] < expected[winner])
+    assert report.tuned == (expected["tuned"] < min(expected["reconstructed"], expected[winner]))
     with caplog.at_level("WARNING"):
         fallback = refit(elastic, elastic.materialize(plan), plan, windows, "auto", progress=False)
     assert fallback.scored_on == "calibration" and "no held-out text" in caplog.text
@@ -380,8 +388,8 @@ def test_refit_auto_with_no_adapter_served_runs_one_pass(elastic_tiny):
     won = "sparsegpt" if scored.losses["sparsegpt"] < scored.losses["bare"] else "bare"
     assert scored.choices == [{"sparsegpt": "sparsegpt", "bare": "refit"}[won]] * 3 and scored.chosen == won
     # The reconstruction alone also makes a choice: the refit, against it reconstructed.
-    assert set(rebuilt.losses) == {"bare", "reconstructed"} and rebuilt.scored_on == "heldout"
-    assert rebuilt.reconstructed == (rebuilt.losses["reconstructed"] < rebuilt.losses["bare"])
+    assert set(rebuilt.losses) == {"bare", "reconstructed", "tuned"} and rebuilt.scored_on == "heldout"
+    assert rebuilt.reconstructed == (min(rebuilt.losses["reconstructed"], rebuilt.losses["tuned"]) < rebuilt.losses["bare"])
 
 
 def test_refit_bare_touches_only_the_blocks_served_without_an_adapter(elastic_tiny, monkeypatch):
