@@ -153,8 +153,9 @@ class RefitConfig:
     on every other text, where rank 16 gains on all of them (docs/RECIPE.md). `tune_epochs` (1 by
     default; 0: none) then tunes every pruned block's layers together end to end, with a masked update
     of the same rank, toward the dense model's last hidden state (`reconstruct.tune_end_to_end`: Adam
-    at `tune_step` times the layers' weight RMS), before the reconstruction is scored; a streamed
-    model skips it (it would hold the whole model's activations)."""
+    at `tune_step` times the layers' weight RMS), scored on the choice windows too: the lowest of the
+    winner, its reconstruction and that tuned is kept. A streamed model too large to hold in memory
+    skips the tuning."""
 
     mode: str = "auto"
     iters: int = 10
