@@ -466,7 +466,7 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
             with torch.no_grad():
                 target = calls.runner(b, base_blocks[b]).run(dense)
             layers = prunable_linears(model, held)
-            if all(bool(layer.weight.ne(0).all()) for layer in layers.values()):  # a dense block: nothing to fit
+            if not _has_zeros(layers.values()):  # a dense block: nothing to fit
                 losses.append(float("nan"))
             else:
                 if before_block is not None:
@@ -479,6 +479,19 @@ def reconstruct_pruned(model: nn.Module, base: nn.Module, windows: torch.Tensor,
             with torch.no_grad():
                 pruned, dense = runner.run(pruned), target
     return PrunedReconstruction(losses, restored, time.perf_counter() - start)
+
+
+def _has_zeros(layers) -> bool:
+    """Whether any of `layers` (nn.Linear) has a pruned (zero) weight: a block without is dense."""
+    return any(bool(layer.weight.eq(0).any()) for layer in layers)
+
+
+def _low_rank_factors(weight: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of a low-rank update B A of `weight` (rows, cols), float32 on its device: A (rank,
+    cols) drawn from `generator` with variance 1 / cols, B (rows, rank) zero, so the update starts at zero."""
+    rows, cols = weight.shape
+    return ((torch.randn(rank, cols, generator=generator) / math.sqrt(cols)).to(weight.device),
+            torch.zeros(rows, rank, device=weight.device))
 
 
 def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], inputs: torch.Tensor,
@@ -496,8 +509,7 @@ def _train_kept_weights(runner: BlockRunner, layers: dict[str, nn.Linear], input
     originals = [w.detach().clone() for w in weights]
     masters = [w.detach().float().clone() for w in weights]  # float32 master weights, whatever the layer's dtype
     generator = _block_generator(0, index)
-    factors = [((torch.randn(rank, w.shape[1], generator=generator) / math.sqrt(w.shape[1])).to(w.device),
-                torch.zeros(w.shape[0], rank, device=w.device)) for w in weights] if rank else []
+    factors = [_low_rank_factors(w, rank, generator) for w in weights] if rank else []
     optimizer = torch.optim.Adam([t for pair in factors for t in pair] or masters, lr=step * weight_rms(layers))
     n = inputs.shape[0]
     total, last = 0.0, None
@@ -567,10 +579,11 @@ class _MaskedUpdate(nn.Module):
     def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator):
         super().__init__()
         self.register_buffer("mask", weight.detach().ne(0))
-        rows, cols = weight.shape
-        self.a = nn.Parameter((torch.randn(rank, cols, generator=generator) / math.sqrt(cols)).to(weight.device)) \
-            if rank else None
-        self.b = nn.Parameter(torch.zeros(rows, rank or cols, device=weight.device))
+        if rank:
+            a, b = _low_rank_factors(weight, rank, generator)
+            self.a, self.b = nn.Parameter(a), nn.Parameter(b)
+        else:
+            self.a, self.b = None, nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         update = self.b if self.a is None else self.b @ self.a
@@ -592,7 +605,7 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, windows: torch.Tensor, ep
     Where a loss or gradient turns non-finite every weight is put back, with a warning."""
     start = time.perf_counter()
     blocks = decoder_blocks(model)
-    tuned = [block for block in blocks if _has_zeros(model, block)]  # a dense block stays as it is
+    tuned = [block for block in blocks if _block_has_zeros(model, block)]  # a dense block stays as it is
     if not tuned or not epochs:
         return EndToEndTuning(None, 0, time.perf_counter() - start, "no pruned block" if epochs else "no epochs")
     streamed = is_streamed(blocks[0])
@@ -619,9 +632,9 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, windows: torch.Tensor, ep
     return EndToEndTuning(loss, len(layers), time.perf_counter() - start)
 
 
-def _has_zeros(model: nn.Module, block: nn.Module) -> bool:
+def _block_has_zeros(model: nn.Module, block: nn.Module) -> bool:
     with resident(block):
-        return any(bool(layer.weight.eq(0).any()) for layer in prunable_linears(model, block).values())
+        return _has_zeros(prunable_linears(model, block).values())
 
 
 def _tune_layers(model: nn.Module, layers: list[nn.Linear], windows: torch.Tensor, targets: torch.Tensor,
