@@ -143,12 +143,16 @@ def read_text(source: str | os.PathLike, role: str = "eval") -> str:
 
 
 def tokenize(tokenizer, source: str | os.PathLike | torch.Tensor, role: str = "eval") -> torch.Tensor:
-    """The whole source as one 1-D tensor of token ids (a tensor passes through)."""
+    """The whole source as one 1-D tensor of token ids (a tensor passes through). The text is data:
+    a special token's spelling in it ("<unk>", "<eos>") is tokenised as text, never as that control
+    token; the tokenizer's own special tokens (a BOS) are still added."""
     if isinstance(source, torch.Tensor):
         return source.reshape(-1).long()
     text = read_text(source, role)
     # The whole text is tokenised at once, far beyond the model's context: that is intended here.
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    # split_special_tokens: WikiText's tokenised release writes rare words as "<unk>", which Gemma's
+    # tokenizer would read as its unknown-token id, one target in 22 that no model predicts.
+    ids = tokenizer(text, return_tensors="pt", verbose=False, split_special_tokens=True).input_ids
     return ids.reshape(-1)
 
 

@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from conftest import ByteTokenizer, tiny_model
+from conftest import ByteTokenizer, tiny_model, tiny_model_folder
 from epts import evaluate_ppl
-from epts.data import DataError, calibration_windows, eval_windows, heldout_windows, read_text
+from epts.data import DataError, calibration_windows, eval_windows, heldout_windows, read_text, tokenize
 
 
 def test_calibration_windows_follow_the_reference_sampler():
@@ -89,3 +89,17 @@ def test_perplexity_is_exp_of_mean_token_nll():
     ppl = evaluate_ppl(loaded, ids, seqlen=64, batch_size=3, progress=False)
     assert ppl == pytest.approx(torch.exp(nll).item(), rel=1e-5)
     assert evaluate_ppl(loaded, ids, seqlen=64, max_windows=1, progress=False) != pytest.approx(ppl)
+
+
+def test_a_special_tokens_spelling_in_the_text_is_text(tmp_path):
+    """WikiText's tokenised release writes rare words as "<unk>"; a tokenizer that reads a special
+    token's spelling as that token would make them targets no model predicts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder(tmp_path / "model"))
+    text = tmp_path / "text.txt"
+    text.write_text("the mask of block <eos> keeps the rest")
+    ids = tokenize(tokenizer, text)
+    assert tokenizer.eos_token_id not in ids.tolist()
+    assert tokenizer.decode(ids) == "the mask of block <eos> keeps the rest"
+    assert tokenizer.eos_token_id in tokenizer("block <eos>").input_ids  # what the default would have done
