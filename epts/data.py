@@ -153,6 +153,11 @@ def tokenize(tokenizer, source: str | os.PathLike | torch.Tensor, role: str = "e
     # split_special_tokens: WikiText's tokenised release writes rare words as "<unk>", which Gemma's
     # tokenizer would read as its unknown-token id, one target in 22 that no model predicts.
     ids = tokenizer(text, return_tensors="pt", verbose=False, split_special_tokens=True).input_ids
+    spelled = {token: text.count(token) for token in getattr(tokenizer, "all_special_tokens", []) if token}
+    spelled = {token: count for token, count in spelled.items() if count}
+    if spelled:
+        log.warning("%s spells the tokenizer's special tokens %s; they are read as text, not as those tokens",
+                    source, ", ".join(f"{token} ({count}x)" for token, count in spelled.items()))
     return ids.reshape(-1)
 
 

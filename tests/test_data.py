@@ -103,3 +103,19 @@ def test_a_special_tokens_spelling_in_the_text_is_text(tmp_path):
     assert tokenizer.eos_token_id not in ids.tolist()
     assert tokenizer.decode(ids) == "the mask of block <eos> keeps the rest"
     assert tokenizer.eos_token_id in tokenizer("block <eos>").input_ids  # what the default would have done
+
+
+def test_a_text_that_spells_special_tokens_says_so(tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder(tmp_path / "model"))
+    text = tmp_path / "text.txt"
+    text.write_text("a <eos> b <eos> c")
+    with caplog.at_level("WARNING", logger="epts.data"):
+        tokenize(tokenizer, text)
+    assert f"{text} spells the tokenizer's special tokens <eos> (2x)" in caplog.text
+    caplog.clear()
+    text.write_text("a b c")
+    with caplog.at_level("WARNING", logger="epts.data"):
+        tokenize(tokenizer, text)
+    assert "special tokens" not in caplog.text

@@ -1,0 +1,73 @@
+"""One-off: why Gemma-3-270M's default export at 0.4 scored below the dense model on Wikipedia text
+(harness at c127d64). The dense model and the export (the kept artifact, `refit` auto as the harness
+runs it, on the harness's calibration and choice windows) on four sets: the harness's 8 held-out
+windows of 512 tokens, the first 8 WikiText-2 test windows, the 32 calibration windows and the 32
+choice windows of 256 tokens. For each: mean nats a token with the logits divided by a temperature T,
+the mean entropy of the predicted distribution (nats), and for the export the mean squared error of
+its last hidden state to the dense model's.
+
+    python temperature.py ART SPARSITY        # ART: the kept default artifact of gemma3-270m
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.experiments import heldout_text
+from benchmarks.run import DATA
+from epts.artifact import ElasticModel
+from epts.config import CalibConfig, RefitConfig
+from epts.data import calibration_windows, eval_windows, heldout_windows, tokenize
+from epts.models import load_model
+from epts.refit import refit
+from epts.runtime import RuntimeModel
+
+TEMPERATURES = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+@torch.no_grad()
+def scores(model, windows):
+    nll, entropy, hidden = {t: 0.0 for t in TEMPERATURES}, 0.0, []
+    for window in windows:
+        out = model(window[None], use_cache=False, output_hidden_states=True)
+        logits = out.logits[0, :-1].float()
+        for t in TEMPERATURES:
+            nll[t] += F.cross_entropy(logits / t, window[1:], reduction="sum").item()
+        logp = F.log_softmax(logits, -1)
+        entropy += -(logp.exp() * logp).sum(-1).mean().item()
+        hidden.append(out.hidden_states[-1][0].float())
+    tokens = windows[:, 1:].numel()
+    return {t: round(v / tokens, 4) for t, v in nll.items()}, round(entropy / len(windows), 3), hidden
+
+
+def main(artifact, sparsity):
+    torch.set_num_threads(2)
+    base = load_model("gemma3-270m")
+    cc = CalibConfig()
+    valid = tokenize(base.tokenizer, DATA / "wiki.valid.tokens", role="calib")
+    calib = calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed)
+    sets = {"heldout": heldout_text(valid, cc.nsamples, cc.seqlen, [cc.seed], 512, 8),
+            "test": eval_windows(tokenize(base.tokenizer, DATA / "wiki.test.raw"), 512, 8),
+            "calib": calib, "choice": heldout_windows(valid, cc.nsamples, cc.seqlen, cc.seed, RefitConfig.compare_windows)}
+    dense = {name: scores(base.model, windows) for name, windows in sets.items()}
+    for name, (nll, entropy, _) in dense.items():
+        print("dense", name, nll, "entropy", entropy, flush=True)
+    elastic = ElasticModel.load(artifact, base=base)
+    runtime = RuntimeModel(elastic)
+    runtime.set_sparsity(sparsity)
+    start = time.time()
+    report = refit(elastic, runtime.loaded, runtime.sparsity, calib, RefitConfig(), progress=False, heldout=sets["choice"])
+    print("refit", round(time.time() - start), json.dumps({k: report.to_dict()[k] for k in ("chosen", "losses")}), flush=True)
+    for name, windows in sets.items():
+        nll, entropy, hidden = scores(runtime.loaded.model, windows)
+        reference = dense[name][2]
+        error = sum(((a - b) ** 2).mean().item() for a, b in zip(hidden, reference)) / len(hidden)
+        power = sum((a**2).mean().item() for a in reference) / len(reference)
+        print("export", name, nll, "entropy", entropy, "hidden MSE", round(error, 4), "dense hidden mean square",
+              round(power, 4), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]))
