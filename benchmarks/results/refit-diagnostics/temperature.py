@@ -6,8 +6,12 @@ choice windows of 256 tokens. For each: mean nats a token with the logits divide
 the mean entropy of the predicted distribution (nats), and for the export the mean squared error of
 its last hidden state to the dense model's.
 
-    python temperature.py ART SPARSITY        # ART: the kept default artifact of gemma3-270m
+    python temperature.py ART SPARSITY [OTHER]   # ART: the kept default artifact of gemma3-270m
+
+With OTHER (the other-domain text), also its first 8 windows of 512 tokens ("other"). ART "sparsegpt":
+SparseGPT at SPARSITY on the calibration windows instead of the export (as the harness runs it).
 """
+import copy
 import json
 import sys
 import time
@@ -18,9 +22,11 @@ import torch.nn.functional as F
 from benchmarks.experiments import heldout_text
 from benchmarks.run import DATA
 from epts.artifact import ElasticModel
-from epts.config import CalibConfig, RefitConfig
+from epts.baselines import prune
+from epts.config import CalibConfig, PruneConfig, RefitConfig
 from epts.data import calibration_windows, eval_windows, heldout_windows, tokenize
-from epts.models import load_model
+from epts.importance import Pattern
+from epts.models import LoadedModel, load_model
 from epts.refit import refit
 from epts.runtime import RuntimeModel
 
@@ -42,7 +48,7 @@ def scores(model, windows):
     return {t: round(v / tokens, 4) for t, v in nll.items()}, round(entropy / len(windows), 3), hidden
 
 
-def main(artifact, sparsity):
+def main(artifact, sparsity, other=None):
     torch.set_num_threads(2)
     base = load_model("gemma3-270m")
     cc = CalibConfig()
@@ -51,23 +57,33 @@ def main(artifact, sparsity):
     sets = {"heldout": heldout_text(valid, cc.nsamples, cc.seqlen, [cc.seed], 512, 8),
             "test": eval_windows(tokenize(base.tokenizer, DATA / "wiki.test.raw"), 512, 8),
             "calib": calib, "choice": heldout_windows(valid, cc.nsamples, cc.seqlen, cc.seed, RefitConfig.compare_windows)}
+    if other:
+        sets["other"] = eval_windows(tokenize(base.tokenizer, other), 512, 8)
     dense = {name: scores(base.model, windows) for name, windows in sets.items()}
     for name, (nll, entropy, _) in dense.items():
         print("dense", name, nll, "entropy", entropy, flush=True)
-    elastic = ElasticModel.load(artifact, base=base)
-    runtime = RuntimeModel(elastic)
-    runtime.set_sparsity(sparsity)
-    start = time.time()
-    report = refit(elastic, runtime.loaded, runtime.sparsity, calib, RefitConfig(), progress=False, heldout=sets["choice"])
-    print("refit", round(time.time() - start), json.dumps({k: report.to_dict()[k] for k in ("chosen", "losses")}), flush=True)
+    if artifact == "sparsegpt":
+        pruned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec)
+        prune(pruned, calib, PruneConfig("sparsegpt", Pattern(sparsity=sparsity), cc), progress=False)
+        model, label = pruned.model, "sparsegpt"
+    else:
+        elastic = ElasticModel.load(artifact, base=base)
+        runtime = RuntimeModel(elastic)
+        runtime.set_sparsity(sparsity)
+        start = time.time()
+        report = refit(elastic, runtime.loaded, runtime.sparsity, calib, RefitConfig(), progress=False,
+                       heldout=sets["choice"])
+        print("refit", round(time.time() - start), json.dumps({k: report.to_dict()[k] for k in ("chosen", "losses")}),
+              flush=True)
+        model, label = runtime.loaded.model, "export"
     for name, windows in sets.items():
-        nll, entropy, hidden = scores(runtime.loaded.model, windows)
+        nll, entropy, hidden = scores(model, windows)
         reference = dense[name][2]
         error = sum(((a - b) ** 2).mean().item() for a, b in zip(hidden, reference)) / len(hidden)
         power = sum((a**2).mean().item() for a in reference) / len(reference)
-        print("export", name, nll, "entropy", entropy, "hidden MSE", round(error, 4), "dense hidden mean square",
+        print(label, name, nll, "entropy", entropy, "hidden MSE", round(error, 4), "dense hidden mean square",
               round(power, 4), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4])
