@@ -3,8 +3,8 @@
 runs it, on the harness's calibration and choice windows) on four sets: the harness's 8 held-out
 windows of 512 tokens, the first 8 WikiText-2 test windows, the 32 calibration windows and the 32
 choice windows of 256 tokens. For each: mean nats a token with the logits divided by a temperature T,
-the mean entropy of the predicted distribution (nats), and for the export the mean squared error of
-its last hidden state to the dense model's.
+the mean entropy of the predicted distribution (nats), and for the pruned model (the export, or
+SparseGPT's below) the mean squared error of its last hidden state, after the final norm, to the dense model's.
 
     python temperature.py ART SPARSITY [OTHER]   # ART: the kept default artifact of gemma3-270m
 
