@@ -142,6 +142,9 @@ def read_text(source: str | os.PathLike, role: str = "eval") -> str:
     return _read_file(path)
 
 
+_SPELLED_WARNED: set[tuple[str, tuple[tuple[str, int], ...]]] = set()
+
+
 def tokenize(tokenizer, source: str | os.PathLike | torch.Tensor, role: str = "eval") -> torch.Tensor:
     """The whole source as one 1-D tensor of token ids (a tensor passes through). The text is data:
     a special token's spelling in it ("<unk>", "<eos>") is tokenised as text, never as that control
@@ -155,7 +158,9 @@ def tokenize(tokenizer, source: str | os.PathLike | torch.Tensor, role: str = "e
     ids = tokenizer(text, return_tensors="pt", verbose=False, split_special_tokens=True).input_ids
     spelled = {token: text.count(token) for token in getattr(tokenizer, "all_special_tokens", []) if token}
     spelled = {token: count for token, count in spelled.items() if count}
-    if spelled:
+    warning = (str(source), tuple(spelled.items()))
+    if spelled and warning not in _SPELLED_WARNED:  # once per text: a run tokenises its calibration text twice
+        _SPELLED_WARNED.add(warning)
         log.warning("%s spells the tokenizer's special tokens %s; they are read as text, not as those tokens",
                     source, ", ".join(f"{token} ({count}x)" for token, count in spelled.items()))
     return ids.reshape(-1)

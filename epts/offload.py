@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,11 +116,12 @@ def is_streamed(block: nn.Module) -> bool:
 
 
 @contextmanager
-def resident(block: nn.Module, keep: bool = False) -> Iterator[nn.Module]:
+def resident(block: nn.Module, keep: bool | Callable[[], bool] = False) -> Iterator[nn.Module]:
     """Hold a streamed block's weights on its compute device for the duration (its hook taken off,
-    so calls inside neither reload nor release them), then release them; with `keep`, the weights
-    as they are then (pruned, say) are first written to a scratch file that the block streams from
-    afterwards (removed with the block). A block in memory is left as it is."""
+    so calls inside neither reload nor release them), then release them; with `keep` (or `keep()`
+    true at the exit, for a caller that learns only while holding the block whether it changes it),
+    the weights as they are then (pruned, say) are first written to a scratch file that the block
+    streams from afterwards (removed with the block). A block in memory is left as it is."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
     if not is_streamed(block):
@@ -131,7 +132,7 @@ def resident(block: nn.Module, keep: bool = False) -> Iterator[nn.Module]:
     remove_hook_from_module(block)
     try:
         yield block
-        if keep:
+        if keep() if callable(keep) else keep:
             _keep_weights(block, hook)
     finally:
         hook.post_forward(block, None)

@@ -604,10 +604,9 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, windows: torch.Tensor, ep
     duration where the memory available allows it, else nothing is done (`skipped` says so).
     Where a loss or gradient turns non-finite every weight is put back, with a warning."""
     start = time.perf_counter()
+    if not epochs:
+        return EndToEndTuning(None, 0, time.perf_counter() - start, "no epochs")
     blocks = decoder_blocks(model)
-    tuned = [block for block in blocks if _block_has_zeros(model, block)]  # a dense block stays as it is
-    if not tuned or not epochs:
-        return EndToEndTuning(None, 0, time.perf_counter() - start, "no pruned block" if epochs else "no epochs")
     streamed = is_streamed(blocks[0])
     if streamed:
         import psutil
@@ -620,21 +619,20 @@ def tune_end_to_end(model: nn.Module, base: nn.Module, windows: torch.Tensor, ep
             return EndToEndTuning(None, 0, time.perf_counter() - start,
                                   f"needs {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB available")
     device = next(model.parameters()).device
-    with torch.no_grad():  # a streamed base reads each block once per batch
-        targets = torch.cat([base.base_model(windows[i : i + batch_size].to(device), use_cache=False)
-                             .last_hidden_state.float().cpu() for i in range(0, len(windows), batch_size)])
     with ExitStack() as held:
-        if streamed:
+        tuned: list[nn.Module] = []  # the blocks with pruned weights: a dense block stays as it is
+        if streamed:  # each block read once: held, then written back only if it is tuned
             for block in blocks:
-                held.enter_context(resident(block, keep=any(block is t for t in tuned)))
+                held.enter_context(resident(block, keep=lambda block=block: any(block is t for t in tuned)))
+        tuned += [block for block in blocks if _has_zeros(prunable_linears(model, block).values())]
+        if not tuned:
+            return EndToEndTuning(None, 0, time.perf_counter() - start, "no pruned block")
+        with torch.no_grad():  # a streamed base reads each block once per batch
+            targets = torch.cat([base.base_model(windows[i : i + batch_size].to(device), use_cache=False)
+                                 .last_hidden_state.float().cpu() for i in range(0, len(windows), batch_size)])
         layers = [layer for block in tuned for layer in prunable_linears(model, block).values()]
         loss = _tune_layers(model, layers, windows, targets, epochs, step, rank, progress, device)
     return EndToEndTuning(loss, len(layers), time.perf_counter() - start)
-
-
-def _block_has_zeros(model: nn.Module, block: nn.Module) -> bool:
-    with resident(block):
-        return _has_zeros(prunable_linears(model, block).values())
 
 
 def _tune_layers(model: nn.Module, layers: list[nn.Linear], windows: torch.Tensor, targets: torch.Tensor,

@@ -115,6 +115,14 @@ def test_a_text_that_spells_special_tokens_says_so(tmp_path, caplog):
         tokenize(tokenizer, text)
     assert f"{text} spells the tokenizer's special tokens <eos> (2x)" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="epts.data"):  # the same text again: said once is enough
+        ids = tokenize(tokenizer, text)
+    assert "special tokens" not in caplog.text and ids.numel() > 0
+    text.write_text("a <eos> b <eos> c <eos>")
+    with caplog.at_level("WARNING", logger="epts.data"):  # the file changed: said again
+        tokenize(tokenizer, text)
+    assert f"{text} spells the tokenizer's special tokens <eos> (3x)" in caplog.text
+    caplog.clear()
     text.write_text("a b c")
     with caplog.at_level("WARNING", logger="epts.data"):
         tokenize(tokenizer, text)

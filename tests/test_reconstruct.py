@@ -485,7 +485,14 @@ def test_tune_end_to_end_holds_a_streamed_model_or_skips_it_where_memory_is_shor
     assert all(torch.equal(x, y) for x, y in zip(before, weights()))
     monkeypatch.setattr(psutil, "virtual_memory", real)
     error = _last_hidden_error(streamed, base, windows)
+    reads = []
+    for block in blocks:  # count each block's loads from its file
+        load = block._hf_hook.pre_forward
+        monkeypatch.setattr(block._hf_hook, "pre_forward",
+                            lambda module, *a, load=load, **kw: reads.append(module) or load(module, *a, **kw))
     done = tune_end_to_end(streamed, base, windows, epochs=4, step=5e-2, rank=2, progress=False)
+    assert len(reads) == len(blocks) and all(any(b is r for r in reads) for b in blocks)  # each read once
+    assert not hasattr(blocks[2]._hf_hook, "scratch")  # the dense block was not written back
     after = weights()  # read back from the blocks' scratch files: the tuning was kept there
     assert done.skipped is None and done.layers == 14
     assert all(torch.equal(x == 0, y == 0) and not torch.equal(x, y) for x, y in zip(before[:14], after[:14]))
