@@ -6,14 +6,15 @@ choice windows of 256 tokens. For each: mean nats a token with the logits divide
 the mean entropy of the predicted distribution (nats), and for the pruned model (the export, or
 SparseGPT's below) the mean squared error of its last hidden state, after the final norm, to the dense model's.
 
-    python temperature.py ART SPARSITY [OTHER]   # ART: the kept default artifact of gemma3-270m
+    python temperature.py ART SPARSITY [OTHER] [--model MODEL]   # ART: the kept default artifact of MODEL
 
 With OTHER (the other-domain text), also its first 8 windows of 512 tokens ("other"). ART "sparsegpt":
-SparseGPT at SPARSITY on the calibration windows instead of the export (as the harness runs it).
+SparseGPT at SPARSITY on the calibration windows instead of the export (as the harness runs it); ART
+"dense": the dense model's rows only. MODEL: gemma3-270m (the default) or smollm2-135m.
 """
+import argparse
 import copy
 import json
-import sys
 import time
 
 import torch
@@ -48,9 +49,9 @@ def scores(model, windows):
     return {t: round(v / tokens, 4) for t, v in nll.items()}, round(entropy / len(windows), 3), hidden
 
 
-def main(artifact, sparsity, other=None):
+def main(artifact, sparsity, other=None, model_name="gemma3-270m"):
     torch.set_num_threads(2)
-    base = load_model("gemma3-270m")
+    base = load_model(model_name)
     cc = CalibConfig()
     valid = tokenize(base.tokenizer, DATA / "wiki.valid.tokens", role="calib")
     calib = calibration_windows(valid, cc.nsamples, cc.seqlen, cc.seed)
@@ -62,6 +63,8 @@ def main(artifact, sparsity, other=None):
     dense = {name: scores(base.model, windows) for name, windows in sets.items()}
     for name, (nll, entropy, _) in dense.items():
         print("dense", name, nll, "entropy", entropy, flush=True)
+    if artifact == "dense":
+        return
     if artifact == "sparsegpt":
         pruned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.spec)
         prune(pruned, calib, PruneConfig("sparsegpt", Pattern(sparsity=sparsity), cc), progress=False)
@@ -86,4 +89,10 @@ def main(artifact, sparsity, other=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("artifact")
+    parser.add_argument("sparsity", type=float)
+    parser.add_argument("other", nargs="?")
+    parser.add_argument("--model", default="gemma3-270m")
+    args = parser.parse_args()
+    main(args.artifact, args.sparsity, args.other, args.model)
