@@ -24,11 +24,14 @@ def fwd(x, s, g, lin):
     q, kk, v = L("q", x), L("k", x), L("v", x)
     h = x + L("o", q)
     return h + L("down", F.silu(L("gate", h)) * L("up", h))
-x = torch.randn(256, d); y = torch.randn(256, d)
-def step(lin):
-    for g in range(K):
-        F.mse_loss(fwd(x, 0.05 + 0.1 * g, g, lin), y).backward()
-for name, lin in [("fp32", lin32), ("bf16 split", lin16), ("bf16 merged", lin16m)] * 2:
-    step(lin); t = time.perf_counter()
-    for _ in range(5): step(lin)
-    print(name, round((time.perf_counter() - t) / 5 * 1000, 1), "ms per step (7 groups)")
+def timed(lin, x, y):
+    def step():
+        for g in range(K):
+            F.mse_loss(fwd(x, 0.05 + 0.1 * g, g, lin), y).backward()
+    step(); t = time.perf_counter()
+    for _ in range(5): step()
+    return round((time.perf_counter() - t) / 5 * 1000, 1)
+if __name__ == "__main__":
+    x = torch.randn(256, d); y = torch.randn(256, d)
+    for name, lin in [("fp32", lin32), ("bf16 split", lin16), ("bf16 merged", lin16m)] * 2:
+        print(name, timed(lin, x, y), "ms per step (7 groups)")
