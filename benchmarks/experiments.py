@@ -20,8 +20,8 @@ non-overlapping windows of another text (`benchmarks/other_domain.py` builds one
 Wikipedia), the column `other` beside `heldout`. `--refit` takes modes (none, bare, block, auto, all), a
 mode with a ridge toward the merged weights (`all:ridge=1`, `RefitConfig.ridge`), a mode with the
 masks of the blocks it re-solves (`auto:mask=obs`, `RefitConfig.mask`), auto without SparseGPT's
-solution for every block as a candidate (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`),
-or `ridge:X`, short for `all:ridge=X`. `--allocation owl` spreads each global sparsity over the blocks
+solution for every block as a candidate (`auto:sparsegpt=0`, `RefitConfig.sparsegpt`), auto with
+another end-to-end tuning (`auto:tune_epochs=2`, `auto:tune_step=0.1`), or `ridge:X`, short for `all:ridge=X`. `--allocation owl` spreads each global sparsity over the blocks
 by OWL's outlier ratios (`epts.allocation.allocate`, the baselines' `PruneConfig.allocation`) for every
 row, in place, exported and baseline alike; its rows are named NAME+owl.
 """
@@ -153,11 +153,7 @@ def run(args) -> None:
             del pruned
     for name, description, calibration, fields in variants:
         refits = [parse_refit(token, args.refit_iters, args.refit_margin) for token in args.refit]
-        names = [name + owl] + [f"{name}{owl}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
-                          + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
-                          + (f"-r{r.ridge:g}" if r.ridge else "")
-                          + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "")
-                          + ("-no-sparsegpt" if r.mode == "auto" and not r.sparsegpt else "") for r in refits]
+        names = [name + owl] + [refit_variant_name(name + owl, r) for r in refits]
         if all(store.has(row(n, s, {}, None)["key"]) for n in names for s in args.sparsities):
             continue
         config = EPTSConfig.from_dict({**fields, "calib": {"seqlen": cc.seqlen, **(fields.get("calib") or {}),
@@ -208,25 +204,35 @@ def run(args) -> None:
     write_table(store.rows, args.out / "results.md", args.sparsities)
 
 
+def refit_variant_name(name: str, r: RefitConfig) -> str:
+    """The row name of variant `name` exported with `r`: its mode, then each setting off the default."""
+    return (f"{name}+refit-{r.mode}" + (f"-i{r.iters}" if r.iters != RefitConfig.iters else "")
+            + (f"-m{r.margin:g}" if r.mode == "block" and r.margin else "")
+            + (f"-r{r.ridge:g}" if r.ridge else "")
+            + (f"-mask-{r.mask}" if r.mask != RefitConfig.mask else "")
+            + ("-no-sparsegpt" if r.mode == "auto" and not r.sparsegpt else "")
+            + (f"-te{r.tune_epochs}" if r.tune_epochs != RefitConfig.tune_epochs else "")
+            + (f"-ts{r.tune_step:g}" if r.tune_step != RefitConfig.tune_step else ""))
+
+
 def parse_refit(token: str, iters: int, margin: float) -> RefitConfig:
     """A `--refit` token: MODE, MODE:ridge=X, MODE:mask=M (`RefitConfig.mask`), auto:sparsegpt=0
-    (`RefitConfig.sparsegpt` off), or ridge:X (= all:ridge=X)."""
+    (`RefitConfig.sparsegpt` off), auto:tune_epochs=N or auto:tune_step=X (the end-to-end tuning's
+    `RefitConfig.tune_epochs` / `tune_step`), or ridge:X (= all:ridge=X). Raises ValueError on another form."""
     mode, _, option = token.partition(":")
-    ridge, mask, sparsegpt = 0.0, RefitConfig.mask, RefitConfig.sparsegpt
     if mode == "ridge":
-        mode, ridge = "all", float(option)
-    elif option:
+        return RefitConfig("all", iters, margin, ridge=option)
+    fields = {}
+    if option:
         key, _, value = option.partition("=")
-        if key not in ("ridge", "mask", "sparsegpt") or not value:
-            raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X, MODE:mask=M, "
-                             f"auto:sparsegpt=0 or ridge:X")
-        if key == "ridge":
-            ridge = float(value)
-        elif key == "mask":
-            mask = value
-        else:
-            sparsegpt = value
-    return RefitConfig(mode, iters, margin, ridge=ridge, mask=mask, sparsegpt=sparsegpt)
+        if key not in ("ridge", "mask", "sparsegpt", "tune_epochs", "tune_step") or not value:
+            raise ValueError(f"--refit token {token!r}: expected MODE, MODE:ridge=X, MODE:mask=M, auto:sparsegpt=0, "
+                             f"auto:tune_epochs=N, auto:tune_step=X or ridge:X")
+        fields[key] = value
+    try:
+        return RefitConfig(mode, iters, margin, **fields)  # it converts each value to its field's type
+    except ValueError as e:
+        raise ValueError(f"--refit token {token!r}: {e}") from None
 
 
 def write_table(rows: list[dict], path: Path, sparsities: list[float]) -> None:

@@ -514,6 +514,9 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="refit auto: epochs of the block-wise reconstruction of the chosen candidate (its kept weights "
                         "trained toward the dense model, masks fixed), kept where it lowers the held-out loss "
                         "(0: none; docs/RECIPE.md)")
+    p.add_argument("--no-refit-reconstruct-all", dest="refit_reconstruct_all", action="store_false",
+                   help="refit auto: reconstruct the chosen candidate only, not also every block's least-squares "
+                        "refit where another candidate won (saves a reconstruction there)")
     p.add_argument("--refit-reconstruct-step", type=float, default=RefitConfig.reconstruct_step,
                    help="refit auto: the reconstruction's Adam step, as a fraction of each block's weight RMS")
     p.add_argument("--refit-reconstruct-rank", type=_non_negative_int, default=RefitConfig.reconstruct_rank,
@@ -544,6 +547,7 @@ def _refit_config(args) -> RefitConfig:
         ("--refit-reconstruct-epochs", args.refit_reconstruct_epochs, RefitConfig.reconstruct_epochs),
         ("--refit-reconstruct-step", args.refit_reconstruct_step, RefitConfig.reconstruct_step),
         ("--refit-reconstruct-rank", args.refit_reconstruct_rank, RefitConfig.reconstruct_rank),
+        ("--no-refit-reconstruct-all", args.refit_reconstruct_all, RefitConfig.reconstruct_all),
         ("--refit-tune-epochs", args.refit_tune_epochs, RefitConfig.tune_epochs),
         ("--refit-tune-step", args.refit_tune_step, RefitConfig.tune_step)) if value != default]
     if changed and args.refit != "auto":
@@ -553,6 +557,10 @@ def _refit_config(args) -> RefitConfig:
     if tuning and args.refit_reconstruct_epochs == 0:
         raise ValueError(f"{tuning[0]} sets the end-to-end tuning that follows the reconstruction, but "
                          f"--refit-reconstruct-epochs is 0: drop {tuning[0]}, or give the reconstruction epochs")
+    if not args.refit_reconstruct_all and args.refit_reconstruct_epochs == 0:
+        raise ValueError("--no-refit-reconstruct-all sets which candidates are reconstructed, but "
+                         "--refit-reconstruct-epochs is 0: drop --no-refit-reconstruct-all, or give the "
+                         "reconstruction epochs")
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")
@@ -563,6 +571,7 @@ def _refit_config(args) -> RefitConfig:
     return RefitConfig(args.refit, args.refit_iters, args.refit_margin, ridge=args.refit_ridge, mask=args.refit_mask,
                        sparsegpt=args.refit_sparsegpt, sparsegpt_se=args.refit_sparsegpt_se,
                        block_candidate=args.refit_block_candidate, reconstruct_epochs=args.refit_reconstruct_epochs,
+                       reconstruct_all=args.refit_reconstruct_all,
                        reconstruct_step=args.refit_reconstruct_step, reconstruct_rank=args.refit_reconstruct_rank,
                        tune_epochs=args.refit_tune_epochs, tune_step=args.refit_tune_step)
 
@@ -603,9 +612,13 @@ def _cmd_export(args) -> None:
             scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in names if k in losses)
             se = done.get("difference_se")
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
-            print(f"  chose {names[done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
+            print(f"  chose {names[done.get('first_choice') or done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
                 print(f"  reconstructed block-wise: held-out loss {losses['reconstructed']:.4f}")
+                for key in ("all reconstructed", "bare reconstructed"):
+                    if key in losses:
+                        print(f"  {names[key.split()[0]]} reconstructed too: held-out loss {losses[key]:.4f}"
+                              f"{'; went on from it' if done['chosen'] == key.split()[0] else ''}")
                 if "tuned" in losses:
                     print(f"  then tuned end to end ({done['tune_seconds']:.0f} s): held-out loss {losses['tuned']:.4f}")
                 elif done.get("tune_skipped"):

@@ -150,7 +150,11 @@ class RefitConfig:
     RMS), and keeps that where it lowers the loss on the choice windows. `reconstruct_rank` (16 by
     default) limits each layer's change to a masked update of that rank, M * (B A); 0 trains every
     kept weight, which on Gemma-3-270M at 0.5 fitted the calibration windows and lost to SparseGPT
-    on every other text, where rank 16 gains on all of them (docs/RECIPE.md). `tune_epochs` (1 by
+    on every other text, where rank 16 gains on all of them (docs/RECIPE.md). `reconstruct_all` (True
+    by default): where another candidate won, "auto" reconstructs the least-squares refit of every
+    block ("all") too and goes on with the lower of the two reconstructions on the choice windows
+    (the choice comes before the reconstruction, which gained more from "all" than from the winner
+    in every Gemma-3-270M cell measured; it costs one more reconstruction there). `tune_epochs` (1 by
     default; 0: none) then tunes every pruned block's layers together end to end, with a masked update
     of the same rank, toward the dense model's last hidden state (`reconstruct.tune_end_to_end`: Adam
     at `tune_step` times the layers' weight RMS), scored on the choice windows too: the lowest of the
@@ -167,6 +171,7 @@ class RefitConfig:
     sparsegpt_se: float = 0.0
     block_candidate: bool = True
     reconstruct_epochs: int = 2
+    reconstruct_all: bool = True
     reconstruct_step: float = 3e-2
     reconstruct_rank: int = 16
     tune_epochs: int = 1
@@ -175,7 +180,8 @@ class RefitConfig:
     def __post_init__(self):
         _coerce_fields(self, {"mode": str, "iters": int, "margin": float, "compare_windows": int, "ridge": float,
                               "mask": str, "sparsegpt": bool, "sparsegpt_se": float, "block_candidate": bool,
-                              "reconstruct_epochs": int, "reconstruct_step": float, "reconstruct_rank": int,
+                              "reconstruct_epochs": int, "reconstruct_all": bool,
+                              "reconstruct_step": float, "reconstruct_rank": int,
                               "tune_epochs": int, "tune_step": float})
         if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_step < math.inf or self.reconstruct_rank < 0:
             raise ValueError(f"refit reconstruct_epochs must be >= 0 (0: no reconstruction), reconstruct_step a "

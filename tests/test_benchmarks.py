@@ -85,6 +85,26 @@ def test_resume_skips_finished_jobs(smoke):
     assert json.loads((out / "results.json").read_text())["rows"] == before
 
 
+def test_the_harness_reads_each_refit_token_and_names_its_rows():
+    from benchmarks.experiments import parse_refit, refit_variant_name
+
+    cases = {"auto": "v+refit-auto", "auto:tune_epochs=2": "v+refit-auto-te2",
+             "auto:tune_step=0.1": "v+refit-auto-ts0.1", "auto:sparsegpt=0": "v+refit-auto-no-sparsegpt",
+             "ridge:1": "v+refit-all-r1", "all:mask=obs": "v+refit-all-mask-obs"}
+    for token, name in cases.items():
+        assert refit_variant_name("v", parse_refit(token, 10, 0.0)) == name
+    tuned = parse_refit("auto:tune_epochs=2", 10, 0.0)
+    assert (tuned.tune_epochs, type(tuned.tune_epochs), tuned.tune_step) == (2, int, 0.03)
+    assert parse_refit("auto:tune_step=0.1", 10, 0.0).tune_step == pytest.approx(0.1)
+    for token, message in (("auto:tune_epochs=x", "--refit token 'auto:tune_epochs=x': config field tune_epochs"),
+                           ("auto:tune_epochs=-1", "--refit token 'auto:tune_epochs=-1': refit tune_epochs must be"),
+                           ("auto:epochs=2", "--refit token 'auto:epochs=2': expected MODE"),
+                           ("auto:tune_step=", "--refit token 'auto:tune_step=': expected MODE")):
+        with pytest.raises(ValueError) as raised:
+            parse_refit(token, 10, 0.0)
+        assert str(raised.value).startswith(message)
+
+
 def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys):
     from benchmarks.refit_choice import main
     from epts.config import CalibConfig, EPTSConfig

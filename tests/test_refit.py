@@ -116,7 +116,8 @@ def _weights(model):
             for l in prunable_linears(model.model, blk).values()]
 
 
-def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=True, reconstruct_epochs=0):
+def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=True, reconstruct_epochs=0,
+                 reconstruct_all=True):
     """"auto" without SparseGPT's candidate (and without the reconstruction unless `reconstruct_epochs`)
     on the elastic model materialised at `plan`, its candidates scored `losses` in the order it scores
     them; returns the model and the report."""
@@ -126,7 +127,8 @@ def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=Tr
     monkeypatch.setattr(refit_module, "_window_losses",
                         lambda model, w, batch_size, store: torch.full((len(w),), next(scores), dtype=torch.float64))
     model = elastic.materialize(plan)
-    config = RefitConfig("auto", sparsegpt=False, block_candidate=block_candidate, reconstruct_epochs=reconstruct_epochs)
+    config = RefitConfig("auto", sparsegpt=False, block_candidate=block_candidate, reconstruct_epochs=reconstruct_epochs,
+                         reconstruct_all=reconstruct_all)
     report = refit(elastic, model, plan, windows, config, progress=False, heldout=windows[:2])
     return model, report
 
@@ -167,6 +169,46 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), expected))
     assert all(torch.equal(x == 0, y == 0) for x, y in zip(tuned, chosen))
     assert any(not torch.equal(x, y) for x, y in zip(blockwise, chosen))
+
+
+@pytest.mark.parametrize("streamed", [False, True])  # the copies in RAM or in scratch files
+@pytest.mark.parametrize("rebuilt, other, tuned, kept, start", [
+    (0.8, 0.6, 0.7, "all reconstructed", "all"), (0.8, 0.6, 0.5, "tuned", "all"),
+    (0.8, 0.9, 0.5, "tuned", "bare"), (0.8, 0.9, 0.85, "reconstructed", "bare"), (1.2, 1.1, 1.3, "bare", "bare")])
+def test_refit_auto_reconstructs_the_least_squares_candidate_too_where_another_won(elastic_tiny, monkeypatch, rebuilt,
+                                                                                  other, tuned, kept, start, streamed):
+    import epts.refit as refit_module
+    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
+
+    monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
+    elastic, windows = elastic_tiny
+    plan = {0: 0.6, 1: 0.6, 2: 0.6}
+    weights = {}
+    for mode in ("bare", "all"):
+        model = elastic.materialize(plan)
+        refit(elastic, model, plan, windows, mode, progress=False)
+        weights[mode] = _weights(model)
+        reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
+                           rank=RefitConfig.reconstruct_rank)
+        weights[mode, "reconstructed"] = _weights(model)
+        tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
+                        RefitConfig.reconstruct_rank, progress=False)
+        weights[mode, "tuned"] = _weights(model)
+    assert any(not torch.equal(x, y) for x, y in zip(weights["bare"], weights["all"]))
+    # Scored in this order: bare wins the choice (1.0 against 2.0), then its reconstruction, then all's.
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, other, tuned),
+                                 block_candidate=False, reconstruct_epochs=1)
+    assert report.losses == {"bare": 1.0, "all": 2.0, "reconstructed": rebuilt, "all reconstructed": other,
+                             "tuned": tuned}
+    assert report.first_choice == "bare" and report.chosen == start
+    assert report.to_dict()["first_choice"] == "bare" and report.to_dict()["chosen"] == start
+    assert report.choices == ["refit" if start == "all" else "adapters"] * 3
+    assert report.reconstructed is (kept != "bare") and report.tuned is (kept == "tuned")
+    expected = weights[start] if kept == "bare" else weights[start, "tuned" if kept == "tuned" else "reconstructed"]
+    assert all(torch.equal(x, y) for x, y in zip(_weights(model), expected))
+    without = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, tuned), block_candidate=False,
+                           reconstruct_epochs=1, reconstruct_all=False)[1]
+    assert "all reconstructed" not in without.losses and without.chosen == "bare"
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again

@@ -18,7 +18,8 @@ after the 32 choice windows, on their grid from its start, which is where `data.
 them), and then, with TUNESTEP > 0, the end-to-end tuning (`reconstruct.tune_end_to_end`) at that step for
 TUNEEPOCHS over the training windows, at rank RANK, scored after the block-wise result. (At 00e1f25 to 4e2f4c4
 an eighth field, NORMSTEP, gave the block's norms an Adam step in the block-wise stage, and the script had its
-own copy of the tuning.) The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
+own copy of the tuning.) Variants that differ only in TUNESTEP and TUNEEPOCHS share one block-wise result (since
+this file's commit after 5e9b311), each tuned from it. The spread sets leave out the first 128 windows' length of the file, so no set overlaps them."""
 import sys
 import time
 
@@ -75,7 +76,17 @@ with torch.no_grad():
 model = runtime.loaded.model
 saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
 print(f"{start} at {sparsity} ({time.time()-t:.0f} s): {scores(model)}", flush=True)
+reconstructed = {}  # variants that differ only in the tuning share one block-wise result
 for loss, step, epochs, freeze, length, rank, count, tune_step, tune_epochs in variants:
+    key = (loss, step, epochs, freeze, length, rank, count)
+    if key in reconstructed:
+        model.load_state_dict(reconstructed[key])
+        print(f"{start} + the same reconstruction as above", flush=True)
+        tuned = RC.tune_end_to_end(model, elastic.base.model, reconstructed[key, "windows"], int(tune_epochs),
+                                   float(tune_step), int(rank), False)
+        print(f"  + end to end, step {tune_step} x {tune_epochs}, rank {rank} (last-epoch loss {tuned.loss:.4g}, "
+              f"{tuned.seconds:.0f} s): {scores(model)}", flush=True)
+        continue
     model.load_state_dict(saved)
     frozen = [f for f in freeze.split("|") if f]
     RC.prunable_linears = lambda m, b: {k: v for k, v in _pl(m, b).items() if not any(f in k for f in frozen)}
@@ -88,6 +99,8 @@ for loss, step, epochs, freeze, length, rank, count, tune_step, tune_epochs in v
     done = RC.reconstruct_pruned(model, elastic.base.model, w, int(epochs), float(step), 8, False, token_loss=loss, rank=int(rank))
     print(f"{start} + recon {loss} step {step} x {epochs} frozen {frozen} windows {tuple(w.shape)} rank {rank} "
           f"({done.seconds:.0f} s): {scores(model)}", flush=True)
+    reconstructed[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reconstructed[key, "windows"] = w
     if float(tune_step):
         tuned = RC.tune_end_to_end(model, elastic.base.model, w, int(tune_epochs), float(tune_step), int(rank), False)
         print(f"  + end to end, step {tune_step} x {tune_epochs}, rank {rank} (last-epoch loss {tuned.loss:.4g}, "
