@@ -615,10 +615,11 @@ def _cmd_export(args) -> None:
             print(f"  chose {names[done.get('first_choice') or done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
                 print(f"  reconstructed block-wise: held-out loss {losses['reconstructed']:.4f}")
-                for key in ("all reconstructed", "bare reconstructed"):
-                    if key in losses:
-                        print(f"  {names[key.split()[0]]} reconstructed too: held-out loss {losses[key]:.4f}"
-                              f"{'; went on from it' if done['chosen'] == key.split()[0] else ''}")
+                for start in ("all", "bare"):
+                    if f"{start} reconstructed" in losses:
+                        then = f", then tuned {losses[start + ' tuned']:.4f}" if f"{start} tuned" in losses else ""
+                        print(f"  from {names[start]} too: reconstructed {losses[start + ' reconstructed']:.4f}{then}"
+                              f"{'; kept from it' if done['chosen'] == start else ''}")
                 if "tuned" in losses:
                     print(f"  then tuned end to end ({done['tune_seconds']:.0f} s): held-out loss {losses['tuned']:.4f}")
                 elif done.get("tune_skipped"):

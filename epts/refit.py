@@ -345,7 +345,7 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
         if rebuilt:
             other = (solved, least_squares) if keep and report.chosen != solved.chosen else None
             report = _reconstructed_candidate(elastic, model, windows, config, batch_size, progress, store, report,
-                                              score, losses, other)
+                                              score, losses, per_window, other)
     report.losses = losses
     report.mode, report.scored_on = "auto", scored_on
     report.seconds = time.perf_counter() - start
@@ -457,76 +457,82 @@ def _sparsegpt_candidate(elastic: ElasticModel, model: LoadedModel, plan: dict[i
 def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows: torch.Tensor, config: RefitConfig,
                              batch_size: int, progress: bool, store: StreamStore | None, current: RefitReport,
                              score: Callable[[str], None], losses: dict[str, float],
+                             per_window: dict[str, torch.Tensor],
                              least_squares: "tuple[RefitReport, _Saved] | None" = None) -> RefitReport:
     """For "auto" with `config.reconstruct_epochs`: the `current` winner, as `model` holds it, trained
     block by block toward the dense model with its masks fixed (`reconstruct.reconstruct_pruned`) and
-    scored as "reconstructed". Where `least_squares` is given (the least-squares candidate's report and
-    a copy of its weights, when another candidate won: `RefitConfig.reconstruct_all`), that is
-    reconstructed too, scored as "NAME reconstructed" ("all reconstructed"), and the lower of the two
-    reconstructions goes on. With `config.tune_epochs`, that is then tuned end to end
-    (`reconstruct.tune_end_to_end`) and scored as "tuned". The lowest of the winner, the reconstruction
-    and the tuned is kept, the others undone from copies. Returns the report of the candidate whose
-    solution is kept, with the outcome recorded on it. Why the reconstruction: the refit solves each
-    layer on its own input, the reconstruction the whole block against the dense model's stream,
-    which also takes out the error the blocks before it left. Why the least-squares candidate too:
-    the choice comes before the reconstruction, which gained more from it than from the winner in
-    every Gemma-3-270M cell measured (docs/RECIPE.md). Why the tuning is scored on its own: toward
-    the last hidden state it gains on Gemma-3 and loses on SmolLM2 (docs/RECIPE.md)."""
-    with _Saved(model) as saved:
+    scored as "reconstructed"; with `config.tune_epochs`, that then tuned end to end
+    (`reconstruct.tune_end_to_end`) and scored as "tuned". Where `least_squares` is given (the
+    least-squares candidate's report and a copy of its weights, when another candidate won:
+    `RefitConfig.reconstruct_all`), the same two steps start from it too, scored as "NAME
+    reconstructed" and "NAME tuned" ("all reconstructed", "all tuned"). The lowest of the winner and
+    these is kept, the others undone from copies. Returns the report of the candidate whose solution
+    is kept, with the outcome recorded on it. Why the reconstruction: the refit solves each layer on
+    its own input, the reconstruction the whole block against the dense model's stream, which also
+    takes out the error the blocks before it left. Why the least-squares candidate too: the choice
+    comes before these steps, which gained more from it than from the winner in most Gemma-3-270M
+    cells measured, and less in one (docs/RECIPE.md), so each start is judged after its steps. Why
+    the tuning is scored on its own: toward the last hidden state it gains on Gemma-3 and loses on
+    SmolLM2 (docs/RECIPE.md)."""
+
+    def steps(prefix: str, report: RefitReport, before_block=None) -> tuple[str, float]:
+        """Reconstruct (then tune) what `model` holds, leave it at the lower-scoring step and return
+        that step's name and the seconds both took; the tuning's outcome goes on `report`."""
+        rebuilt, tuned_name = f"{prefix}reconstructed", f"{prefix}tuned"
         done = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
-                                  config.reconstruct_step, batch_size, progress, store, before_block=saved.keep,
+                                  config.reconstruct_step, batch_size, progress, store, before_block=before_block,
                                   rank=config.reconstruct_rank)
-        seconds = done.seconds
-        score("reconstructed")
-        log.info("refit auto: held-out loss %.4f reconstructed block-wise (%.0f s), %.4f as chosen (%s)",
-                 losses["reconstructed"], done.seconds, losses[current.chosen], current.chosen)
-        rebuilt, kept = "reconstructed", current  # the reconstruction `model` holds, and whose solution it starts from
+        score(rebuilt)
+        log.info("refit auto: held-out loss %.4f %s block-wise (%.0f s), %.4f as chosen (%s)", losses[rebuilt],
+                 f"from the {prefix.strip()} candidate, reconstructed" if prefix else "reconstructed",
+                 done.seconds, losses[current.chosen], current.chosen)
+        best = rebuilt
+        if config.tune_epochs:
+            with _Saved(model) as blockwise:  # copies of the reconstruction, to undo a tuning that loses
+                blockwise.keep_blocks(model, list(saved))
+                tuned = tune_end_to_end(model.model, elastic.base.model, windows, config.tune_epochs,
+                                        config.tune_step, config.reconstruct_rank, progress, batch_size)
+                report.tune_loss, report.tune_seconds, report.tune_skipped = tuned.loss, tuned.seconds, tuned.skipped
+                if tuned.loss is not None:
+                    score(tuned_name)
+                    log.info("refit auto: held-out loss %.4f %s end to end (%.0f s)", losses[tuned_name],
+                             f"from the {prefix.strip()} candidate, tuned" if prefix else "tuned", tuned.seconds)
+                    report.tuned = losses[tuned_name] < losses[rebuilt]
+                    if report.tuned:
+                        best = tuned_name
+                    else:
+                        blockwise.restore(model)
+        return best, done.seconds + report.tune_seconds
+
+    with _Saved(model) as saved:
+        best, seconds = steps("", current, saved.keep)
+        kept = current  # whose solution `model` now starts from
         if least_squares is not None:
             other, weights = least_squares
-            name = f"{other.chosen} reconstructed"
             # A block the reconstruction left (no zero in it) still holds the winner's weights: copied too, so
             # that `saved` undoes the other candidate wherever it differs.
             saved.keep_blocks(model, [b for b in weights if b not in saved])
             with _Saved(model) as first:
                 first.keep_blocks(model, list(saved))
                 weights.restore(model)
-                again = reconstruct_pruned(model.model, elastic.base.model, windows, config.reconstruct_epochs,
-                                           config.reconstruct_step, batch_size, progress, store,
-                                           rank=config.reconstruct_rank)
-                seconds += again.seconds
-                score(name)
-                log.info("refit auto: held-out loss %.4f with the %s candidate reconstructed too (%.0f s)",
-                         losses[name], other.chosen, again.seconds)
-                if losses[name] < losses[rebuilt]:
-                    rebuilt, kept = name, other
+                again, more = steps(f"{other.chosen} ", other)
+                seconds += more
+                difference = per_window[again] - per_window[best]
+                se = float(difference.std() / math.sqrt(len(difference))) if len(difference) > 1 else math.nan
+                log.info("refit auto: from the %s candidate %.4f, from %s %.4f (standard error of the difference "
+                         "%.4f)", other.chosen, losses[again], current.chosen, losses[best], se)
+                if losses[again] < losses[best]:
+                    best, kept = again, other
                     other.difference_se, other.first_choice = current.difference_se, current.first_choice
                 else:
                     first.restore(model)
-        best = rebuilt if losses[rebuilt] < losses[current.chosen] else current.chosen
-        if config.tune_epochs:
-            with _Saved(model) as blockwise:
-                if best == rebuilt:  # copies of the reconstruction, to undo a tuning that loses
-                    blockwise.keep_blocks(model, list(saved))
-                tuned = tune_end_to_end(model.model, elastic.base.model, windows, config.tune_epochs,
-                                        config.tune_step, config.reconstruct_rank, progress, batch_size)
-                kept.tune_loss, kept.tune_seconds, kept.tune_skipped = tuned.loss, tuned.seconds, tuned.skipped
-                if tuned.loss is not None:
-                    score("tuned")
-                    log.info("refit auto: held-out loss %.4f tuned end to end (%.0f s)", losses["tuned"],
-                             tuned.seconds)
-                    kept.tuned = losses["tuned"] < losses[best]
-                    if kept.tuned:
-                        best = "tuned"
-                    elif best == rebuilt:
-                        blockwise.restore(model)
-        log.info("refit auto: kept %s", best)
-        if best == current.chosen:
+        if losses[current.chosen] <= losses[best]:
+            best, kept = current.chosen, current
             saved.restore(model)
-            current.tune_loss, current.tune_seconds, current.tune_skipped = kept.tune_loss, kept.tune_seconds, \
-                kept.tune_skipped
-            current.tuned, kept = kept.tuned, current
+        log.info("refit auto: kept %s", best)
     kept.reconstructed = best != current.chosen
-    kept.reconstruct_seconds = seconds + kept.tune_seconds
+    kept.tuned = kept.tuned and best.endswith("tuned") if kept.tuned is not None else None
+    kept.reconstruct_seconds = seconds
     return kept
 
 

@@ -473,6 +473,11 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
     (("--refit-reconstruct-epochs", "0", "--refit-tune-step", "1e-2"),
      "--refit-tune-step sets the end-to-end tuning that follows the reconstruction, but --refit-reconstruct-epochs "
      "is 0: drop --refit-tune-step, or give the reconstruction epochs"),
+    (("--refit", "block", "--no-refit-reconstruct-all"), "--no-refit-reconstruct-all sets the reconstruction of "
+                                                         "--refit auto's choice, but --refit is block"),
+    (("--refit-reconstruct-epochs", "0", "--no-refit-reconstruct-all"),
+     "--no-refit-reconstruct-all sets which candidates are reconstructed, but --refit-reconstruct-epochs is 0: drop "
+     "--no-refit-reconstruct-all, or give the reconstruction epochs"),
     (("--refit-tune-step", "-1"), f"refit tune_epochs must be >= 0 (0: no end-to-end tuning) and tune_step a number "
                                   f"> 0, got {RefitConfig.tune_epochs} and -1.0"),
     (("--refit-tune-step", "nan"), f"got {RefitConfig.tune_epochs} and nan"),

@@ -172,11 +172,12 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the copies in RAM or in scratch files
-@pytest.mark.parametrize("rebuilt, other, tuned, kept, start", [
-    (0.8, 0.6, 0.7, "all reconstructed", "all"), (0.8, 0.6, 0.5, "tuned", "all"),
-    (0.8, 0.9, 0.5, "tuned", "bare"), (0.8, 0.9, 0.85, "reconstructed", "bare"), (1.2, 1.1, 1.3, "bare", "bare")])
-def test_refit_auto_reconstructs_the_least_squares_candidate_too_where_another_won(elastic_tiny, monkeypatch, rebuilt,
-                                                                                  other, tuned, kept, start, streamed):
+@pytest.mark.parametrize("rebuilt, tuned, other, other_tuned, kept, start", [
+    (0.8, 0.7, 0.6, 0.65, "reconstructed", "all"), (0.8, 0.7, 0.6, 0.5, "tuned", "all"),
+    (0.8, 0.5, 0.6, 0.55, "tuned", "bare"), (0.8, 0.85, 0.9, 0.95, "reconstructed", "bare"),
+    (1.2, 1.3, 1.1, 1.15, "bare", "bare")])
+def test_refit_auto_reconstructs_and_tunes_the_least_squares_candidate_too_where_another_won(
+        elastic_tiny, monkeypatch, rebuilt, tuned, other, other_tuned, kept, start, streamed):
     import epts.refit as refit_module
     from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
@@ -195,20 +196,21 @@ def test_refit_auto_reconstructs_the_least_squares_candidate_too_where_another_w
                         RefitConfig.reconstruct_rank, progress=False)
         weights[mode, "tuned"] = _weights(model)
     assert any(not torch.equal(x, y) for x, y in zip(weights["bare"], weights["all"]))
-    # Scored in this order: bare wins the choice (1.0 against 2.0), then its reconstruction, then all's.
-    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, other, tuned),
+    # Scored in this order: bare wins the choice (1.0 against 2.0), then its two steps, then all's.
+    model, report = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, tuned, other, other_tuned),
                                  block_candidate=False, reconstruct_epochs=1)
-    assert report.losses == {"bare": 1.0, "all": 2.0, "reconstructed": rebuilt, "all reconstructed": other,
-                             "tuned": tuned}
+    assert report.losses == {"bare": 1.0, "all": 2.0, "reconstructed": rebuilt, "tuned": tuned,
+                             "all reconstructed": other, "all tuned": other_tuned}
     assert report.first_choice == "bare" and report.chosen == start
     assert report.to_dict()["first_choice"] == "bare" and report.to_dict()["chosen"] == start
     assert report.choices == ["refit" if start == "all" else "adapters"] * 3
     assert report.reconstructed is (kept != "bare") and report.tuned is (kept == "tuned")
-    expected = weights[start] if kept == "bare" else weights[start, "tuned" if kept == "tuned" else "reconstructed"]
+    assert report.reconstruct_seconds > report.tune_seconds > 0
+    expected = weights[start] if kept == "bare" else weights[start, kept]
     assert all(torch.equal(x, y) for x, y in zip(_weights(model), expected))
     without = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, tuned), block_candidate=False,
                            reconstruct_epochs=1, reconstruct_all=False)[1]
-    assert "all reconstructed" not in without.losses and without.chosen == "bare"
+    assert set(without.losses) == {"bare", "all", "reconstructed", "tuned"} and without.chosen == "bare"
 
 
 @pytest.mark.parametrize("streamed", [False, True])  # the loser undone from a copy, or made again
