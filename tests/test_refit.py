@@ -133,6 +133,21 @@ def _auto_scored(elastic, plan, windows, monkeypatch, losses, block_candidate=Tr
     return model, report
 
 
+def _refit_then_steps(elastic, plan, windows, mode):
+    """The weights of `mode`'s refit at `plan`, then reconstructed for one epoch, then tuned end to end."""
+    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
+
+    model = elastic.materialize(plan)
+    refit(elastic, model, plan, windows, mode, progress=False)
+    weights = [_weights(model)]
+    reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
+                       rank=RefitConfig.reconstruct_rank)
+    weights.append(_weights(model))
+    tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
+                    RefitConfig.reconstruct_rank, progress=False)
+    return weights + [_weights(model)]
+
+
 @pytest.mark.parametrize("streamed", [False, True])  # the reconstruction undone from RAM or from scratch files
 @pytest.mark.parametrize("rebuilt_loss, tuned_loss, kept", [(0.5, 0.4, "tuned"), (0.5, 0.6, "reconstructed"),
                                                            (1.5, 1.6, "all"), (1.5, 0.9, "tuned")])
@@ -140,20 +155,11 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
                                                                                       rebuilt_loss, tuned_loss, kept,
                                                                                       streamed):
     import epts.refit as refit_module
-    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
     monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
     elastic, windows = elastic_tiny
     plan = {0: 0.6, 1: 0.6, 2: 0.6}
-    model = elastic.materialize(plan)
-    refit(elastic, model, plan, windows, "all", progress=False)
-    chosen = _weights(model)
-    reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
-                       rank=RefitConfig.reconstruct_rank)
-    blockwise = _weights(model)
-    tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
-                    RefitConfig.reconstruct_rank, progress=False)
-    tuned = _weights(model)  # the reconstruction, then its end-to-end tuning
+    chosen, blockwise, tuned = _refit_then_steps(elastic, plan, windows, "all")
     assert all(torch.equal(x == 0, y == 0) for x, y in zip(tuned, blockwise))
     assert any(not torch.equal(x, y) for x, y in zip(tuned, blockwise))
     model, report = _auto_scored(elastic, plan, windows, monkeypatch, (2.0, 1.0, rebuilt_loss, tuned_loss),
@@ -179,22 +185,14 @@ def test_refit_auto_keeps_the_reconstruction_of_its_winner_only_where_it_scores_
 def test_refit_auto_reconstructs_and_tunes_the_least_squares_candidate_too_where_another_won(
         elastic_tiny, monkeypatch, rebuilt, tuned, other, other_tuned, kept, start, streamed):
     import epts.refit as refit_module
-    from epts.reconstruct import reconstruct_pruned, tune_end_to_end
 
     monkeypatch.setattr(refit_module, "is_streamed", lambda block: streamed)
     elastic, windows = elastic_tiny
     plan = {0: 0.6, 1: 0.6, 2: 0.6}
     weights = {}
     for mode in ("bare", "all"):
-        model = elastic.materialize(plan)
-        refit(elastic, model, plan, windows, mode, progress=False)
-        weights[mode] = _weights(model)
-        reconstruct_pruned(model.model, elastic.base.model, windows, 1, RefitConfig.reconstruct_step, progress=False,
-                           rank=RefitConfig.reconstruct_rank)
-        weights[mode, "reconstructed"] = _weights(model)
-        tune_end_to_end(model.model, elastic.base.model, windows, RefitConfig.tune_epochs, RefitConfig.tune_step,
-                        RefitConfig.reconstruct_rank, progress=False)
-        weights[mode, "tuned"] = _weights(model)
+        weights[mode], weights[mode, "reconstructed"], weights[mode, "tuned"] = _refit_then_steps(elastic, plan,
+                                                                                                  windows, mode)
     assert any(not torch.equal(x, y) for x, y in zip(weights["bare"], weights["all"]))
     # Scored in this order: bare wins the choice (1.0 against 2.0), then its two steps, then all's.
     model, report = _auto_scored(elastic, plan, windows, monkeypatch, (1.0, 2.0, rebuilt, tuned, other, other_tuned),
