@@ -557,10 +557,10 @@ def _refit_config(args) -> RefitConfig:
     if tuning and args.refit_reconstruct_epochs == 0:
         raise ValueError(f"{tuning[0]} sets the end-to-end tuning that follows the reconstruction, but "
                          f"--refit-reconstruct-epochs is 0: drop {tuning[0]}, or give the reconstruction epochs")
-    if not args.refit_reconstruct_all and args.refit_reconstruct_epochs == 0:
-        raise ValueError("--no-refit-reconstruct-all sets which candidates are reconstructed, but "
-                         "--refit-reconstruct-epochs is 0: drop --no-refit-reconstruct-all, or give the "
-                         "reconstruction epochs")
+    if not args.refit_reconstruct_all and 0 in (args.refit_reconstruct_epochs, args.refit_tune_epochs):
+        zero = "--refit-reconstruct-epochs" if args.refit_reconstruct_epochs == 0 else "--refit-tune-epochs"
+        raise ValueError(f"--no-refit-reconstruct-all sets which candidates are reconstructed and tuned, but {zero} "
+                         f"is 0: drop --no-refit-reconstruct-all, or give {zero[2:].replace('-', ' ')}")
     if not args.refit_sparsegpt and args.refit != "auto":
         raise ValueError(f"--no-refit-sparsegpt sets a candidate of --refit auto's choice, but --refit is {args.refit}: "
                          "drop --no-refit-sparsegpt, or pass --refit auto")

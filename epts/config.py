@@ -151,10 +151,11 @@ class RefitConfig:
     default) limits each layer's change to a masked update of that rank, M * (B A); 0 trains every
     kept weight, which on Gemma-3-270M at 0.5 fitted the calibration windows and lost to SparseGPT
     on every other text, where rank 16 gains on all of them (docs/RECIPE.md). `reconstruct_all` (True
-    by default): where another candidate won, "auto" reconstructs the least-squares refit of every
-    block ("all") too and goes on with the lower of the two reconstructions on the choice windows
-    (the choice comes before the reconstruction, which gained more from "all" than from the winner
-    in every Gemma-3-270M cell measured; it costs one more reconstruction there). `tune_epochs` (1 by
+    by default; with `tune_epochs` only): where another candidate won, "auto" also reconstructs and
+    tunes the least-squares refit of every block ("all"), and keeps that tuned model where it scores
+    lower on the choice windows than the winner's best (the choice comes before these steps, which
+    gained more from "all" than from the winner in most Gemma-3-270M cells measured; it costs one
+    more reconstruction and tuning there; docs/RECIPE.md). `tune_epochs` (1 by
     default; 0: none) then tunes every pruned block's layers together end to end, with a masked update
     of the same rank, toward the dense model's last hidden state (`reconstruct.tune_end_to_end`: Adam
     at `tune_step` times the layers' weight RMS), scored on the choice windows too: the lowest of the

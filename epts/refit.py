@@ -330,7 +330,8 @@ def refit(elastic: ElasticModel, model: LoadedModel, plan: dict[int, float], win
                                  [(float("nan"), float("nan"))] * count, mask=config.mask)
         report.chosen = "bare"
         solved = report  # the least-squares candidate: every pruned block refit ("bare" where none has adapters)
-        keep = rebuilt and config.reconstruct_all and (config.sparsegpt or adapted)  # else it is the only winner
+        # Else it is the only winner, or it has no tuned model to offer (`_reconstructed_candidate`).
+        keep = rebuilt and config.reconstruct_all and config.tune_epochs and (config.sparsegpt or adapted)
         if keep and not adapted:
             least_squares.keep_blocks(model, bare)
         if scored_on is not None:
@@ -465,13 +466,16 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
     (`reconstruct.tune_end_to_end`) and scored as "tuned". Where `least_squares` is given (the
     least-squares candidate's report and a copy of its weights, when another candidate won:
     `RefitConfig.reconstruct_all`), the same two steps start from it too, scored as "NAME
-    reconstructed" and "NAME tuned" ("all reconstructed", "all tuned"). The lowest of the winner and
-    these is kept, the others undone from copies. Returns the report of the candidate whose solution
+    reconstructed" and "NAME tuned" ("all reconstructed", "all tuned"), and its tuned model replaces
+    the winner's best where it scores lower. The lowest of the winner and what its steps and that
+    gave is kept, the others undone from copies. Returns the report of the candidate whose solution
     is kept, with the outcome recorded on it. Why the reconstruction: the refit solves each layer on
     its own input, the reconstruction the whole block against the dense model's stream, which also
     takes out the error the blocks before it left. Why the least-squares candidate too: the choice
     comes before these steps, which gained more from it than from the winner in most Gemma-3-270M
-    cells measured, and less in one (docs/RECIPE.md), so each start is judged after its steps. Why
+    cells measured, and less in one (docs/RECIPE.md), so each start is judged after its steps; why
+    its tuned model only: on SmolLM2-135M its reconstruction won the choice windows and lost the
+    docstrings by 6-14 % (docs/RECIPE.md). Why
     the tuning is scored on its own: toward the last hidden state it gains on Gemma-3 and loses on
     SmolLM2 (docs/RECIPE.md)."""
 
@@ -521,7 +525,9 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
                 se = float(difference.std() / math.sqrt(len(difference))) if len(difference) > 1 else math.nan
                 log.info("refit auto: from the %s candidate %.4f, from %s %.4f (standard error of the difference "
                          "%.4f)", other.chosen, losses[again], current.chosen, losses[best], se)
-                if losses[again] < losses[best]:
+                # Only its tuned model may replace the winner's: on SmolLM2-135M its reconstruction alone won the
+                # choice windows and lost the docstrings (docs/RECIPE.md).
+                if again == f"{other.chosen} tuned" and losses[again] < losses[best]:
                     best, kept = again, other
                     other.difference_se, other.first_choice = current.difference_se, current.first_choice
                 else:

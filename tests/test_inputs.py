@@ -476,8 +476,11 @@ def test_a_refit_margin_without_the_per_block_choice_is_refused(capsys, tmp_path
     (("--refit", "block", "--no-refit-reconstruct-all"), "--no-refit-reconstruct-all sets the reconstruction of "
                                                          "--refit auto's choice, but --refit is block"),
     (("--refit-reconstruct-epochs", "0", "--no-refit-reconstruct-all"),
-     "--no-refit-reconstruct-all sets which candidates are reconstructed, but --refit-reconstruct-epochs is 0: drop "
-     "--no-refit-reconstruct-all, or give the reconstruction epochs"),
+     "--no-refit-reconstruct-all sets which candidates are reconstructed and tuned, but --refit-reconstruct-epochs "
+     "is 0: drop --no-refit-reconstruct-all, or give refit reconstruct epochs"),
+    (("--refit-tune-epochs", "0", "--no-refit-reconstruct-all"),
+     "--no-refit-reconstruct-all sets which candidates are reconstructed and tuned, but --refit-tune-epochs is 0: "
+     "drop --no-refit-reconstruct-all, or give refit tune epochs"),
     (("--refit-tune-step", "-1"), f"refit tune_epochs must be >= 0 (0: no end-to-end tuning) and tune_step a number "
                                   f"> 0, got {RefitConfig.tune_epochs} and -1.0"),
     (("--refit-tune-step", "nan"), f"got {RefitConfig.tune_epochs} and nan"),
