@@ -515,8 +515,8 @@ def _add_refit_args(p: argparse.ArgumentParser, default: str) -> None:
                         "trained toward the dense model, masks fixed), kept where it lowers the held-out loss "
                         "(0: none; docs/RECIPE.md)")
     p.add_argument("--no-refit-reconstruct-all", dest="refit_reconstruct_all", action="store_false",
-                   help="refit auto: reconstruct the chosen candidate only, not also every block's least-squares "
-                        "refit where another candidate won (saves a reconstruction there)")
+                   help="refit auto: reconstruct and tune the chosen candidate only, not also every block's "
+                        "least-squares refit where another candidate won (saves a reconstruction and a tuning there)")
     p.add_argument("--refit-reconstruct-step", type=float, default=RefitConfig.reconstruct_step,
                    help="refit auto: the reconstruction's Adam step, as a fraction of each block's weight RMS")
     p.add_argument("--refit-reconstruct-rank", type=_non_negative_int, default=RefitConfig.reconstruct_rank,
@@ -612,7 +612,8 @@ def _cmd_export(args) -> None:
             scores = ", ".join(f"{losses[k]:.4f} {names[k]}" for k in names if k in losses)
             se = done.get("difference_se")
             rule = "" if se is None else f"; standard error of the difference to SparseGPT's {se:.4f}"
-            print(f"  chose {names[done.get('first_choice') or done['chosen']]}: held-out loss {scores} ({done['scored_on']} windows{rule})")
+            first = names[done.get("first_choice") or done["chosen"]]
+            print(f"  chose {first}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
                 print(f"  reconstructed block-wise: held-out loss {losses['reconstructed']:.4f}")
                 for start in ("all", "bare"):

@@ -71,8 +71,8 @@ class RefitReport:
     last-epoch training loss (None where it did not run or was undone for a non-finite loss),
     `tune_seconds` its share of those seconds and `tune_skipped` why it did not run, where it did
     not (a streamed model too large to hold). `first_choice` is the winner before any reconstruction;
-    `chosen` differs from it where the least-squares candidate's reconstruction scored lower than the
-    winner's (`RefitConfig.reconstruct_all`)."""
+    `chosen` differs from it where the least-squares candidate's tuned model replaced the winner's
+    best (`RefitConfig.reconstruct_all`)."""
 
     mode: str
     choices: list[str] = field(default_factory=list)
@@ -475,9 +475,8 @@ def _reconstructed_candidate(elastic: ElasticModel, model: LoadedModel, windows:
     comes before these steps, which gained more from it than from the winner in most Gemma-3-270M
     cells measured, and less in one (docs/RECIPE.md), so each start is judged after its steps; why
     its tuned model only: on SmolLM2-135M its reconstruction won the choice windows and lost the
-    docstrings by 6-14 % (docs/RECIPE.md). Why
-    the tuning is scored on its own: toward the last hidden state it gains on Gemma-3 and loses on
-    SmolLM2 (docs/RECIPE.md)."""
+    docstrings by 6-14 % (docs/RECIPE.md). Why the tuning is scored on its own: toward the last
+    hidden state it gains on Gemma-3 and loses on SmolLM2 (docs/RECIPE.md)."""
 
     def steps(prefix: str, report: RefitReport, before_block=None) -> tuple[str, float]:
         """Reconstruct (then tune) what `model` holds, leave it at the lower-scoring step and return
