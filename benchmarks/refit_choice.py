@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         ppl = math.exp(mean_nll(runtime.loaded.model, held))
         blocks = "".join({"refit": "R", "sparsegpt": "S"}.get(c, "a") for c in report.choices)
         rebuilt = "+tuned" if report.tuned else "+reconstructed" if report.reconstructed else ""
-        chose = f"{report.chosen}{rebuilt} " + " ".join(f"{k}={v:.4f}" for k, v in report.losses.items()) \
-            if config.mode == "auto" else "-"
+        scores = " ".join(f"{k.replace(' ', '+')}={v:.4f}" for k, v in report.losses.items())
+        chose = f"{report.chosen}{rebuilt} {scores}" if config.mode == "auto" else "-"
         mode = ":auto" if config.mode == "auto" else ""
         print(f"{sparsity}:{config.compare_windows}:{config.iters}{mode}  {ppl:.2f}  {blocks}  {report.seconds:.1f}  "
               f"{chose}", flush=True)

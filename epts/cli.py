@@ -616,15 +616,15 @@ def _cmd_export(args) -> None:
             print(f"  chose {first}: held-out loss {scores} ({done['scored_on']} windows{rule})")
             if done.get("reconstructed") is not None:
                 print(f"  reconstructed block-wise: held-out loss {losses['reconstructed']:.4f}")
+                if "tuned" in losses:
+                    print(f"  then tuned end to end: held-out loss {losses['tuned']:.4f}")
+                elif done.get("tune_skipped"):
+                    print(f"  no end-to-end tuning: {done['tune_skipped']}")
                 for start in ("all", "bare"):
                     if f"{start} reconstructed" in losses:
                         then = f", then tuned {losses[start + ' tuned']:.4f}" if f"{start} tuned" in losses else ""
                         print(f"  from {names[start]} too: reconstructed {losses[start + ' reconstructed']:.4f}{then}"
                               f"{'; kept from it' if done['chosen'] == start else ''}")
-                if "tuned" in losses:
-                    print(f"  then tuned end to end ({done['tune_seconds']:.0f} s): held-out loss {losses['tuned']:.4f}")
-                elif done.get("tune_skipped"):
-                    print(f"  no end-to-end tuning: {done['tune_skipped']}")
                 kept = "tuned end to end" if done["tuned"] else "reconstructed block-wise" if done["reconstructed"] \
                     else "undone (no lower)"
                 print(f"  {done['reconstruct_seconds']:.0f} s in all; kept: {kept}")

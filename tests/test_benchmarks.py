@@ -127,11 +127,15 @@ def test_the_refit_choice_tool_reports_each_setting(tmp_path, text_file, capsys)
     losses = {k: float(v) for k, v in (score.split("=") for score in scores)}
     rebuilt = losses.pop("reconstructed")  # the winner reconstructed block-wise, then tuned end to end
     tuned = losses.pop("tuned")
+    other = {k: losses.pop(k) for k in ("all+reconstructed", "all+tuned") if k in losses}  # "all" too, where it lost
     winner = min(losses, key=losses.get)
-    assert set(losses) == {"bare", "all", "sparsegpt"}
-    kept = min({"": losses[winner], "+reconstructed": rebuilt, "+tuned": tuned}.items(), key=lambda kv: kv[1])[0]
-    assert chose == winner + kept
-    assert choices == {"all": "RRR", "bare": "aaa", "sparsegpt": "SSS"}[winner]
+    assert set(losses) == {"bare", "all", "sparsegpt"} and set(other) in (set(), {"all+reconstructed", "all+tuned"})
+    assert bool(other) == (winner != "all")
+    outcomes = {winner: losses[winner], f"{winner}+reconstructed": rebuilt, f"{winner}+tuned": tuned}
+    if other:
+        outcomes["all+tuned"] = other["all+tuned"]  # only its tuned model may replace the winner's
+    assert chose == min(outcomes, key=outcomes.get)
+    assert choices == {"all": "RRR", "bare": "aaa", "sparsegpt": "SSS"}[chose.split("+")[0]]
     for bad in ("0.6", "0.6:2:4:all"):
         with pytest.raises(SystemExit):
             main([str(tmp_path / "art"), bad])
