@@ -378,8 +378,6 @@ def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[in
             if len(refit_blocks) == len(adapted):
                 score("all")
                 candidates["all"] = choice
-                if least_squares is not None:
-                    least_squares.keep_blocks(model, sorted(b for b, s in plan.items() if s > 0))
             elif refit_blocks:
                 score("block")
                 candidates["block"] = choice
@@ -392,8 +390,8 @@ def _adapted_candidates(elastic: ElasticModel, model: LoadedModel, plan: dict[in
             candidates["all"] = _refit_pass(elastic, model, plan, windows, config, "adapted", batch_size, progress,
                                             store, None if merged else merged)
             score("all")
-            if least_squares is not None:
-                least_squares.keep_blocks(model, sorted(b for b, s in plan.items() if s > 0))
+        if least_squares is not None:  # every path above leaves "all" in the model here
+            least_squares.keep_blocks(model, sorted(b for b, s in plan.items() if s > 0))
         chosen = min(candidates, key=losses.__getitem__)
         if chosen == "bare":
             merged.restore(model)
