@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "prunable weights' RMS / this; none: lr as given (default none)"),
             ("--batch-size", _positive_int, f"calibration windows per optimiser step (default {defaults.batch_size})"),
             ("--groups-per-step", _positive_int, "sparsity groups trained per optimiser step, in turn (default: all, "
-                                                 "as METHOD.md; fewer is faster: docs/RECIPE.md)")):
+                                                 "as METHOD.md; fewer is faster: docs/RECIPE.md)"),
+            ("--top-groups-every-step", _non_negative_int, "with --groups-per-step: the highest this many groups train at "
+                                                       "every step, the others in turn (default 0)")):
         p.add_argument(flag, type=kind, default=None, help=text + ", unless --preset or --config sets it")
     p.add_argument("--criterion", choices=list(CRITERIA), default=None,
                    help=f"importance that decides which weights are pruned (default {defaults.criterion}), unless "
@@ -408,7 +410,7 @@ def _cmd_compress(args) -> None:
     for name in ("nsamples", "seqlen", "seed"):
         if getattr(args, name) is not None:
             calib[name] = getattr(args, name)
-    for name in ("epochs", "lr", "batch_size", "groups_per_step", "criterion"):
+    for name in ("epochs", "lr", "batch_size", "groups_per_step", "top_groups_every_step", "criterion"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.lr_reference_rms is not None:

@@ -304,6 +304,7 @@ class EPTSConfig:
     # (an epts speed option, docs/RECIPE.md); ieee: float32 throughout
     train_matmul_precision: str = "ieee"
     groups_per_step: int | None = None  # None: every group at every step (METHOD.md); k: k groups in turn (faster)
+    top_groups_every_step: int = 0  # with groups_per_step: the highest this many groups train at every step
     mix_weights: tuple[float, ...] = DEFAULT_MIX_WEIGHTS  # MSFM
     propagate: str = "msfm"  # next elastic stream: msfm (the mixer) or dense (P <- H, the paper's ablation)
     inherit_adapters: bool = True  # False: group k uses only its own adapter, not 1..k (the paper's ablation)
@@ -327,7 +328,7 @@ class EPTSConfig:
         _coerce_fields(self, {"epochs": int, "batch_size": int, "lr": float, "lr_reference_rms": float,
                               "lr_scaled_groups": str, "train_matmul_precision": str, "lr_ratio_b": float,
                               "delta_lr": float, "guide_weight": float, "token_loss": str, "groups_per_step": int,
-                              "propagate": str,
+                              "top_groups_every_step": int, "propagate": str,
                               "group1_stream": str, "inherit_adapters": bool, "group1_inherited": bool,
                               "group1_detached": bool, "adapter_ramp": str, "group1_check": bool,
                               "group1_check_sparsity": float,
@@ -376,6 +377,9 @@ class EPTSConfig:
         if self.groups_per_step is not None and not 1 <= self.groups_per_step <= self.num_groups:
             raise ValueError(f"groups_per_step must be in 1..{self.num_groups} (the number of groups) or None (all), "
                              f"got {self.groups_per_step}")
+        if self.top_groups_every_step and not 0 <= self.top_groups_every_step < (self.groups_per_step or 0):
+            raise ValueError(f"top_groups_every_step must be in 0..groups_per_step - 1 (some groups must take turns), "
+                             f"got {self.top_groups_every_step} with groups_per_step {self.groups_per_step}")
         if not 0 <= self.guide_weight <= 1:
             raise ValueError(f"guide_weight must be in [0, 1], got {self.guide_weight}")
         if self.max_retries < 0 or not 0 < self.retry_lr_factor < 1:

@@ -53,26 +53,29 @@ def stratified_sparsities(lo: float, hi: float, count: int, generator: torch.Gen
     return draws[torch.randperm(count, generator=generator)]
 
 
-def group_schedule(groups: int, per_step: int, steps: int, generator: torch.Generator) -> list[list[int]]:
+def group_schedule(groups: int, per_step: int, steps: int, generator: torch.Generator, top_always: int = 0
+                   ) -> list[list[int]]:
     """For each optimiser step, the groups it trains (ascending): all of them when `per_step` equals
-    `groups` (METHOD.md; `generator` is then left untouched), else `per_step` distinct ones taken in
-    turn from a stream of shuffled permutations, so that every group trains on a `per_step / groups`
-    share of the steps (up to one). An epts speed option, not in the paper."""
+    `groups` (METHOD.md; `generator` is then left untouched), else the highest `top_always` groups at
+    every step and `per_step - top_always` distinct others taken in turn from a stream of shuffled
+    permutations of the lower ones, so that each of those trains on an equal share of the steps (up
+    to one). An epts speed option, not in the paper."""
     if per_step >= groups:
         return [list(range(groups))] * steps
+    rotating = groups - top_always
     stream: list[int] = []
     schedule = []
     for _ in range(steps):
         chosen: list[int] = []
         i = 0
-        while len(chosen) < per_step:
+        while len(chosen) < per_step - top_always:
             if i == len(stream):
-                stream += torch.randperm(groups, generator=generator).tolist()
+                stream += torch.randperm(rotating, generator=generator).tolist()
             if stream[i] in chosen:  # a permutation's seam: the next one may repeat a group
                 i += 1
             else:
                 chosen.append(stream.pop(i))
-        schedule.append(sorted(chosen))
+        schedule.append(sorted(chosen) + list(range(rotating, groups)))
     return schedule
 
 
@@ -180,8 +183,9 @@ def train_block(
     n, bs, K = inputs.shape[0], config.batch_size // world, config.num_groups
     steps_per_epoch = math.ceil(n / bs)
     total = config.epochs * steps_per_epoch
-    # Which groups each step trains: all K (METHOD.md), or `groups_per_step` of them in turn.
-    schedule = group_schedule(K, config.groups_per_step or K, total, generator)
+    # Which groups each step trains: all K (METHOD.md), or `groups_per_step` of them, the top
+    # `top_groups_every_step` always and the others in turn.
+    schedule = group_schedule(K, config.groups_per_step or K, total, generator, config.top_groups_every_step)
     # Each group's sparsities are stratified over the steps that train it; group 1's over every step,
     # since a step that does not train it still needs its output as the guided loss's anchor.
     visits = [total] + [sum(k in trained for trained in schedule) for k in range(1, K)]

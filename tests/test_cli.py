@@ -179,10 +179,16 @@ def test_preset_paper_is_method_md_and_flags_go_on_top(tmp_path, text_file, mode
         EPTSConfig.preset("fast")
     out = tmp_path / "art"
     r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--preset", "paper", "--epochs", "1",
-             "--nsamples", "2", "--seqlen", "32", "--groups-per-step", "3", "--out", str(out))
+             "--nsamples", "2", "--seqlen", "32", "--groups-per-step", "3", "--top-groups-every-step", "1",
+             "--out", str(out))
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "manifest.json").read_text())["config"]
-    assert (config["epochs"], config["lr"], config["calib"]["nsamples"], config["groups_per_step"]) == (1, 1e-3, 2, 3)
+    assert (config["epochs"], config["lr"], config["calib"]["nsamples"], config["groups_per_step"],
+            config["top_groups_every_step"]) == (1, 1e-3, 2, 3, 1)
+    r = epts("compress", "--model", "/not/loaded", "--calib", str(text_file), "--top-groups-every-step", "2",
+             "--out", str(tmp_path / "bad"))
+    assert r.returncode != 0 and "top_groups_every_step must be in 0..groups_per_step - 1" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert [b["lr"] for b in json.loads((out / "manifest.json").read_text())["blocks"]] == [1e-3] * 3
     scaled = tmp_path / "scaled"
     r = epts("compress", "--model", str(model_dir), "--calib", str(text_file), "--preset", "paper", "--epochs", "1",

@@ -222,6 +222,25 @@ def test_group_schedule_trains_every_group_equally_often(per_step):
     assert max(counts) - min(counts) <= 1 and sum(counts) == 64 * per_step
 
 
+@pytest.mark.parametrize("per_step,top", [(2, 1), (3, 2), (4, 3), (3, 1)])
+def test_top_groups_train_at_every_step_and_the_others_take_turns(per_step, top):
+    schedule = group_schedule(7, per_step, 60, torch.Generator().manual_seed(0), top)
+    assert all(len(set(s)) == per_step == len(s) and s == sorted(s) for s in schedule)
+    counts = [sum(k in s for s in schedule) for k in range(7)]
+    assert counts[7 - top:] == [60] * top
+    assert max(counts[:7 - top]) - min(counts[:7 - top]) <= 1 and sum(counts[:7 - top]) == 60 * (per_step - top)
+    # No top groups: the schedule of `groups_per_step` alone, draw for draw.
+    assert group_schedule(7, per_step, 60, torch.Generator().manual_seed(0), 0) == \
+        group_schedule(7, per_step, 60, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fields", [{"top_groups_every_step": 1}, {"groups_per_step": 3, "top_groups_every_step": 3},
+                                    {"groups_per_step": 3, "top_groups_every_step": -1}])
+def test_top_groups_every_step_needs_groups_that_take_turns(fields):
+    with pytest.raises(ValueError, match="top_groups_every_step must be in 0..groups_per_step - 1"):
+        EPTSConfig(**fields)
+
+
 def test_all_groups_per_step_is_the_paper_schedule_and_draws_nothing():
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
