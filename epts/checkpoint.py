@@ -48,6 +48,19 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(found)
 
 
+def _only_added_at_default(old: dict, new: dict) -> bool:
+    """Whether `new` run settings differ from a checkpoint's `old` ones only in config fields that the
+    checkpoint's epts did not have, each at its default: a newer epts whose new field, at its default,
+    runs as the older one did, so the finished blocks hold."""
+    if old.get("base_fingerprint") != new["base_fingerprint"] or old.get("windows_sha256") != new["windows_sha256"]:
+        return False
+    flat_old, flat_new = _flatten(old.get("config", {})), _flatten(new["config"])
+    defaults = _flatten(json.loads(json.dumps(EPTSConfig().to_dict())))
+    differ = {name for name in set(flat_old) | set(flat_new) if flat_old.get(name) != flat_new.get(name)}
+    return bool(differ) and all(name not in flat_old and name in defaults and flat_new[name] == defaults[name]
+                                for name in differ)
+
+
 def _flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for name, value in config.items():
@@ -88,13 +101,16 @@ def save_checkpoint(folder: Path, run_key: str, blocks: list[BlockState], dense:
 
 def load_checkpoint(folder: Path, run_key: str, num_groups: int, settings: dict | None = None
                     ) -> tuple[list[BlockState], torch.Tensor, torch.Tensor] | None:
-    """The finished blocks and both streams of an unfinished run of the same command, or None.
-    Raises ArtifactError for another command's run, naming the settings that differ from `settings`."""
+    """The finished blocks and both streams of an unfinished run of the same command, or None. A run
+    checkpointed by an epts that lacked some config fields counts as the same where those fields are
+    at their defaults now. Raises ArtifactError for another command's run, naming the settings that
+    differ from `settings`."""
     path = folder / CHECKPOINT
     if not path.is_file():
         return None
     meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("run_key") != run_key:
+    if meta.get("run_key") != run_key and not (meta.get("settings") and settings
+                                               and _only_added_at_default(meta["settings"], settings)):
         differ = _differences(meta["settings"], settings) if meta.get("settings") and settings else ""
         raise ArtifactError(f"{folder} holds an unfinished run of another compress command "
                             f"({differ or 'model, config or calibration differ'}): rerun that command, or pass "

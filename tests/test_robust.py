@@ -113,6 +113,34 @@ def test_a_resume_refusal_names_the_setting_that_differs(tmp_path):
     assert (out / CHECKPOINT).is_file()
 
 
+def _as_an_older_epts_left_it(out: Path, missing: str) -> None:
+    """The checkpoint as an epts without the config field `missing` wrote it: another key, no such setting."""
+    meta = json.loads((out / CHECKPOINT).read_text())
+    del meta["settings"]["config"][missing]
+    meta["run_key"] = "the key of an older epts"
+    (out / CHECKPOINT).write_text(json.dumps(meta))
+
+
+def test_a_run_checkpointed_before_a_new_config_field_resumes_where_it_is_at_its_default(tmp_path, monkeypatch):
+    import epts.reconstruct as reconstruct
+
+    out = tmp_path / "art"
+    _unfinished_run(out, CONFIG)
+    _as_an_older_epts_left_it(out, "top_groups_every_step")
+    trained = []
+    real = reconstruct.compress_block
+    monkeypatch.setattr(reconstruct, "compress_block",
+                        lambda model, b, *args, **kw: trained.append(b) or real(model, b, *args, **kw))
+    compress(tiny_model("llama"), random_windows(4, 32), CONFIG, out=out, progress=False)
+    assert trained == [1, 2], "block 1 came from the checkpoint"
+    # A field the checkpoint lacks but that is not at its default now: another run, refused by name.
+    again = tmp_path / "again"
+    _unfinished_run(again, CONFIG)
+    _as_an_older_epts_left_it(again, "epochs")
+    with pytest.raises(ArtifactError, match=r"\(epochs: None in the checkpoint, 1 now\)"):
+        compress(tiny_model("llama"), random_windows(4, 32), CONFIG, out=again, progress=False)
+
+
 def test_a_folder_that_appears_meanwhile_is_never_removed(tmp_path, monkeypatch):
     import epts.models as models
 
