@@ -491,8 +491,19 @@ def test_a_refit_mask_that_cannot_apply_is_refused(capsys, tmp_path, artifact, f
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, value, expected", [("--groups-per-step", "two", "must be a positive integer, got 'two'"),
+                                                   ("--top-groups-every-step", "1.5", "must be an integer >= 0, got '1.5'"),
+                                                   ("--top-groups-every-step", "-1", "must be an integer >= 0, got -1")])
+def test_a_compress_group_count_that_is_not_an_integer_is_refused_by_the_parser(capsys, tmp_path, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "--model", "smollm2-135m", "--calib", "c.txt", "--out", str(tmp_path / "out"), flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"epts compress: error: argument {flag}: {expected}"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("value, expected", [("-1", "must be an integer >= 0, got -1"),
-                                             ("two", "invalid _non_negative_int value: 'two'")])
+                                             ("two", "must be an integer >= 0, got 'two'")])
 @pytest.mark.parametrize("flag", ["--refit-reconstruct-epochs", "--refit-reconstruct-rank", "--refit-tune-epochs"])
 def test_a_reconstruction_epoch_count_or_rank_that_is_not_one_is_refused_by_the_parser(capsys, tmp_path, artifact,
                                                                                        value, expected, flag):
