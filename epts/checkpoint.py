@@ -38,9 +38,8 @@ def run_settings(config: EPTSConfig, base_fingerprint: str, windows: torch.Tenso
 
 def _differences(old: dict, new: dict) -> str:
     """`old` and `new` run settings (`run_settings`) compared: the settings that differ, with both values."""
-    flat_old, flat_new = _flatten(old.get("config", {})), _flatten(new["config"])
-    found = [f"{name}: {flat_old.get(name)} in the checkpoint, {flat_new.get(name)} now"
-             for name in sorted(set(flat_old) | set(flat_new)) if flat_old.get(name) != flat_new.get(name)]
+    flat_old, flat_new, differ = _config_differences(old, new)
+    found = [f"{name}: {flat_old.get(name)} in the checkpoint, {flat_new.get(name)} now" for name in differ]
     if old.get("base_fingerprint") != new["base_fingerprint"]:
         found.append("the base model's weights (fingerprint)")
     if old.get("windows_sha256") != new["windows_sha256"]:
@@ -54,11 +53,17 @@ def _only_added_at_default(old: dict, new: dict) -> bool:
     runs as the older one did, so the finished blocks hold."""
     if old.get("base_fingerprint") != new["base_fingerprint"] or old.get("windows_sha256") != new["windows_sha256"]:
         return False
-    flat_old, flat_new = _flatten(old.get("config", {})), _flatten(new["config"])
+    flat_old, flat_new, differ = _config_differences(old, new)
     defaults = _flatten(json.loads(json.dumps(EPTSConfig().to_dict())))
-    differ = {name for name in set(flat_old) | set(flat_new) if flat_old.get(name) != flat_new.get(name)}
     return bool(differ) and all(name not in flat_old and name in defaults and flat_new[name] == defaults[name]
                                 for name in differ)
+
+
+def _config_differences(old: dict, new: dict) -> tuple[dict, dict, list[str]]:
+    """Both run settings' configs flattened ("calib.seed"), and the names whose values differ, sorted."""
+    flat_old, flat_new = _flatten(old.get("config", {})), _flatten(new["config"])
+    return flat_old, flat_new, [name for name in sorted(set(flat_old) | set(flat_new))
+                                if flat_old.get(name) != flat_new.get(name)]
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
