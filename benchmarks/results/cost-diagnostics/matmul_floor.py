@@ -17,7 +17,6 @@ contiguous; the backward's are often transposed, which BLAS handles at about the
 SmolLM2 block has the same shapes, so a block's cost times the block count is the whole model's.
 """
 import argparse
-import json
 import time
 from collections import Counter
 
@@ -27,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from epts.arch import decoder_blocks
 from epts.baselines import prune
 from epts.config import EPTSConfig, PruneConfig
+from epts.io import write_json_atomic
 from epts.models import load_model
 from epts.reconstruct import compress
 
@@ -102,8 +102,7 @@ def main() -> None:
     print("|---|---|---|")
     for name, seconds in per_block.items():
         print(f"| {name} | {seconds:.2f} | {seconds * n_blocks / sg:.1f} |")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":
