@@ -78,6 +78,8 @@ def main() -> None:
     torch.set_num_threads(2)
     loaded = load_model(args.model)
     n_blocks = len(decoder_blocks(loaded.model))
+    if not 1 <= args.blocks <= n_blocks:  # the per-block figures divide by it
+        parser.error(f"--blocks must be in 1..{n_blocks} ({args.model}'s blocks), got {args.blocks}")
     sparsegpt = [sparsegpt_seconds(args.model) for _ in range(2)]
     start = time.perf_counter()
     plain = compress(loaded, TEXT, EPTSConfig(), progress=False, num_blocks=args.blocks)
